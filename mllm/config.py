@@ -1,0 +1,275 @@
+"""Dataclass configs, loaded from / saved to YAML; one schema, validated before any I/O.
+
+Every config is a (nested) dataclass. ``from_dict`` checks unknown keys and value types and names
+the offending dotted key in its error. Registry-named parts (encoder, projector, ...) are written in
+YAML as ``{name: <registry name>, <that part's config fields>}`` and held as :class:`Part`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from eval.runner import EvalConfig
+from train.data.shapesworld import ShapesWorldConfig
+from train.trainer import TrainConfig
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A config value or file is wrong; the message names the file and the dotted key."""
+
+
+# --- generic dataclass <-> dict ----------------------------------------------------------------
+def _check(tp: Any, value: Any, where: str) -> Any:
+    """Validate ``value`` against annotation ``tp`` and return it (converted where lossless)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check(arg, value, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: expected one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        (arg,) = typing.get_args(tp)[:1] or (Any,)
+        return [_check(arg, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        _, vt = typing.get_args(tp) or (Any, Any)
+        return {str(k): _check(vt, v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(tp, type) and issubclass(tp, Part):
+        return tp.from_value(value, where)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{where}: unsupported annotation {tp!r}")
+
+
+def from_dict(cls: type, data: Any, where: str = "config") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}.{unknown[0]}: unknown key for {cls.__name__}; expected one of: {', '.join(fields)}"
+        )
+    kwargs = {k: _check(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    missing = [
+        n for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where}.{missing[0]}: required key is missing")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as err:  # __post_init__ checks
+        raise ConfigError(f"{where}: {err}") from err
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-data view of a config (dataclasses, Parts, lists, dicts)."""
+    if isinstance(obj, Part):
+        return {"name": obj.name, **to_dict(obj.cfg)}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+@dataclass
+class Part:
+    """A registry-named part: ``name`` picks the class, ``cfg`` is that class's config dataclass.
+
+    Subclasses fix ``kind`` (the registry in ``mllm.registry.ALL_REGISTRIES``); a config field typed
+    ``EncoderPart`` accepts ``{name: timm_vit, <TimmViTConfig fields>}`` or just ``timm_vit``.
+    """
+
+    kind: typing.ClassVar[str] = ""
+    name: str
+    cfg: Any
+
+    @classmethod
+    def from_value(cls, value: Any, where: str) -> Part:
+        from mllm.registry import ALL_REGISTRIES, RegistryError
+
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            value = {"name": value}
+        if not isinstance(value, Mapping) or "name" not in value:
+            raise ConfigError(f"{where}: expected a mapping with a 'name' key (a registered {cls.kind})")
+        params = {k: v for k, v in value.items() if k != "name"}
+        try:
+            cfg_cls = ALL_REGISTRIES[cls.kind].config_cls(value["name"])
+        except RegistryError as err:
+            raise ConfigError(f"{where}.name: {err}") from err
+        return cls(value["name"], from_dict(cfg_cls, params, where))
+
+
+class EncoderPart(Part):
+    kind = "encoder"
+
+
+class ProjectorPart(Part):
+    kind = "projector"
+
+
+# --- the run schema ----------------------------------------------------------------------------
+@dataclass
+class LLMConfig:
+    path: str | None = None  # local HF folder (config + safetensors); None = random init from `arch`
+    model_type: str = "llama"  # transformers model_type used with `arch` when path is None
+    arch: dict[str, Any] = field(default_factory=dict)  # AutoConfig.for_model(model_type, **arch)
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    dtype: str = "float32"
+
+
+@dataclass
+class ModelConfig:
+    encoder: EncoderPart
+    projector: ProjectorPart
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    tokenizer: str | None = None  # local tokenizer folder; None = the one trained for the data
+    image_token: str = "<image>"
+    template: str = "plain"  # prompt template name (train/data/templates.py)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    data: ShapesWorldConfig = field(default_factory=ShapesWorldConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --- files -------------------------------------------------------------------------------------
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse a YAML mapping; any parse error names the file, line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{path}: malformed YAML{at}: {getattr(err, 'problem', err)}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a YAML mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    """A recipe name shipped in ``mllm/recipes`` or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        return path
+    candidate = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        raise ConfigError(f"unknown recipe {name_or_path!r}; expected one of: {', '.join(recipe_names())} or a YAML path")
+    return candidate
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Dotted ``key.sub=value`` overrides (values parsed as YAML), on a copy of ``data``."""
+    out = json.loads(json.dumps(data))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a mapping")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunConfig:
+    """Load a recipe name or YAML path into a validated :class:`RunConfig`."""
+    path = resolve_recipe(name_or_path)
+    data = apply_overrides(read_yaml(path), overrides or [])
+    try:
+        return from_dict(RunConfig, data, where=str(path))
+    except ConfigError as err:
+        msg = str(err)
+        raise ConfigError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from err
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write a text file via a temp file + rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_config(cfg: Any, directory: str | os.PathLike[str], stem: str = "config") -> None:
+    """Write the resolved config as YAML and JSON into ``directory``."""
+    data = to_dict(cfg)
+    atomic_write_text(Path(directory) / f"{stem}.yaml", yaml.safe_dump(data, sort_keys=False))
+    atomic_write_text(Path(directory) / f"{stem}.json", json.dumps(data, indent=2))

@@ -1,0 +1,88 @@
+"""One registry idiom and the tables that name every pluggable part.
+
+A table maps a short name to a lazy ``"module:Class"`` path, so ``import mllm`` never imports
+open_clip, Florence-2 or flash-attn; the class is imported the first time it is built. Every
+registered class carries its config dataclass as ``config_cls`` (the leaves never import this
+module: the dependency arrow points down, see DESIGN.md).
+
+Adding a part = one file in its package + one line in a table below + one test.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class RegistryError(KeyError):
+    """Unknown name in a registry; the message lists the valid names."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
+class Registry(Generic[T]):
+    """Name -> class table for one kind of part (encoder, projector, ...)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._paths: dict[str, str] = {}
+        self._loaded: dict[str, type[T]] = {}
+
+    def register(self, name: str, target: str | type[T]) -> None:
+        """Register ``target`` (a class or a lazy ``"module:Class"`` path) under ``name``."""
+        if name in self._paths or name in self._loaded:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        if isinstance(target, str):
+            if ":" not in target:
+                raise ValueError(f"lazy path must be 'module:Class', got {target!r}")
+            self._paths[name] = target
+        else:
+            self._loaded[name] = target
+
+    def names(self) -> list[str]:
+        return sorted({*self._paths, *self._loaded})
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._paths or name in self._loaded
+
+    def get(self, name: str) -> type[T]:
+        """The class registered as ``name``, importing its module on first use."""
+        if name not in self:
+            raise RegistryError(
+                f"unknown {self.kind} {name!r}; expected one of: {', '.join(self.names())}"
+            )
+        if name not in self._loaded:
+            module, _, attr = self._paths[name].partition(":")
+            self._loaded[name] = getattr(importlib.import_module(module), attr)
+        return self._loaded[name]
+
+    def config_cls(self, name: str) -> type:
+        """The config dataclass of part ``name`` (``cls.config_cls``)."""
+        cls = self.get(name)
+        cfg_cls = getattr(cls, "config_cls", None)
+        if cfg_cls is None:
+            raise TypeError(f"{self.kind} {name!r} ({cls.__name__}) does not declare config_cls")
+        return cfg_cls
+
+    def build(self, name: str, cfg: Any, **context: Any) -> T:
+        """Instantiate part ``name`` from its config (a dataclass instance or a mapping)."""
+        if isinstance(cfg, Mapping):
+            from mllm.config import from_dict
+
+            cfg = from_dict(self.config_cls(name), cfg, where=f"{self.kind}:{name}")
+        return self.get(name)(cfg, **context)
+
+
+# --- the tables -------------------------------------------------------------------------------
+ENCODERS: Registry[Any] = Registry("encoder")
+ENCODERS.register("timm_vit", "encoders.dino:TimmViTEncoder")
+
+PROJECTORS: Registry[Any] = Registry("projector")
+PROJECTORS.register("linear", "projectors.linear:LinearProjector")
+PROJECTORS.register("mlp", "projectors.mlp:MLPProjector")
+
+ALL_REGISTRIES: dict[str, Registry[Any]] = {"encoder": ENCODERS, "projector": PROJECTORS}
