@@ -182,6 +182,7 @@ class ModelConfig:
     tokenizer: str | None = None  # local tokenizer folder; None = the one trained for the data
     image_token: str = "<image>"
     template: str = "plain"  # prompt template name (train/data/templates.py)
+    max_length: int = 192  # tokens per training sample after image expansion
 
 
 @dataclass

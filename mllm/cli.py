@@ -1,0 +1,73 @@
+"""The ``mllm`` command: demo | train | eval (merge, probe, convert, bench join as they land).
+
+Each sub-command parses its flags and calls one function of :mod:`mllm.run`; user-input errors
+(ConfigError, missing files, ...) print one line naming the file/field and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from encoders.base import EncoderError
+from mllm.config import ConfigError
+from train.trainer import TrainingError
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted config override, e.g. --set train.steps=100 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mllm", description="Compose, train, merge and evaluate multimodal LLMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="train the tiny recipe on ShapesWorld, evaluate, print the table")
+    demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
+    demo.add_argument("--recipe", default="tiny", help="recipe name or YAML path (default: tiny)")
+    _add_overrides(demo)
+
+    train = sub.add_parser("train", help="train a recipe (name shipped in mllm/recipes, or a YAML path)")
+    train.add_argument("recipe", help="recipe name or YAML path")
+    train.add_argument("--out", required=True, help="run directory")
+    train.add_argument("--resume", default=None, help="'auto' (latest complete checkpoint in --out) or a checkpoint path")
+    train.add_argument("--no-eval", action="store_true", help="skip the final ShapesWorld evaluation")
+    _add_overrides(train)
+
+    ev = sub.add_parser("eval", help="evaluate a saved checkpoint")
+    ev.add_argument("checkpoint", help="folder written by save_pretrained (e.g. RUN/model)")
+    ev.add_argument("--task", default="shapesworld", help="evaluation task (default: shapesworld)")
+    ev.add_argument("--out", required=True, help="output directory for predictions.jsonl and metrics.json")
+    ev.add_argument("--batch-size", type=int, default=None)
+    ev.add_argument("--limit", type=int, default=None, help="evaluate the first N samples only")
+    ev.add_argument("--resume", action="store_true", help="keep finished samples of an interrupted run")
+    _add_overrides(ev)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from mllm import run
+
+    try:
+        if args.command == "demo":
+            run.demo(args.recipe, Path(args.out), args.overrides)
+        elif args.command == "train":
+            run.train(args.recipe, Path(args.out), args.overrides, resume=args.resume, evaluate=not args.no_eval)
+        elif args.command == "eval":
+            run.evaluate_checkpoint(
+                Path(args.checkpoint), args.task, Path(args.out),
+                batch_size=args.batch_size, limit=args.limit, resume=args.resume, overrides=args.overrides,
+            )
+    except (ConfigError, TrainingError, EncoderError, ValueError, OSError) as err:
+        print(f"mllm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
