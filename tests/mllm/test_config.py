@@ -1,0 +1,123 @@
+"""Config loading and the registry: every user error names the file and the dotted key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mllm.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    from_dict,
+    load_config,
+    recipe_names,
+    save_config,
+    to_dict,
+)
+from mllm.registry import ENCODERS, PROJECTORS, Registry, RegistryError
+
+
+@dataclass
+class _Inner:
+    width: int = 4
+    scale: float = 1.0
+    names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Outer:
+    inner: _Inner = field(default_factory=_Inner)
+    flag: bool = False
+    path: str | None = None
+
+
+def test_from_dict_builds_nested_and_converts_ints_to_float() -> None:
+    out = from_dict(_Outer, {"inner": {"width": 8, "scale": 2, "names": ["a"]}, "flag": True})
+    assert out == _Outer(_Inner(8, 2.0, ["a"]), True, None)
+    assert isinstance(out.inner.scale, float)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"inner": {"widht": 3}}, "cfg.inner.widht: unknown key"),
+        ({"inner": {"width": "3"}}, "cfg.inner.width: expected an integer"),
+        ({"inner": {"width": True}}, "cfg.inner.width: expected an integer"),
+        ({"flag": "yes"}, "cfg.flag: expected true/false"),
+        ({"inner": {"names": "abc"}}, "cfg.inner.names: expected a list"),
+        ({"inner": {"names": [1]}}, "cfg.inner.names[0]: expected a string"),
+        ({"path": 3}, "cfg.path"),
+    ],
+)
+def test_from_dict_errors_name_the_key(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        from_dict(_Outer, data, where="cfg")
+
+
+def test_tiny_recipe_loads_and_round_trips(tmp_path: Path) -> None:
+    assert "tiny" in recipe_names()
+    cfg = load_config("tiny")
+    assert isinstance(cfg, RunConfig)
+    assert cfg.model.encoder.name == "timm_vit" and cfg.model.projector.name == "mlp"
+    save_config(cfg, tmp_path)
+    again = load_config(str(tmp_path / "config.yaml"))
+    assert to_dict(again) == to_dict(cfg)
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == to_dict(cfg)
+
+
+def test_overrides_are_dotted_and_typed() -> None:
+    cfg = load_config("tiny", ["train.steps=7", "model.llm.arch.num_hidden_layers=1", "model.encoder.layers=[-1, -2]"])
+    assert cfg.train.steps == 7
+    assert cfg.model.llm.arch["num_hidden_layers"] == 1
+    assert cfg.model.encoder.cfg.layers == [-1, -2]
+    assert apply_overrides({"a": {"b": 1}}, ["a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        apply_overrides({}, ["novalue"])
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  encoder: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: malformed YAML \(line"):
+        load_config(str(bad))
+
+
+def test_wrong_key_in_recipe_file(tmp_path: Path) -> None:
+    data = yaml.safe_load(Path(load_config.__code__.co_filename).with_name("recipes").joinpath("tiny.yaml").read_text())
+    data["train"]["stpes"] = 3
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"typo.yaml.*train.stpes: unknown key for TrainConfig"):
+        load_config(str(path))
+
+
+def test_unknown_part_name_lists_valid_ones(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"model.projector.name: unknown projector 'mlpp'; expected one of: .*linear.*mlp"):
+        load_config("tiny", ["model.projector={name: mlpp}"])
+
+
+def test_unknown_recipe_and_missing_file() -> None:
+    with pytest.raises(ConfigError, match="unknown recipe 'nope'; expected one of: .*tiny"):
+        load_config("nope")
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+        load_config("missing.yaml")
+
+
+def test_registry_contract() -> None:
+    reg: Registry[object] = Registry("widget")
+    reg.register("a", "collections:OrderedDict")
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register("a", dict)
+    with pytest.raises(RegistryError, match="unknown widget 'b'; expected one of: a"):
+        reg.get("b")
+    import collections
+
+    assert reg.get("a") is collections.OrderedDict
+    for table in (ENCODERS, PROJECTORS):
+        for name in table.names():
+            cls = table.get(name)
+            assert hasattr(cls, "config_cls"), f"{table.kind} {name} lacks config_cls"
