@@ -19,3 +19,31 @@ torch.set_num_threads(2)
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+TINY_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+TINY_WORDS = (
+    "USER ASSISTANT : what colour shape is the of a are there how many left right above below "
+    "red green blue circle square triangle yes no ? . , [ ] 0 1 2 3 4 5 6 7 8 9"
+).split()
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer():  # noqa: ANN201 - transformers is imported lazily
+    """A fixed word-level tokenizer (ids: specials 0-4, then TINY_WORDS in order) for exact-id tests.
+
+    Same special tokens as train/data/tokenizer.py; built here so goldens do not depend on it.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(TINY_SPECIALS + TINY_WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
+    )
+    tok.add_special_tokens(TINY_SPECIALS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        extra_special_tokens=["<image>"],
+    )

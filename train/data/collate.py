@@ -1,0 +1,104 @@
+"""Training batches: tokenise each conversation with its label mask, expand the image, pad right.
+
+Truncation to ``max_length`` happens here, after image expansion, and is checked here: cutting
+into the image tokens (the model would then find fewer placeholders than visual tokens, LLaVA
+#447) or leaving a sample with no supervised token is an error naming the sample id, never a
+silently zeroed sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+
+from train.data.templates import (
+    IGNORE_INDEX,
+    Template,
+    TemplateError,
+    encode_conversation,
+    get_template,
+    image_token_id,
+)
+
+
+class CollateError(ValueError):
+    """A sample cannot be turned into a valid training row; the message names its id."""
+
+
+class Collator:
+    """``samples -> {"input_ids", "attention_mask", "labels", "pixel_values"}``, right-padded.
+
+    Each sample is a dict with ``id``, ``image`` (PIL) and LLaVA ``conversations`` holding one
+    ``<image>`` marker.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        template: str | Template,
+        image_token: str,
+        num_image_tokens: int,
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        max_length: int,
+    ) -> None:
+        if tokenizer.pad_token_id is None:
+            raise CollateError("the tokenizer has no pad token, which right padding needs")
+        if max_length < num_image_tokens + 1:
+            raise CollateError(f"max_length: {max_length} leaves no room beyond {num_image_tokens} image tokens")
+        self.tokenizer = tokenizer
+        self.template = get_template(template)
+        self.image_token = image_token
+        self.image_id = image_token_id(tokenizer, image_token)
+        self.num_image_tokens = num_image_tokens
+        self.preprocess = preprocess
+        self.max_length = max_length
+
+    def encode(self, sample: Mapping[str, Any], index: int = 0) -> tuple[list[int], list[int]]:
+        """Ids and labels of one sample, truncated to ``max_length`` with the checks above."""
+        sid = sample.get("id", f"#{index}")
+        try:
+            ids, labels = encode_conversation(
+                self.tokenizer, sample["conversations"], self.template, self.image_token, self.num_image_tokens
+            )
+        except (TemplateError, KeyError) as err:
+            raise CollateError(f"sample {sid}: {err}") from err
+        positions = [i for i, t in enumerate(ids) if t == self.image_id]
+        if len(positions) != self.num_image_tokens:
+            raise CollateError(
+                f"sample {sid}: expected one <image> marker ({self.num_image_tokens} image tokens), "
+                f"found {len(positions)} image tokens"
+            )
+        if len(ids) > self.max_length:
+            if positions[-1] >= self.max_length:
+                raise CollateError(
+                    f"sample {sid}: truncating {len(ids)} tokens to max_length={self.max_length} would cut "
+                    "its image tokens; raise max_length"
+                )
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+        if all(label == IGNORE_INDEX for label in labels):
+            raise CollateError(
+                f"sample {sid}: no answer token left to supervise within max_length={self.max_length}"
+            )
+        return ids, labels
+
+    def _pixels(self, sample: Mapping[str, Any], index: int) -> torch.Tensor:
+        if not isinstance(sample.get("image"), Image.Image):
+            raise CollateError(f"sample {sample.get('id', f'#{index}')}: expected a PIL image under 'image'")
+        return self.preprocess(sample["image"])
+
+    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        rows = [self.encode(sample, i) for i, sample in enumerate(samples)]
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, (ids, labs) in enumerate(rows):
+            input_ids[r, : len(ids)] = torch.tensor(ids)
+            labels[r, : len(labs)] = torch.tensor(labs)
+            attention_mask[r, : len(ids)] = 1
+        pixel_values = torch.stack([self._pixels(sample, i) for i, sample in enumerate(samples)])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                "pixel_values": pixel_values}
