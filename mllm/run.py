@@ -104,14 +104,16 @@ def evaluate_checkpoint(
 
 def demo(recipe: str, out_dir: Path, overrides: list[str]) -> dict[str, Any]:
     """Train the tiny recipe, evaluate on the test split, print the table, write metrics.json."""
-    from train.data.shapesworld import ShapesWorld, majority_baseline
+    from train.data.shapesworld import ShapesWorld, majority_baseline, split_items
 
     t0 = time.perf_counter()
     result = train(recipe, out_dir, overrides, evaluate=True)
     cfg = load_config(str(out_dir / "config.yaml"))
     world = ShapesWorld(cfg.data)
     metrics = dict(result["eval"])
-    metrics["majority_baseline"] = majority_baseline(world, n_train=2000)
+    metrics["majority_baseline"] = majority_baseline(
+        split_items(world.split("train"), 2000), split_items(world.split("test"))
+    )
     metrics["train_seconds"] = result["train_seconds"]
     metrics["wall_seconds"] = time.perf_counter() - t0
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
