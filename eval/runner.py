@@ -1,0 +1,296 @@
+"""One batched, resumable, data-parallel generation runner for every task.
+
+``run_task(generator, task, cfg, out_dir, resume)`` writes into ``out_dir``:
+
+* ``predictions.jsonl`` — one record per sample, appended and flushed batch by batch, so an
+  interrupted run resumes where it stopped and never recomputes or loses a finished sample;
+* ``protocol.json`` — prompt version and template, generation kwargs, coordinate convention, ...;
+  resuming under a different protocol is refused;
+* ``metrics.json`` (atomic) — the task's metrics plus ``"protocol"``; ``results.md`` — the table.
+
+Under ``accelerate launch`` each process takes a strided shard of the unfinished samples and appends
+to its own ``predictions.rank{r}.jsonl``; rank 0 then gathers all files (shared file system),
+de-duplicates by sample id, writes ``predictions.jsonl`` and the metrics. One process = one shard:
+the same code path with no launcher.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from PIL import Image
+from tqdm.auto import tqdm
+
+from eval.tasks.base import EvalSample, Task
+
+PREDICTIONS = "predictions.jsonl"
+
+
+class EvalError(RuntimeError):
+    """The evaluation cannot go on (mismatched protocol on resume, corrupt predictions file, ...)."""
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 32  # samples per generate call (per process)
+    max_new_tokens: int = 24  # generation budget per answer
+    limit: int | None = None  # evaluate the first N samples of the task only
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: expected >= 1, got {self.batch_size}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected >= 1, got {self.max_new_tokens}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit: expected >= 1 or null, got {self.limit}")
+
+
+class Generator(Protocol):
+    """Any model that answers prompts about images. Decoding is greedy unless ``kw`` says otherwise.
+
+    Each prompt is the full user turn with the ``<image>`` marker where its image goes.
+    """
+
+    def generate(self, images: list[Image.Image], prompts: list[str], **kw: Any) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a data-parallel run, and a barrier across all processes."""
+
+    rank: int = 0
+    world: int = 1
+    barrier: Callable[[], None] = field(default=lambda: None, compare=False)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_accelerate(cls) -> Dist:
+        """The current accelerate process state (a single process when not launched)."""
+        from accelerate import PartialState
+
+        state = PartialState()
+        return cls(state.process_index, state.num_processes, state.wait_for_everyone)
+
+
+@dataclass
+class Shard:
+    """The unfinished samples one process will generate, and where it appends them."""
+
+    samples: list[tuple[int, EvalSample]]  # (position in the task's order, sample)
+    path: Path
+    n_total: int  # samples in the evaluation (after ``limit``), all processes together
+
+
+def predictions_path(out_dir: Path, dist: Dist) -> Path:
+    return out_dir / (PREDICTIONS if dist.world == 1 else f"predictions.rank{dist.rank}.jsonl")
+
+
+def run_protocol(task: Task, cfg: EvalConfig) -> dict[str, Any]:
+    """What must not change between a run and its resumption (batch size and limit may)."""
+    return {**task.protocol(), "generation_kwargs": generation_kwargs(task, cfg)}
+
+
+def generation_kwargs(task: Task, cfg: EvalConfig) -> dict[str, Any]:
+    return {"max_new_tokens": cfg.max_new_tokens, **task.generation_kwargs()}
+
+
+# --- the predictions files ----------------------------------------------------------------------
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Records of one predictions file. A last line without newline is a torn write and is skipped."""
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    complete = lines[:-1]  # the part after the last newline is empty or torn
+    records = []
+    for lineno, line in enumerate(complete, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise EvalError(f"{path}:{lineno}: corrupt prediction record: {err}") from err
+    return records
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a torn last line (a write interrupted mid-record) so appends start on a fresh line."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep != len(data):
+        with path.open("r+b") as f:
+            f.truncate(keep)
+
+
+def existing_predictions(out_dir: Path) -> list[Path]:
+    return sorted(out_dir.glob("predictions*.jsonl"))
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to a temp file beside ``path`` and rename it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_protocol(out_dir: Path, protocol: dict[str, Any], resume: bool) -> None:
+    """Refuse to overwrite finished predictions, or to resume them under another protocol."""
+    found = existing_predictions(out_dir)
+    if found and not resume:
+        raise EvalError(f"{found[0]}: predictions exist; resume them (--resume) or choose another output dir")
+    path = out_dir / "protocol.json"
+    if found and path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        changed = sorted(k for k in {*old, *protocol} if old.get(k) != protocol.get(k))
+        if changed:
+            raise EvalError(
+                f"{path}: cannot resume under a different protocol; changed: "
+                + ", ".join(f"{k} ({old.get(k)!r} -> {protocol.get(k)!r})" for k in changed)
+            )
+    atomic_write(path, json.dumps(protocol, indent=2) + "\n")
+
+
+# --- the three steps ----------------------------------------------------------------------------
+def plan_shard(task: Task, cfg: EvalConfig, out_dir: Path, dist: Dist) -> Shard:
+    """This process's unfinished samples: skip ids recorded in any predictions file, take every
+    ``world``-th of the rest. Every process must plan before any process writes (see run_task)."""
+    done = {r["id"] for p in existing_predictions(out_dir) for r in read_records(p)}
+    todo: list[tuple[int, EvalSample]] = []
+    seen: set[str] = set()
+    n_total = 0
+    for index, sample in enumerate(task.samples()):
+        if cfg.limit is not None and index >= cfg.limit:
+            break
+        if sample.id in seen:
+            raise EvalError(f"task {task.name}: duplicate sample id {sample.id!r}")
+        seen.add(sample.id)
+        n_total += 1
+        if sample.id not in done:
+            todo.append((index, sample))
+    return Shard(todo[dist.rank :: dist.world], predictions_path(out_dir, dist), n_total)
+
+
+def generate_shard(
+    generator: Generator, task: Task, cfg: EvalConfig, shard: Shard, progress: bool = True
+) -> int:
+    """Generate, parse and score the shard batch by batch, appending each batch to ``shard.path``.
+
+    Returns the number of ``generate`` calls made.
+    """
+    kwargs = generation_kwargs(task, cfg)
+    _drop_torn_tail(shard.path)
+    calls = 0
+    bar = tqdm(total=len(shard.samples), desc=task.name, unit="sample", disable=not progress)
+    with shard.path.open("a", encoding="utf-8") as f:
+        for start in range(0, len(shard.samples), cfg.batch_size):
+            batch = shard.samples[start : start + cfg.batch_size]
+            prompts = [task.build_prompt(s) for _, s in batch]
+            outputs = generator.generate([s.load_image() for _, s in batch], prompts, **kwargs)
+            calls += 1
+            if len(outputs) != len(batch):
+                raise EvalError(f"generate returned {len(outputs)} texts for a batch of {len(batch)}")
+            lines = [
+                json.dumps(_record(task, index, sample, prompt, text), ensure_ascii=False)
+                for (index, sample), prompt, text in zip(batch, prompts, outputs, strict=True)
+            ]
+            f.write("\n".join(lines) + "\n")  # one write per batch, then make it durable
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(batch))
+    bar.close()
+    return calls
+
+
+def _record(task: Task, index: int, sample: EvalSample, prompt: str, text: str) -> dict[str, Any]:
+    parsed = task.parse(sample, text)
+    return {
+        "id": sample.id, "index": index, "type": sample.type, "prompt": prompt, "prediction": text,
+        "parsed": parsed, "reference": sample.reference, "score": task.score(sample, parsed),
+        "meta": sample.meta,
+    }
+
+
+def gather(task: Task, cfg: EvalConfig, out_dir: Path, n_total: int) -> dict[str, Any]:
+    """Merge every predictions file (first record of an id wins), write ``predictions.jsonl`` in task
+    order, compute the metrics, write ``metrics.json`` and ``results.md``. Rank 0 only."""
+    files = existing_predictions(out_dir)
+    by_id: dict[str, dict[str, Any]] = {}
+    for path in files:
+        for r in read_records(path):
+            by_id.setdefault(r["id"], r)
+    merged = sorted(by_id.values(), key=lambda r: r["index"])
+    # Records past a smaller ``limit`` stay in the file (never lose a finished sample) but not in the metrics.
+    records = [r for r in merged if cfg.limit is None or r["index"] < cfg.limit]
+    if len(records) != n_total:
+        raise EvalError(f"{out_dir}: {len(records)} predictions for {n_total} samples; rerun with resume")
+    target = out_dir / PREDICTIONS
+    atomic_write(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged))
+    for path in files:
+        if path != target:
+            path.unlink()
+    metrics = {
+        "task": task.name, **task.aggregate(records),
+        "protocol": {**run_protocol(task, cfg), "batch_size": cfg.batch_size, "limit": cfg.limit},
+    }
+    atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    atomic_write(out_dir / "results.md", format_table(metrics))
+    return metrics
+
+
+def run_task(
+    generator: Generator, task: Task, cfg: EvalConfig, out_dir: str | Path, resume: bool = False,
+    dist: Dist | None = None, progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``generator`` on ``task``; returns the metrics on rank 0 (``{}`` on other ranks).
+
+    ``dist`` defaults to the accelerate process state, so the same call runs one process or many.
+    """
+    dist = dist if dist is not None else Dist.from_accelerate()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        _check_protocol(out_dir, run_protocol(task, cfg), resume)
+    dist.barrier()
+    shard = plan_shard(task, cfg, out_dir, dist)
+    dist.barrier()  # every process has planned before any appends: the shards stay disjoint
+    generate_shard(generator, task, cfg, shard, progress=progress and dist.is_main)
+    dist.barrier()
+    if not dist.is_main:
+        return {}
+    metrics = gather(task, cfg, out_dir, shard.n_total)
+    print(format_table(metrics))
+    return metrics
+
+
+# --- the table ----------------------------------------------------------------------------------
+def format_table(metrics: dict[str, Any]) -> str:
+    """Markdown: the headline numbers, then one row per question type."""
+    headline = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    lines = [f"## {metrics.get('task', 'eval')}", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in headline.items()]
+    per_type, counts = metrics.get("per_type", {}), metrics.get("n_per_type", {})
+    if per_type:
+        lines += ["", "| type | n | score |", "|---|---|---|"]
+        lines += [f"| {t} | {counts.get(t, '')} | {_fmt(v)} |" for t, v in per_type.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v: float | int) -> str:
+    return str(v) if isinstance(v, int) else f"{v:.4f}"
+

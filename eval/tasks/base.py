@@ -1,0 +1,184 @@
+"""What every evaluation task is: data + a prompt + a parser + a metric (CONVENTIONS.md item 9).
+
+A task turns its benchmark files into :class:`EvalSample` objects, builds one prompt per sample, parses
+the model's text into an answer, scores it, and aggregates per-sample records into metrics. The runner
+(`eval/runner.py`) owns batching, files and resume; a task never sees the model.
+
+Records are the JSON lines the runner writes, one per sample:
+``{"id", "index", "type", "prompt", "prediction", "parsed", "reference", "score", "meta"}``;
+:meth:`Task.aggregate` reads only these, so metrics can be recomputed from the JSONL alone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from PIL import Image
+
+IMAGE_MARKER = "<image>"  # where the image goes in a prompt (LLaVA's first user turn: "<image>\n...")
+LLAVA_SHORT_ANSWER = "Answer the question using a single word or phrase."  # LLaVA-1.5 VQA suffix
+
+
+class EvalDataError(ValueError):
+    """A benchmark file is missing or malformed; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class EvalSample:
+    """One question about one image. ``reference`` and ``meta`` must be JSON-serialisable."""
+
+    id: str
+    image: Image.Image | Path  # in memory, or a file opened only when its batch runs
+    question: str
+    reference: Any
+    type: str = "all"  # the row of the per-type table this sample counts in
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def load_image(self) -> Image.Image:
+        if isinstance(self.image, Image.Image):
+            return self.image.convert("RGB")
+        try:
+            with Image.open(self.image) as img:
+                return img.convert("RGB")
+        except (OSError, ValueError) as err:
+            raise EvalDataError(f"{self.image}: cannot read the image of sample {self.id!r}: {err}") from err
+
+
+@runtime_checkable
+class Task(Protocol):
+    """The interface the runner drives."""
+
+    name: str
+
+    def samples(self) -> Iterator[EvalSample]: ...
+
+    def build_prompt(self, sample: EvalSample) -> str: ...
+
+    def parse(self, sample: EvalSample, text: str) -> Any: ...
+
+    def score(self, sample: EvalSample, parsed: Any) -> float: ...
+
+    def aggregate(self, records: list[dict[str, Any]]) -> dict[str, Any]: ...
+
+    def protocol(self) -> dict[str, Any]: ...
+
+    def generation_kwargs(self) -> dict[str, Any]: ...
+
+
+class BaseTask:
+    """Defaults shared by the tasks: a format-string prompt, stripped answers, accuracy by type.
+
+    Subclasses set ``name``, ``prompt_version`` and ``self.prompt`` (a template with ``{question}``),
+    and implement :meth:`samples` and :meth:`score`.
+    """
+
+    name = "base"
+    prompt_version = "v1"
+    prompt: str = IMAGE_MARKER + "\n{question}"
+
+    def samples(self) -> Iterator[EvalSample]:
+        raise NotImplementedError
+
+    def build_prompt(self, sample: EvalSample) -> str:
+        return self.prompt.format(question=sample.question)
+
+    def parse(self, sample: EvalSample, text: str) -> Any:
+        return text.strip()
+
+    def score(self, sample: EvalSample, parsed: Any) -> float:
+        raise NotImplementedError
+
+    def aggregate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"accuracy": mean_score(records), **per_type(records), "n": len(records)}
+
+    def protocol_extra(self) -> dict[str, Any]:
+        """Task-specific protocol flags (coordinate convention, OCR tokens in prompt, ...)."""
+        return {}
+
+    def protocol(self) -> dict[str, Any]:
+        return {
+            "task": self.name, "prompt_version": self.prompt_version, "prompt_template": self.prompt,
+            **self.protocol_extra(),
+        }
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments for ``generate`` beyond ``max_new_tokens`` (none: greedy decoding)."""
+        return {}
+
+
+# --- helpers for aggregation ---------------------------------------------------------------------
+def mean_score(records: Iterable[Mapping[str, Any]]) -> float | None:
+    """Mean per-sample score; None for no records (a metric over nothing is not 0)."""
+    scores = [float(r["score"]) for r in records]
+    return sum(scores) / len(scores) if scores else None
+
+
+def group_by(records: Iterable[Mapping[str, Any]], key: Any) -> dict[str, list[Mapping[str, Any]]]:
+    """Records grouped by ``key(record)``, groups in first-seen order."""
+    groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[key(r)].append(r)
+    return dict(groups)
+
+
+def per_type(records: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``{"per_type": {type: mean score}, "n_per_type": {type: count}}``, types sorted by name."""
+    groups = group_by(records, lambda r: r["type"])
+    names = sorted(groups)
+    return {
+        "per_type": {t: mean_score(groups[t]) for t in names},
+        "n_per_type": {t: len(groups[t]) for t in names},
+    }
+
+
+# --- helpers for reading benchmark files -----------------------------------------------------------
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise EvalDataError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise EvalDataError(f"{path}: not valid JSON: {err}") from err
+
+
+def read_jsonl(path: str | Path) -> list[Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise EvalDataError(f"{path}: file not found")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise EvalDataError(f"{path}:{lineno}: not valid JSON: {err}") from err
+    return rows
+
+
+def field_of(row: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    """``row[key]``, checked to be of ``kind``; errors name ``where`` (file + record) and the field."""
+    if not isinstance(row, Mapping):
+        raise EvalDataError(f"{where}: expected an object, got {type(row).__name__}")
+    if key not in row:
+        raise EvalDataError(f"{where}: missing field {key!r}")
+    value = row[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        expected = " or ".join(k.__name__ for k in kinds)
+        raise EvalDataError(f"{where}: field {key!r} should be {expected}, got {value!r}")
+    return value
+
+
+def image_dir(images: str | None, data: str | Path, what: str) -> Path:
+    """The image folder (``images``, or the data file's folder when None); must exist."""
+    folder = Path(images) if images else Path(data).parent
+    if not folder.is_dir():
+        raise EvalDataError(f"{folder}: image folder for {what} not found")
+    return folder
