@@ -137,3 +137,27 @@ def test_bad_samples_name_their_id(word_tokenizer: Any) -> None:
         _collator(word_tokenizer)([{"id": "r", "conversations": CONV}])
     with pytest.raises(CollateError, match="max_length: 3 leaves no room"):
         _collator(word_tokenizer, max_length=3)
+
+
+def test_shapesworld_batch_with_the_project_tokenizer() -> None:
+    """End to end on real samples: no unknown token, and the supervised ids of each row decode to
+    exactly the gpt answers, in order, each closed by </s>."""
+    from train.data.shapesworld import ShapesWorld, ShapesWorldConfig
+    from train.data.tokenizer import build_tokenizer
+
+    world = ShapesWorld(ShapesWorldConfig(train_images=8, val_images=1, test_images=1))
+    tok = build_tokenizer([*world.vocabulary_texts(), *TEMPLATES["plain"].vocabulary_texts()])
+    split = world.split("train")
+    samples = [split[i] for i in range(len(split))]
+    batch = Collator(tok, "plain", "<image>", 4, _preprocess, 256)(samples)
+    assert tok.unk_token_id not in batch["input_ids"]
+    for row, sample in enumerate(samples):
+        supervised = [t for t in batch["labels"][row].tolist() if t != X]
+        assert supervised[-1] == tok.eos_token_id
+        answers = []
+        for t in supervised:
+            if not answers or answers[-1][-1:] == [tok.eos_token_id]:
+                answers.append([])
+            answers[-1].append(t)
+        expected = [turn["value"] for turn in sample["conversations"] if turn["from"] == "gpt"]
+        assert [tok.decode(a, skip_special_tokens=True).strip() for a in answers] == expected

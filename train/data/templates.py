@@ -45,6 +45,12 @@ class Template:
         """The prompt for one question, ending where the assistant's answer begins."""
         raise NotImplementedError
 
+    def vocabulary_texts(self) -> list[str]:
+        """The text the template itself adds (role names, separators), for building a tokenizer's
+        vocabulary alongside the data's own texts."""
+        empty = [{"from": "human", "value": ""}, {"from": "gpt", "value": ""}] * 2
+        return [seg.text for seg in self.render(empty) if seg.text]
+
 
 def pair_turns(conversations: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
     """``[(human, gpt), ...]`` from LLaVA's alternating turns; anything else is an error."""
