@@ -224,3 +224,31 @@ def test_frozen_encoder_conflict(word_tokenizer: Any) -> None:
     assert not any(p.requires_grad for p in model.encoder.parameters())
     with pytest.raises(ModelError, match="model.encoder.frozen is true"):
         model.set_trainable(["encoder", "llm"])
+
+
+def test_llm_from_a_local_folder_is_resized_to_the_tokenizer(word_tokenizer: Any, tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    small = LlamaForCausalLM(LlamaConfig(vocab_size=len(word_tokenizer) - 1, **ARCH["llama"]))
+    small.save_pretrained(tmp_path / "llm")
+    cfg = _cfg("llama")
+    cfg.llm.path = str(tmp_path / "llm")
+    model = MLLM(cfg, word_tokenizer)
+    table = model.llm.get_input_embeddings().weight
+    assert table.shape[0] == len(word_tokenizer)
+    torch.testing.assert_close(table[:-1], small.get_input_embeddings().weight)
+
+
+def test_llm_config_errors(word_tokenizer: Any, tmp_path: Path) -> None:
+    cfg = _cfg("llama")
+    cfg.llm.path = str(tmp_path / "missing")
+    with pytest.raises(ModelError, match=f"model.llm.path: {tmp_path / 'missing'} is not a folder"):
+        MLLM(cfg, word_tokenizer)
+    cfg = _cfg("llama")
+    cfg.llm.model_type = "no_such_lm"
+    with pytest.raises(ModelError, match="model.llm: cannot build a 'no_such_lm' config"):
+        MLLM(cfg, word_tokenizer)
+    cfg = _cfg("llama")
+    cfg.llm.dtype = "float33"
+    with pytest.raises(ModelError, match="model.llm.dtype"):
+        MLLM(cfg, word_tokenizer)
