@@ -108,18 +108,22 @@ class MLLM(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
         """Text embeddings with the projected visual tokens scattered into the image-token slots."""
+        if pixel_values.shape[0] != input_ids.shape[0]:
+            raise ModelError(f"one image per row: got {pixel_values.shape[0]} images for {input_ids.shape[0]} rows")
         image_mask = input_ids == self.image_token_id
-        found, expected = int(image_mask.sum()), pixel_values.shape[0] * self.num_image_tokens
-        if found != expected:
+        per_row = image_mask.sum(dim=1)
+        bad = (per_row != self.num_image_tokens).nonzero().flatten()
+        if bad.numel():
+            row = int(bad[0])
             raise ModelError(
-                f"input_ids hold {found} image tokens; {pixel_values.shape[0]} images x "
-                f"{self.num_image_tokens} tokens each = {expected} expected"
+                f"row {row} of input_ids holds {int(per_row[row])} image tokens; expected "
+                f"{self.num_image_tokens} (one image x the encoder's tokens after the projector)"
             )
         # The image token may lie outside a pretrained LLM's trained rows: look up pad instead.
         text_ids = input_ids.masked_fill(image_mask, self.tokenizer.pad_token_id)
         embeds = self.llm.get_input_embeddings()(text_ids)
         visual = self.encode_images(pixel_values).to(embeds.dtype)
-        # masked_scatter fills slots in row-major order: image i lands in row i's slots.
+        # masked_scatter fills slots in row-major order, so image i lands in row i's slots.
         return embeds.masked_scatter(image_mask.unsqueeze(-1), visual)
 
     def forward(

@@ -160,9 +160,12 @@ def test_wrong_image_token_count(model: MLLM) -> None:
     batch = _batch(model)
     ids = batch["input_ids"].clone()
     ids[1, 3] = model.tokenizer.pad_token_id  # drop one of row b's image tokens
-    with pytest.raises(ModelError, match="hold 7 image tokens; 2 images x 4 tokens each = 8 expected"):
+    with pytest.raises(ModelError, match="row 1 of input_ids holds 3 image tokens; expected 4"):
         model(ids, batch["attention_mask"], batch["pixel_values"])
-    with pytest.raises(ModelError, match="2 images x 4"):
+    ids[0, 8] = model.image_token_id  # 8 image tokens in all, but 5 in row 0 and 3 in row 1
+    with pytest.raises(ModelError, match="row 0 of input_ids holds 5 image tokens; expected 4"):
+        model(ids, batch["attention_mask"], batch["pixel_values"])
+    with pytest.raises(ModelError, match="one image per row: got 2 images for 1 rows"):
         model.embed(batch["input_ids"][:1], batch["pixel_values"])
 
 
