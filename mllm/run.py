@@ -27,9 +27,11 @@ def build_tokenizer_for(cfg: RunConfig) -> Any:
             raise FileNotFoundError(f"model.tokenizer: {path} is not a folder")
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     from train.data.shapesworld import ShapesWorld
+    from train.data.templates import get_template
     from train.data.tokenizer import build_tokenizer
 
-    return build_tokenizer(ShapesWorld(cfg.data).vocabulary_texts())
+    texts = [*ShapesWorld(cfg.data).vocabulary_texts(), *get_template(cfg.model.template).vocabulary_texts()]
+    return build_tokenizer(texts)
 
 
 def build_model(cfg: RunConfig, tokenizer: Any) -> Any:
@@ -59,7 +61,8 @@ def train(
     model = build_model(cfg, tokenizer)
     model.set_trainable(cfg.train.trainable)
     world = ShapesWorld(cfg.data)
-    trainer = Trainer(model, world.split("train"), make_collator(model, cfg), cfg.train, out_dir)
+    eval_fn = _periodic_eval(model, cfg, out_dir) if cfg.train.eval_every else None
+    trainer = Trainer(model, world.split("train"), make_collator(model, cfg), cfg.train, out_dir, eval_fn=eval_fn)
     t0 = time.perf_counter()
     history = trainer.fit(resume=resume)
     train_seconds = time.perf_counter() - t0
@@ -72,14 +75,27 @@ def train(
     return result
 
 
-def evaluate_model(model: Any, cfg: RunConfig, out_dir: Path, resume: bool = False) -> dict[str, Any]:
-    """ShapesWorld test split through the batched runner; returns the metrics dict."""
+def _periodic_eval(model: Any, cfg: RunConfig, out_dir: Path) -> Any:
+    """Trainer callback: the val split (``data.val_images`` scenes), flattened to scalars."""
+    def eval_fn(step: int) -> dict[str, float]:
+        metrics = evaluate_model(model, cfg, out_dir / "val" / f"step-{step:07d}", split="val")
+        flat = {"vqa_accuracy": metrics["vqa_accuracy"], "grounding_accuracy": metrics["grounding_accuracy"]}
+        flat.update({f"{k}_accuracy": v for k, v in metrics["per_type"].items()})
+        return flat
+
+    return eval_fn
+
+
+def evaluate_model(
+    model: Any, cfg: RunConfig, out_dir: Path, resume: bool = False, split: str = "test"
+) -> dict[str, Any]:
+    """A ShapesWorld split through the batched runner; returns the metrics dict."""
     from eval.runner import run_task
     from eval.tasks.shapesworld import ShapesWorldTask
 
-    task = ShapesWorldTask(cfg.data, split="test")
+    task = ShapesWorldTask(cfg.data, split=split)
     model.eval()
-    return run_task(model, task, cfg.eval, out_dir, resume=resume)
+    return run_task(model, task, cfg.eval, out_dir, resume=resume, progress=False)
 
 
 def evaluate_checkpoint(
