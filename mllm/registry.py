@@ -85,4 +85,17 @@ PROJECTORS: Registry[Any] = Registry("projector")
 PROJECTORS.register("linear", "projectors.linear:LinearProjector")
 PROJECTORS.register("mlp", "projectors.mlp:MLPProjector")
 
+# Merge methods are not config-built parts: each class exposes a pure per-tensor ``merge`` and its
+# params dataclass as ``config_cls`` (mllm/merge/methods/base.py), so the table is kept out of ALL_REGISTRIES.
+MERGE_METHODS: Registry[Any] = Registry("merge method")
+MERGE_METHODS.register("linear", "mllm.merge.methods.linear:Linear")
+MERGE_METHODS.register("task_arithmetic", "mllm.merge.methods.task_arithmetic:TaskArithmetic")
+MERGE_METHODS.register("ties", "mllm.merge.methods.ties:Ties")
+MERGE_METHODS.register("dare_linear", "mllm.merge.methods.dare_linear:DareLinear")
+MERGE_METHODS.register("dare_ties", "mllm.merge.methods.dare_ties:DareTies")
+MERGE_METHODS.register("lines", "mllm.merge.methods.lines:Lines")
+MERGE_METHODS.register("layer_swap", "mllm.merge.methods.layer_swap:LayerSwap")
+MERGE_METHODS.register("widen", "mllm.merge.methods.widen:Widen")
+MERGE_METHODS.register("frank", "mllm.merge.methods.frank:Frank")
+
 ALL_REGISTRIES: dict[str, Registry[Any]] = {"encoder": ENCODERS, "projector": PROJECTORS}

@@ -1,0 +1,144 @@
+"""The streaming merge engine: plan -> checks -> (statistics pass) -> merge pass -> atomic output.
+
+Steps of :func:`run_merge`:
+
+1. ``load_plan``: YAML validated (registry name, parameters, dtypes, regexes); nothing is opened.
+2. Readers open the safetensors headers of every input; ``plan_tensors`` checks architecture
+   family, names and shapes of every tensor to merge, and parameters per tensor -- all before any
+   tensor is read and before anything is written.
+3. For two-pass methods (FRANK), pass 1 streams the merged tensors through ``collect`` and sums the
+   numbers per decoder layer; ``finalize`` turns them into the ``info.stats`` of pass 2.
+4. Pass 2, in the reference model's tensor order: read the inputs of one tensor, merge (fp32),
+   refuse a non-finite result, cast to the output dtype and stream it into the current shard.
+5. Side files (config.json with the output dtype, generation config, tokenizer from the reference or
+   ``tokenizer_source``), a README card holding the recipe, ``mllm_merge.yaml``, and the method's
+   artefacts are written; the temp folder is renamed to ``out_dir`` only now.
+
+Memory bound: one tensor name is in flight at a time, so the peak is about
+``(n_inputs + k) x largest tensor`` in fp32, where n_inputs counts the merged models plus the base
+and k <= 3 is the method's working copies (the TIES/DARE-TIES stack of n weighted deltas counts in
+n_inputs). The writer streams each tensor straight into its shard (header first: every output shape
+is known in advance), so no shard is buffered -- below the usual ``n_models x largest + one shard``.
+Readers use ``pread``, not a memory map, so the input files' pages do not accumulate in the RSS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mllm.merge.plan import MergePlan, TensorJob, load_plan, plan_tensors
+from mllm.merge.tensors import (
+    MergeError,
+    ModelReader,
+    ShardWriter,
+    atomic_output_dir,
+    copy_side_files,
+    ensure_output_free,
+    set_config_dtype,
+)
+
+log = logging.getLogger(__name__)
+RECIPE_FILE = "mllm_merge.yaml"
+
+
+@contextmanager
+def open_readers(plan: MergePlan) -> Iterator[dict[str, ModelReader]]:
+    """Header-only readers for every input and the reference, keyed by model id."""
+    readers: dict[str, ModelReader] = {}
+    try:
+        for entry in (*plan.inputs, plan.reference):
+            if entry.id not in readers:
+                readers[entry.id] = ModelReader(entry.path)
+        yield readers
+    finally:
+        for r in readers.values():
+            r.close()
+
+
+def _inputs(plan: MergePlan, job: TensorJob, readers: Mapping[str, ModelReader]
+            ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    tensors = {m.id: readers[m.id].get(job.sources[m.id]) for m in plan.models}
+    base = None
+    if plan.base is not None and plan.method.base == "required":
+        base = readers[plan.base.id].get(job.sources[plan.base.id])
+    return tensors, base
+
+
+def statistics_pass(plan: MergePlan, jobs: list[TensorJob], readers: Mapping[str, ModelReader],
+                    progress: bool = False) -> dict[str, Any]:
+    """Pass 1 of a two-pass method: per-group sums of ``collect``, then ``finalize``."""
+    sums: dict[int | str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for job in _progress([j for j in jobs if j.params is not None], progress, "statistics"):
+        tensors, base = _inputs(plan, job, readers)
+        for key, value in plan.method.collect(tensors, base, job.params, job.info).items():
+            sums[job.info.group][key] += value
+    return plan.method.finalize(sums, plan.params_for(None), jobs[0].info.num_layers if jobs else 0)
+
+
+def compute(plan: MergePlan, job: TensorJob, readers: Mapping[str, ModelReader],
+            stats: Mapping[str, Any]) -> torch.Tensor:
+    """The output tensor of one job, in its output dtype."""
+    if job.params is None:
+        return readers[plan.reference.id].get(job.spec.name).to(job.spec.dtype)
+    tensors, base = _inputs(plan, job, readers)
+    info = dataclasses.replace(job.info, stats=stats)
+    out = plan.method.merge(tensors, base, job.params, info)
+    if not torch.isfinite(out).all():
+        raise MergeError(f"{plan.source}: {plan.method.name} produced non-finite values in tensor {job.spec.name!r}")
+    return out.to(job.spec.dtype)
+
+
+def _progress(items: list[TensorJob], on: bool, desc: str) -> Any:
+    if not on:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="tensor")
+
+
+def _card(plan: MergePlan, shards: list[str]) -> str:
+    inputs = "\n".join(f"- `{m.id}`" for m in plan.models)
+    base = f"\nBase model: `{plan.base.id}`\n" if plan.base else ""
+    return (
+        f"# Merged model\n\nMerged with `mllm merge` using **{plan.method.name}**.\n{base}\n"
+        f"Models:\n{inputs}\n\nShards: {len(shards)}\n\n## Recipe\n\n```yaml\n{plan.text.rstrip()}\n```\n"
+    )
+
+
+def run_merge(config_path: str | Path, out_dir: str | Path, *, overwrite: bool = False,
+              progress: bool = False) -> Path:
+    """Merge the models of the YAML at ``config_path`` into ``out_dir``; returns ``out_dir``.
+
+    Raises MergeError (a ValueError naming the file/field/tensor) on bad input, before any tensor is
+    read; ``out_dir`` only appears once the merge is complete. ``overwrite`` replaces an existing
+    ``out_dir`` (atomically, at the end).
+    """
+    plan = load_plan(config_path)
+    out = Path(out_dir)
+    ensure_output_free(out, overwrite)
+    with open_readers(plan) as readers:
+        jobs = plan_tensors(plan, readers)
+        merged = sum(j.params is not None for j in jobs)
+        log.info("%s: %d tensors, %d merged, %d copied from %s", plan.method.name, len(jobs), merged,
+                 len(jobs) - merged, plan.reference.id)
+        with atomic_output_dir(out, overwrite) as tmp:
+            stats = statistics_pass(plan, jobs, readers, progress) if plan.method.two_pass else {}
+            with ShardWriter(tmp, [j.spec for j in jobs], plan.shard_bytes) as writer:
+                for job in _progress(jobs, progress, plan.method.name):
+                    writer.write(job.spec.name, compute(plan, job, readers, stats))
+                shards = writer.close()
+            copy_side_files(plan.reference.path, tmp, plan.tokenizer_source)
+            if plan.out_dtype is not None:
+                set_config_dtype(tmp, plan.out_dtype)
+            (tmp / RECIPE_FILE).write_text(plan.text)
+            (tmp / "README.md").write_text(_card(plan, shards))
+            plan.method.report(stats, plan.params_for(None), tmp)
+    return out

@@ -1,0 +1,1 @@
+"""Merge methods, one file each; named in ``mllm.registry.MERGE_METHODS``."""

@@ -1,0 +1,132 @@
+"""The merge-method contract (CONVENTIONS.md item 8).
+
+A merge method is a class registered in ``mllm.registry.MERGE_METHODS`` whose ``merge`` is a pure
+per-tensor function::
+
+    merge(tensors: dict[model_id, Tensor], base: Tensor | None, params, info: TensorInfo) -> Tensor
+
+``tensors`` holds each merged model's tensor in the YAML's model order (model id = the ``model``
+string of the YAML), ``base``
+the base model's (None for methods that ignore it), ``params`` an instance of the method's
+``config_cls`` dataclass (per-model values are ``dict[model_id, value]`` fields declared with
+:func:`per_model`), ``info`` the tensor's name, decoder-layer index and seed. Deltas are taken in fp32.
+
+Methods that need whole-model statistics before merging (FRANK's per-layer ``||tau||^2``) set
+``two_pass = True``: the engine first streams every merged tensor through ``collect`` and sums the
+returned numbers per ``info.group`` (a decoder layer, or the tensor itself outside the layers), hands
+the sums to ``finalize``, and passes its result to ``merge`` as ``info.stats``; ``report`` may then
+write artefacts (JSON, plots) into the output folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+
+_MISSING = dataclasses.MISSING
+
+
+class _Defaulted(dict):  # type: ignore[type-arg]
+    """Per-model values where a model not listed gets ``default`` (direct construction in code/tests)."""
+
+    def __init__(self, default: Any) -> None:
+        super().__init__()
+        self.default = default
+
+    def __missing__(self, key: str) -> Any:
+        return self.default
+
+
+def per_model(default: Any = _MISSING) -> Any:
+    """A per-model parameter: ``dict[model_id, value]``, set under each model's ``parameters``.
+
+    ``default`` applies to models that set no value (and no top-level ``parameters`` default exists);
+    without one the parameter is required for every model.
+    """
+    meta = {"per_model": True, "model_default": default}
+    if default is _MISSING:
+        return field(metadata=meta)
+    return field(default_factory=lambda: _Defaulted(default), metadata=meta)
+
+
+def yaml_key(name: str, default: Any) -> Any:
+    """A shared parameter whose YAML key differs from the field name (``lambda`` -> ``lambda_``)."""
+    return field(default=default, metadata={"key": name})
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a method may know about the tensor it merges, besides the tensors themselves."""
+
+    name: str  # output tensor name (the reference model's naming)
+    layer: int | None  # 0-based decoder-layer index, None outside the decoder layers
+    num_layers: int  # decoder layers in the model
+    seed: int = 0  # stable per (plan seed, tensor name): sparsification masks are reproducible
+    complete: bool = True  # every merged model (and the base, if used) holds this tensor
+    stats: Mapping[str, Any] = field(default_factory=dict)  # finalize() output of a two-pass method
+
+    @property
+    def group(self) -> int | str:
+        """Statistics group: the decoder-layer index, or the tensor name outside the layers."""
+        return self.layer if self.layer is not None else self.name
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A 63-bit seed from the plan seed and a tensor name, identical across runs and machines."""
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def fp32(t: torch.Tensor) -> torch.Tensor:
+    """The tensor in float32 (float64 kept): deltas in bf16 would cancel (METHODS.md section 1.8)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.to(torch.float32)
+
+
+class MergeMethod:
+    """Base class of merge methods; subclasses set the class variables and ``merge``."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type]
+    base: ClassVar[Literal["required", "ignored"]] = "required"
+    min_models: ClassVar[int] = 1
+    max_models: ClassVar[int | None] = None
+    # Which model supplies output names, unmerged tensors, config and tokenizer when the YAML sets no
+    # reference_model: the base model, or the first listed model (FRANK: the MLLM).
+    reference: ClassVar[Literal["base", "first"]] = "base"
+    two_pass: ClassVar[bool] = False
+
+    @classmethod
+    def selects(cls, info: TensorInfo, params: Any) -> bool:
+        """Whether this tensor is merged (else copied from the reference model)."""
+        return True
+
+    @classmethod
+    def validate(cls, params: Any, model_ids: list[str], num_layers: int) -> None:
+        """Checks that need the model list or layer count; raise MergeError. Runs before any I/O."""
+
+    @classmethod
+    def merge(cls, tensors: dict[str, torch.Tensor], base: torch.Tensor | None, params: Any,
+              info: TensorInfo) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def collect(cls, tensors: dict[str, torch.Tensor], base: torch.Tensor | None, params: Any,
+                info: TensorInfo) -> Mapping[str, float]:
+        """Pass-1 numbers for this tensor; the engine sums them per ``info.group``."""
+        return {}
+
+    @classmethod
+    def finalize(cls, sums: Mapping[int | str, Mapping[str, float]], params: Any, num_layers: int) -> dict[str, Any]:
+        """Turn the pass-1 sums into ``info.stats`` for pass 2."""
+        return {}
+
+    @classmethod
+    def report(cls, stats: Mapping[str, Any], params: Any, out_dir: Path) -> list[str]:
+        """Write artefacts into the output folder; returns the file names written."""
+        return []

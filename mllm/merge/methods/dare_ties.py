@@ -1,0 +1,15 @@
+"""DARE + TIES sign consensus (Yu et al., ICML 2024; METHODS.md 9.3): random drop-and-rescale
+sparsifier, then TIES' elected sign and disjoint sum (normalize off by default, as in mergekit).
+"""
+
+from __future__ import annotations
+
+from mllm.merge.methods.dare_linear import DareParams
+from mllm.merge.methods.task_arithmetic import TaskArithmetic
+
+
+class DareTies(TaskArithmetic):
+    name = "dare_ties"
+    config_cls = DareParams
+    sparsifier = "random"
+    consensus = True

@@ -1,0 +1,43 @@
+"""Linear merge / model soup (Wortsman et al., 2022; mergekit ``linear``).
+
+    theta = sum_i w_i theta_i / sum_i w_i          (normalize: true, the default)
+    theta = sum_i w_i theta_i                      (normalize: false)
+
+No base model: the average is over the listed models only. Computed in fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mllm.merge.methods.base import MergeMethod, TensorInfo, fp32, per_model
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinearParams:
+    weight: dict[str, float] = per_model()  # w_i, per model (required)
+    normalize: bool = True  # divide by sum_i w_i
+
+    def __post_init__(self) -> None:
+        if self.normalize and abs(sum(self.weight.values())) < 1e-8:
+            raise ValueError("weights sum to 0; set normalize: false or change the weights")
+
+
+class Linear(MergeMethod):
+    name = "linear"
+    config_cls = LinearParams
+    base = "ignored"
+
+    @classmethod
+    def merge(cls, tensors: dict[str, torch.Tensor], base: torch.Tensor | None, params: LinearParams,
+              info: TensorInfo) -> torch.Tensor:
+        out: torch.Tensor | None = None
+        for mid, t in tensors.items():
+            term = fp32(t) * params.weight[mid]
+            out = term if out is None else out.add_(term)
+        assert out is not None
+        if params.normalize:
+            out /= sum(params.weight[m] for m in tensors)
+        return out

@@ -1,0 +1,305 @@
+"""Streaming safetensors I/O for merging: lazy readers, a streaming sharded writer, atomic output.
+
+* :class:`ModelReader` opens a local Hugging Face folder (``model.safetensors`` or sharded with
+  ``model.safetensors.index.json``), learns every tensor's name, shape and dtype from the file
+  headers, and reads one tensor at a time with ``safe_open(..., backend="pread")`` -- no memory map,
+  so touching a tensor does not leave the file's pages counted in the process' RSS.
+* :class:`ShardWriter` writes size-capped shards plus ``model.safetensors.index.json``. Every output
+  tensor's shape and dtype is known before merging starts (merging preserves shapes), so each shard's
+  header is written first and tensor bytes are streamed after it: the writer holds no tensor of its
+  own, and memory does not grow with the shard size. The format written is the safetensors format
+  (8-byte little-endian header length, JSON header with ``data_offsets``, header padded with spaces
+  to 8 bytes); the safetensors library only offers one-shot ``save_file``, hence this small writer.
+* :func:`atomic_output_dir` builds the output in a hidden temp folder next to the target and renames
+  it into place only when everything succeeded: a failed merge leaves no folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "spiece.model",
+    "chat_template.jinja", "chat_template.json",
+)
+# Weight files and cards are never copied as side files: weights are re-written, the card is ours.
+_NOT_SIDE_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json", "README.md")
+
+_ST_TO_TORCH = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_TORCH_TO_ST = {v: k for k, v in _ST_TO_TORCH.items()}
+DTYPES = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+}
+
+
+class MergeError(ValueError):
+    """Bad merge input (config, folder, tensor); the message names the file/field/tensor."""
+
+
+class ModelReader:
+    """Lazy view of the safetensors weights of one local model folder."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise MergeError(f"{self.path}: model folder not found")
+        files = self._weight_files()
+        self._handles: dict[str, Any] = {}
+        self._where: dict[str, str] = {}
+        self._shape: dict[str, tuple[int, ...]] = {}
+        self._dtype: dict[str, torch.dtype] = {}
+        try:
+            for fname in files:
+                handle = safe_open(str(self.path / fname), framework="pt", backend="pread")
+                self._handles[fname] = handle
+                for name in handle.keys():
+                    sl = handle.get_slice(name)
+                    self._where[name] = fname
+                    self._shape[name] = tuple(sl.get_shape())
+                    self._dtype[name] = _ST_TO_TORCH[sl.get_dtype()]
+        except (SafetensorError, OSError) as err:
+            raise MergeError(f"{self.path}: cannot read safetensors header: {err}") from err
+        self._check_index()
+
+    def _weight_files(self) -> list[str]:
+        index = self.path / INDEX_FILE
+        if index.is_file():
+            try:
+                self._index = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise MergeError(f"{index}: malformed index (expected a 'weight_map' mapping): {err}") from err
+            files = sorted(set(self._index.values()))
+            missing = [f for f in files if not (self.path / f).is_file()]
+            if missing:
+                raise MergeError(f"{index}: shard {missing[0]!r} listed in weight_map does not exist")
+            return files
+        self._index = None
+        if (self.path / SINGLE_FILE).is_file():
+            return [SINGLE_FILE]
+        raise MergeError(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE} (safetensors weights expected)")
+
+    def _check_index(self) -> None:
+        if self._index is None:
+            return
+        for name, fname in self._index.items():
+            if self._where.get(name) != fname:
+                raise MergeError(f"{self.path / INDEX_FILE}: tensor {name!r} is not in shard {fname!r}")
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """``config.json`` as a dict ({} when the folder has none)."""
+        cfg = self.path / "config.json"
+        if not cfg.is_file():
+            return {}
+        try:
+            return json.loads(cfg.read_text())
+        except json.JSONDecodeError as err:
+            raise MergeError(f"{cfg}: malformed JSON: {err}") from err
+
+    def names(self) -> list[str]:
+        """Tensor names in file order (shard by shard)."""
+        return list(self._where)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shape[name]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._dtype[name]
+
+    def file_of(self, name: str) -> Path:
+        return self.path / self._where[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor from disk (a fresh CPU tensor)."""
+        return self._handles[self._where[name]].get_tensor(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape and dtype of one output tensor, known before it is computed."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+class ShardWriter:
+    """Stream tensors, in ``specs`` order, into shards of at most ``max_shard_bytes`` each.
+
+    A tensor larger than the cap gets a shard of its own. One shard is written as ``model.safetensors``
+    (no index, as ``save_pretrained`` does); several as ``model-0000i-of-0000n.safetensors`` plus the
+    index. ``write`` must be called once per spec, in order; ``close`` checks that all were written.
+    """
+
+    def __init__(self, directory: Path, specs: Sequence[TensorSpec], max_shard_bytes: int) -> None:
+        self.directory = Path(directory)
+        self._specs = list(specs)
+        self._shards: list[list[TensorSpec]] = []
+        size = 0
+        for spec in self._specs:
+            if not self._shards or (size + spec.nbytes > max_shard_bytes and self._shards[-1]):
+                self._shards.append([])
+                size = 0
+            self._shards[-1].append(spec)
+            size += spec.nbytes
+        n = len(self._shards)
+        self._files = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._next = 0  # index into self._specs
+        self._shard = -1
+        self._left_in_shard = 0
+        self._fh: Any = None
+
+    def _open_next_shard(self) -> None:
+        self._shard += 1
+        specs = self._shards[self._shard]
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for spec in specs:
+            header[spec.name] = {
+                "dtype": _TORCH_TO_ST[spec.dtype], "shape": list(spec.shape),
+                "data_offsets": [offset, offset + spec.nbytes],
+            }
+            offset += spec.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._fh = open(self.directory / self._files[self._shard], "wb")  # noqa: SIM115 (closed per shard)
+        self._fh.write(len(raw).to_bytes(8, "little"))
+        self._fh.write(raw)
+        self._left_in_shard = len(specs)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self._specs):
+            raise RuntimeError(f"ShardWriter: unexpected extra tensor {name!r}")
+        spec = self._specs[self._next]
+        if name != spec.name or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise RuntimeError(
+                f"ShardWriter: got {name!r} {tuple(tensor.shape)} {tensor.dtype}, "
+                f"expected {spec.name!r} {spec.shape} {spec.dtype}"
+            )
+        if self._left_in_shard == 0:
+            self._open_next_shard()
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self._fh.write(memoryview(data.numpy()))
+        self._next += 1
+        self._left_in_shard -= 1
+        if self._left_in_shard == 0:
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fh is not None:  # an error mid-shard: release the file; the temp folder is discarded
+            self._fh.close()
+            self._fh = None
+
+    def close(self) -> list[str]:
+        """Finish: check completeness, write the index when sharded; returns the shard file names."""
+        if self._next != len(self._specs):
+            raise RuntimeError(f"ShardWriter: {len(self._specs) - self._next} tensors were never written")
+        if len(self._files) > 1:
+            weight_map = {s.name: f for f, shard in zip(self._files, self._shards, strict=True) for s in shard}
+            total = sum(s.nbytes for s in self._specs)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        return list(self._files)
+
+
+def ensure_output_free(out_dir: Path, overwrite: bool) -> None:
+    """Fail early (before any reading) when ``out_dir`` exists and may not be replaced."""
+    if out_dir.exists() and not overwrite:
+        raise MergeError(f"{out_dir}: output folder already exists (pass overwrite to replace it)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MergeError(f"{out_dir}: exists and is not a folder")
+
+
+@contextmanager
+def atomic_output_dir(out_dir: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a hidden temp folder beside ``out_dir``; rename it to ``out_dir`` only on success."""
+    out = Path(out_dir)
+    ensure_output_free(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():  # overwrite: move the old folder aside first so the swap is two renames
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def copy_side_files(src: Path, dst: Path, tokenizer_src: Path | None = None) -> list[str]:
+    """Copy ``src``'s non-weight files (config, generation config, tokenizer, ...) into ``dst``.
+
+    With ``tokenizer_src`` the tokenizer files come from there instead (those of ``src`` are not
+    copied, so the two tokenizers never mix). Sub-folders and weight files are skipped.
+    """
+    copied = []
+    for f in sorted(src.iterdir()):
+        if not f.is_file() or f.name.endswith(_NOT_SIDE_FILES):
+            continue
+        if tokenizer_src is not None and f.name in TOKENIZER_FILES:
+            continue
+        shutil.copy2(f, dst / f.name)
+        copied.append(f.name)
+    if tokenizer_src is not None:
+        found = [n for n in TOKENIZER_FILES if (tokenizer_src / n).is_file()]
+        if not found:
+            raise MergeError(f"{tokenizer_src}: tokenizer_source has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)")
+        for n in found:
+            shutil.copy2(tokenizer_src / n, dst / n)
+            copied.append(n)
+    return copied
+
+
+def set_config_dtype(out: Path, dtype: torch.dtype) -> None:
+    """Record the output dtype in ``config.json`` (top level and ``text_config``) where it is stated."""
+    path = out / "config.json"
+    if not path.is_file():
+        return
+    cfg = json.loads(path.read_text())
+    name = str(dtype).removeprefix("torch.")
+    for node in (cfg, cfg.get("text_config")):
+        if isinstance(node, dict):
+            for key in ("dtype", "torch_dtype"):
+                if key in node:
+                    node[key] = name
+    path.write_text(json.dumps(cfg, indent=2) + "\n")

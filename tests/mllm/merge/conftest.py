@@ -1,0 +1,70 @@
+"""Tiny random Llama-family checkpoints on disk (save_pretrained, safetensors) for the merge tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+NUM_LAYERS = 4
+
+
+def llama_config(vocab: int = 48):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=NUM_LAYERS,
+                       num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+
+
+def perturbed(state: dict[str, torch.Tensor], seed: int, scale: float = 0.05) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=g) for k, v in state.items()}
+
+
+def save_llama(path: Path, state: dict[str, torch.Tensor] | None = None, vocab: int = 48, seed: int = 0,
+               **save_kw) -> Path:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(llama_config(vocab))
+    if state is not None:
+        model.load_state_dict(state)
+    model.save_pretrained(path, **save_kw)
+    return path
+
+
+def state_of(path: Path) -> dict[str, torch.Tensor]:
+    from mllm.merge.tensors import ModelReader
+
+    r = ModelReader(path)
+    return {n: r.get(n) for n in r.names()}
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def llamas(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """base, two fine-tunes a and b of it (base + small noise), and c = an exact copy of base."""
+    root = tmp_path_factory.mktemp("llamas")
+    base = save_llama(root / "base", seed=0)
+    state = state_of(base)
+    return {
+        "base": base,
+        "a": save_llama(root / "a", perturbed(state, 1)),
+        "b": save_llama(root / "b", perturbed(state, 2)),
+        "c": save_llama(root / "c", state),
+    }
+
+
+@pytest.fixture(scope="session")
+def ckpt():
+    """The helpers above, for test modules (importlib mode cannot import conftest by name)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(save_llama=save_llama, state_of=state_of, write_yaml=write_yaml, perturbed=perturbed,
+                           llama_config=llama_config, num_layers=NUM_LAYERS)

@@ -1,0 +1,150 @@
+"""Every merge method's formula on hand-built tensors, against values computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mllm.merge.methods.base import TensorInfo, tensor_seed
+from mllm.merge.methods.dare_linear import DareLinear, DareParams
+from mllm.merge.methods.dare_ties import DareTies
+from mllm.merge.methods.layer_swap import LayerSwap, LayerSwapParams, donor_weight
+from mllm.merge.methods.linear import Linear, LinearParams
+from mllm.merge.methods.lines import Lines, LinesParams
+from mllm.merge.methods.task_arithmetic import TaskArithmetic, TaskArithmeticParams
+from mllm.merge.methods.ties import Ties, TiesParams
+from mllm.merge.methods.widen import Widen, WidenParams
+from mllm.registry import MERGE_METHODS
+
+T = torch.tensor
+INFO = TensorInfo("model.layers.0.mlp.up_proj.weight", layer=0, num_layers=4)
+
+
+def test_registry_names_every_method_with_its_params_dataclass() -> None:
+    assert MERGE_METHODS.names() == sorted(
+        ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "lines", "layer_swap", "widen", "frank"]
+    )
+    for name in MERGE_METHODS.names():
+        cls = MERGE_METHODS.get(name)
+        assert cls.name == name and MERGE_METHODS.config_cls(name) is cls.config_cls
+
+
+def test_linear_weighted_average_and_unnormalised_sum() -> None:
+    a, b = T([1.0, 2.0, -4.0]), T([3.0, 0.0, 8.0])
+    out = Linear.merge({"a": a, "b": b}, None, LinearParams(weight={"a": 1.0, "b": 3.0}), INFO)
+    assert torch.allclose(out, T([2.5, 0.5, 5.0]))  # (a + 3b) / 4
+    out = Linear.merge({"a": a, "b": b}, None, LinearParams(weight={"a": 1.0, "b": 3.0}, normalize=False), INFO)
+    assert torch.allclose(out, T([10.0, 2.0, 20.0]))
+    with pytest.raises(ValueError, match="sum to 0"):
+        LinearParams(weight={"a": 1.0, "b": -1.0})
+
+
+def test_linear_keeps_bf16_inputs_exact_in_fp32() -> None:
+    a = T([1.0, 3.0]).to(torch.bfloat16)
+    out = Linear.merge({"a": a, "b": a}, None, LinearParams(weight={"a": 0.5, "b": 0.5}), INFO)
+    assert out.dtype == torch.float32 and torch.equal(out, T([1.0, 3.0]))
+
+
+def test_task_arithmetic_is_base_plus_lambda_weighted_sum() -> None:
+    base = T([1.0, 1.0, 1.0])
+    a, b = T([2.0, 1.0, 0.0]), T([1.0, 3.0, 1.0])  # tau_a = [1, 0, -1], tau_b = [0, 2, 0]
+    p = TaskArithmeticParams(weight={"a": 1.0, "b": 0.5}, lambda_=2.0)
+    assert torch.allclose(TaskArithmetic.merge({"a": a, "b": b}, base, p, INFO), T([3.0, 3.0, -1.0]))
+    p = TaskArithmeticParams(weight={"a": 1.0, "b": 0.5}, normalize=True)  # divide by 1.5
+    assert torch.allclose(TaskArithmetic.merge({"a": a, "b": b}, base, p, INFO), T([1 + 1 / 1.5, 1 + 1 / 1.5, 1 - 1 / 1.5]))
+
+
+def test_ties_trim_elect_disjoint_mean() -> None:
+    base = torch.zeros(4)
+    t1, t2 = T([1.0, -2.0, 3.0, 0.5]), T([-1.0, -1.0, 2.0, 4.0])
+    # trim to 2 of 4: t1 -> [0, -2, 3, 0], t2 -> [0, 0, 2, 4]; sum [0, -2, 5, 4] -> signs [+, -, +, +]
+    # kept: t1 at 1, 2; t2 at 2, 3 -> mean [0, -2, 2.5, 4]
+    p = TiesParams(weight={"a": 1.0, "b": 1.0}, density={"a": 0.5, "b": 0.5})
+    assert torch.allclose(Ties.merge({"a": t1, "b": t2}, base, p, INFO), T([0.0, -2.0, 2.5, 4.0]))
+    # weights scale before the election: 3*t1 = [0, -6, 9, 0], t2 -> sum [0, -6, 11, 4]; divisor [1, 3, 4, 1]
+    p = TiesParams(weight={"a": 3.0, "b": 1.0}, density={"a": 0.5, "b": 0.5})
+    assert torch.allclose(Ties.merge({"a": t1, "b": t2}, base, p, INFO), T([0.0, -2.0, 11 / 4, 4.0]))
+
+
+def test_ties_sign_election_drops_the_minority() -> None:
+    base = torch.ones(2)
+    a, b, c = base + T([1.0, -1.0]), base + T([2.0, 3.0]), base + T([-1.0, 1.0])
+    # sums [2, 3] -> signs [+, +]; entry 0 keeps a, b (mean 1.5), entry 1 keeps b, c (mean 2)
+    p = TiesParams(weight={"a": 1.0, "b": 1.0, "c": 1.0}, density={"a": 1.0, "b": 1.0, "c": 1.0})
+    assert torch.allclose(Ties.merge({"a": a, "b": b, "c": c}, base, p, INFO), T([2.5, 3.0]))
+
+
+def test_dare_drop_and_rescale_is_seeded_and_unbiased() -> None:
+    base = torch.zeros(20000)
+    tau = torch.full((20000,), 2.0)
+    p = DareParams(weight={"a": 1.0}, density={"a": 0.25})
+    out = DareLinear.merge({"a": tau}, base, p, INFO)
+    kept = out != 0
+    assert torch.all(out[kept] == 8.0)  # 2 / 0.25
+    assert abs(kept.float().mean().item() - 0.25) < 0.02 and abs(out.mean().item() - 2.0) < 0.1
+    assert torch.equal(out, DareLinear.merge({"a": tau}, base, p, INFO))  # same seed, same mask
+    other = TensorInfo("model.layers.1.mlp.up_proj.weight", 1, 4, seed=tensor_seed(0, "x"))
+    assert not torch.equal(out, DareLinear.merge({"a": tau}, base, p, other))
+    no_rescale = DareParams(weight={"a": 1.0}, density={"a": 0.25}, rescale=False)
+    assert set(DareLinear.merge({"a": tau}, base, no_rescale, INFO).unique().tolist()) == {0.0, 2.0}
+
+
+def test_dare_ties_equals_dare_linear_for_agreeing_signs() -> None:
+    base = torch.zeros(1000)
+    a, b = torch.rand(1000) + 0.1, torch.rand(1000) + 0.1  # all positive: consensus keeps every kept entry
+    p = DareParams(weight={"a": 1.0, "b": 1.0}, density={"a": 0.5, "b": 0.5})
+    lin, ties = DareLinear.merge({"a": a, "b": b}, base, p, INFO), DareTies.merge({"a": a, "b": b}, base, p, INFO)
+    assert torch.allclose(lin, ties)
+    flipped = DareTies.merge({"a": a, "b": -b}, base, p, INFO)  # signs disagree: each entry keeps one side
+    assert torch.all((flipped == 0) | ((flipped - 2 * a).abs() < 1e-5) | ((flipped + 2 * b).abs() < 1e-5))
+
+
+@pytest.mark.parametrize(("layer", "scale"), [(0, 0.2), (1, 0.4), (3, 0.8), (None, 0.2)])
+def test_lines_scales_linearly_with_depth(layer: int | None, scale: float) -> None:
+    base, a = T([1.0, -1.0]), T([2.0, 1.0])  # tau = [1, 2]
+    p = LinesParams(alpha=0.2, beta=0.6)  # lambda(l) = 0.2 + 0.6 l / 3
+    out = Lines.merge({"a": a}, base, p, TensorInfo("x", layer, 4))
+    assert torch.allclose(out, base + scale * T([1.0, 2.0]))
+
+
+def test_layer_swap_zones_and_transition() -> None:
+    p = LayerSwapParams(swap={"lang": True, "math": False}, bottom=1, top=1, transition=1)
+    assert [donor_weight(layer, 6, p) for layer in range(6)] == [1.0, 0.5, 0.0, 0.0, 0.5, 1.0]
+    assert donor_weight(None, 6, p) == 0.0
+    lang, math_ = T([10.0]), T([2.0])
+    out = [LayerSwap.merge({"lang": lang, "math": math_}, None, p, TensorInfo("x", layer, 6)).item() for layer in range(6)]
+    assert out == [10.0, 6.0, 2.0, 2.0, 6.0, 10.0]
+
+
+def test_widen_vector_params_softmax_and_calibration() -> None:
+    base = torch.zeros(3)
+    t1, t2 = T([1.0, 0.0, 2.0]), T([0.0, 3.0, 1.0])
+    # softmax over experts of |tau|: col0 [s, 1-s], col1 [1/(1+e^3), ...], col2 [s, 1-s] with s = e/(1+e);
+    # above-average (mean 1 and 4/3): t1 col2, t2 col1 -> score 1
+    s = math.e / (1 + math.e)
+    expected = T([s * 1.0, 3.0, 2.0 + (1 - s) * 1.0])
+    out = Widen.merge({"a": t1, "b": t2}, base, WidenParams(), TensorInfo("model.norm.weight", None, 4))
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_widen_matrix_columns_by_magnitude_and_direction_ranks() -> None:
+    w0 = T([[1.0, 0.0], [0.0, 1.0]])
+    w1 = T([[3.0, 0.0], [3.0, 1.5]])  # col0: |m| +3.24, rotated 45 deg; col1: |m| +0.5, same direction
+    w2 = T([[1.0, 1.0], [0.0, 1.0]])  # col0 unchanged; col1: |m| +0.41, rotated 45 deg
+    # ranks (mag and dir): w1 [0.5, 0], w2 [0, 0.5]; softmax per column -> the higher one gets
+    # q = e^0.5/(1+e^0.5), then calibrated to 1 (rank 0.5 > mean 0.25); the other keeps 1 - q.
+    r = 1 / (1 + math.exp(0.5))
+    expected = T([[3.0, 1.0], [3.0, 1.0 + r * 0.5]])
+    out = Widen.merge({"a": w1, "b": w2}, w0, WidenParams(), TensorInfo("model.layers.0.mlp.up_proj.weight", 0, 4))
+    assert torch.allclose(out, expected, atol=1e-6)
+    # a token embedding is transposed first (tokens are columns): same numbers on transposed inputs
+    emb = Widen.merge({"a": w1.t(), "b": w2.t()}, w0.t(), WidenParams(), TensorInfo("model.embed_tokens.weight", None, 4))
+    assert torch.allclose(emb, expected.t(), atol=1e-6)
+
+
+def test_widen_zero_column_gives_no_nan() -> None:
+    w0 = torch.zeros(3, 2)
+    out = Widen.merge({"a": torch.ones(3, 2)}, w0, WidenParams(), INFO)
+    assert torch.isfinite(out).all()
