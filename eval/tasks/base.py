@@ -11,6 +11,8 @@ Records are the JSON lines the runner writes, one per sample:
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
@@ -33,7 +35,7 @@ class EvalSample:
     """One question about one image. ``reference`` and ``meta`` must be JSON-serialisable."""
 
     id: str
-    image: Image.Image | Path  # in memory, or a file opened only when its batch runs
+    image: Image.Image | Path | bytes  # in memory, a file or encoded bytes, decoded when its batch runs
     question: str
     reference: Any
     type: str = "all"  # the row of the per-type table this sample counts in
@@ -42,11 +44,13 @@ class EvalSample:
     def load_image(self) -> Image.Image:
         if isinstance(self.image, Image.Image):
             return self.image.convert("RGB")
+        source = io.BytesIO(self.image) if isinstance(self.image, bytes) else self.image
+        where = "embedded image" if isinstance(self.image, bytes) else str(self.image)
         try:
-            with Image.open(self.image) as img:
+            with Image.open(source) as img:
                 return img.convert("RGB")
         except (OSError, ValueError) as err:
-            raise EvalDataError(f"{self.image}: cannot read the image of sample {self.id!r}: {err}") from err
+            raise EvalDataError(f"{where}: cannot read the image of sample {self.id!r}: {err}") from err
 
 
 @runtime_checkable
@@ -176,9 +180,69 @@ def field_of(row: Any, key: str, kind: type | tuple[type, ...], where: str) -> A
     return value
 
 
-def image_dir(images: str | None, data: str | Path, what: str) -> Path:
-    """The image folder (``images``, or the data file's folder when None); must exist."""
-    folder = Path(images) if images else Path(data).parent
+def image_dir(images: str | None, default: str | Path, what: str) -> Path:
+    """The image folder (``images``, or ``default`` when None); must exist."""
+    folder = Path(images) if images else Path(default)
     if not folder.is_dir():
-        raise EvalDataError(f"{folder}: image folder for {what} not found")
+        raise EvalDataError(f"{folder}: image folder for {what} not found (set `images`)")
     return folder
+
+
+def image_file(folder: Path, name: str, where: str) -> Path:
+    """``folder / name``, which must exist: a missing image fails before any generation starts."""
+    path = folder / name
+    if not path.is_file():
+        raise EvalDataError(f"{where}: image {path} not found")
+    return path
+
+
+def list_field(data: Any, key: str, path: str | Path) -> list[Any]:
+    """``data[key]`` of a loaded JSON file, which must be a list."""
+    if not isinstance(data, Mapping) or not isinstance(data.get(key), list):
+        raise EvalDataError(f"{path}: expected a JSON object with a list under {key!r}")
+    return data[key]
+
+
+@dataclass
+class FileTaskConfig:
+    """Fields every benchmark task reads: its data file and image folder, and its prompt template."""
+
+    data: str  # the benchmark's annotation/question file (see each task)
+    images: str | None = None  # image folder; None = the task's default next to ``data``
+    prompt: str = IMAGE_MARKER + "\n{question}\n" + LLAVA_SHORT_ANSWER  # ``{question}`` is filled in
+
+
+def file_revision(path: str | Path) -> dict[str, Any]:
+    """A data file's identity for the protocol record: name, size and SHA-256 prefix."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": digest.hexdigest()[:16]}
+
+
+class FileTask(BaseTask):
+    """A benchmark read from files: ``cfg`` is a :class:`FileTaskConfig` (sub)class instance."""
+
+    def __init__(self, cfg: FileTaskConfig) -> None:
+        if "{question}" not in cfg.prompt:
+            raise EvalDataError(f"{self.name}.prompt: the template must contain '{{question}}', got {cfg.prompt!r}")
+        self.cfg = cfg
+        self.prompt = cfg.prompt
+
+    def data_files(self) -> list[str]:
+        """The files whose revision goes into the protocol record."""
+        return [self.cfg.data]
+
+    def protocol(self) -> dict[str, Any]:
+        return {**super().protocol(), "dataset_revision": [file_revision(p) for p in self.data_files()]}
+
+
+def str_list(row: Any, key: str, where: str) -> list[str]:
+    """``row[key]``, a list of strings."""
+    values = field_of(row, key, list, where)
+    bad = next((j for j, v in enumerate(values) if not isinstance(v, str)), None)
+    if bad is not None:
+        raise EvalDataError(f"{where}: field {key!r}[{bad}] should be str, got {values[bad]!r}")
+    return values

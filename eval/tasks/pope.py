@@ -1,0 +1,91 @@
+"""POPE: object-hallucination yes/no questions; accuracy, precision, recall, F1, yes-ratio per split.
+
+Files (the public release, one JSON object per line): ``coco_pope_<split>.json`` with
+``{"question_id", "image", "text", "label": "yes"|"no"}``. ``data`` is one such file (split = its
+``"category"`` field when present, else the ``<split>`` of the file name) or a folder of them; images
+(COCO val2014) in ``images``. LLaVA-1.5 prompt; answers parsed as LLaVA ``eval_pope.py`` does
+(:func:`eval.metrics.pope_answer_is_yes`). Headline numbers are the means over splits; the table shows
+F1 per split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from eval.metrics import pope_answer_is_yes, pope_metrics
+from eval.tasks.base import (
+    EvalDataError,
+    EvalSample,
+    FileTask,
+    FileTaskConfig,
+    field_of,
+    group_by,
+    image_dir,
+    image_file,
+    read_jsonl,
+)
+
+LABELS = {"yes": True, "no": False}
+
+
+def _split_of(path: Path) -> str:
+    """``coco_pope_adversarial.json`` -> ``adversarial`` (the stem when the name has no ``_pope_``)."""
+    return path.stem.split("_pope_", 1)[1] if "_pope_" in path.stem else path.stem
+
+
+class POPETask(FileTask):
+    config_cls = FileTaskConfig
+    name = "pope"
+    prompt_version = "llava-1.5"
+
+    def data_files(self) -> list[str]:
+        return [str(p) for p in self._files()]
+
+    def _files(self) -> list[Path]:
+        data = Path(self.cfg.data)
+        if not data.is_dir():
+            return [data]
+        files = sorted(data.glob("*_pope_*.json*"))
+        if not files:
+            raise EvalDataError(f"{data}: no POPE files (*_pope_<split>.json) in this folder")
+        return files
+
+    def samples(self) -> Iterator[EvalSample]:
+        files = self._files()
+        folder = image_dir(self.cfg.images, files[0].parent, "pope")
+        for path in files:
+            for i, row in enumerate(read_jsonl(path)):
+                where = f"{path}: line {i + 1}"
+                split = field_of(row, "category", str, where) if "category" in row else _split_of(path)
+                label = field_of(row, "label", str, where)
+                if label not in LABELS:
+                    raise EvalDataError(f"{where}: field 'label' should be 'yes' or 'no', got {label!r}")
+                yield EvalSample(
+                    id=f"{split}-{field_of(row, 'question_id', (int, str), where)}",
+                    image=image_file(folder, field_of(row, "image", str, where), where),
+                    question=field_of(row, "text", str, where),
+                    reference=LABELS[label],
+                    type=split,
+                )
+
+    def parse(self, sample: EvalSample, text: str) -> Any:
+        return pope_answer_is_yes(text)
+
+    def score(self, sample: EvalSample, parsed: Any) -> float:
+        return float(parsed == sample.reference)
+
+    def aggregate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        splits = group_by(records, lambda r: r["type"])
+        per_split = {
+            s: pope_metrics([r["parsed"] for r in rs], [r["reference"] for r in rs]) for s, rs in sorted(splits.items())
+        }
+        means = {k: sum(m[k] for m in per_split.values()) / len(per_split) for k in next(iter(per_split.values()))}
+        return {
+            **means, "per_split": per_split, "per_type": {s: m["f1"] for s, m in per_split.items()},
+            "n_per_type": {s: len(rs) for s, rs in sorted(splits.items())}, "n": len(records),
+        }
+
+    def protocol_extra(self) -> dict[str, Any]:
+        return {"answer_parsing": "LLaVA eval_pope.py", "positive_class": "yes", "per_type": "f1 per split"}
