@@ -183,6 +183,8 @@ def plan_shard(task: Task, cfg: EvalConfig, out_dir: Path, dist: Dist) -> Shard:
         n_total += 1
         if sample.id not in done:
             todo.append((index, sample))
+    if n_total == 0:
+        raise EvalError(f"task {task.name}: no samples to evaluate (empty data file or split?)")
     return Shard(todo[dist.rank :: dist.world], predictions_path(out_dir, dist), n_total)
 
 

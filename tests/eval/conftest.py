@@ -1,4 +1,4 @@
-"""Hand-made ShapesWorld scenes and a fake, deterministic generator for the runner tests."""
+"""Test fixtures: hand-made ShapesWorld scenes, fake generators, and benchmark files in the official formats."""
 
 from __future__ import annotations
 

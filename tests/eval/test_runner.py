@@ -168,6 +168,14 @@ def test_missing_shard_is_an_error(task: ShapesWorldTask, tmp_path: Path, fake: 
         gather(task, cfg, tmp_path, shard.n_total)
 
 
+def test_empty_task_is_an_error(tmp_path: Path) -> None:
+    from train.data.shapesworld import ShapesWorldConfig
+
+    empty = ShapesWorldTask(ShapesWorldConfig(), data=[])
+    with pytest.raises(EvalError, match="task shapesworld: no samples"):
+        plan_shard(empty, EvalConfig(), tmp_path, SINGLE)
+
+
 def test_default_dist_is_the_accelerate_state(task: ShapesWorldTask, tmp_path: Path, fake: Any) -> None:
     dist = Dist.from_accelerate()
     assert (dist.rank, dist.world, dist.is_main) == (0, 1, True)
