@@ -13,7 +13,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# Tiny test models gain nothing from intra-op threads, and several pytest processes on a 2-core
+# machine would oversubscribe it (OpenMP spin-waits make that very slow).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
