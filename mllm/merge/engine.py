@@ -66,9 +66,7 @@ def open_readers(plan: MergePlan) -> Iterator[dict[str, ModelReader]]:
 def _inputs(plan: MergePlan, job: TensorJob, readers: Mapping[str, ModelReader]
             ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     tensors = {m.id: readers[m.id].get(job.sources[m.id]) for m in plan.models}
-    base = None
-    if plan.base is not None and plan.method.base == "required":
-        base = readers[plan.base.id].get(job.sources[plan.base.id])
+    base = readers[plan.base.id].get(job.sources[plan.base.id]) if plan.base is not None else None
     return tensors, base
 
 

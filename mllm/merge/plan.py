@@ -43,7 +43,7 @@ import torch
 import yaml
 
 from mllm.merge.methods.base import MergeMethod, TensorInfo, tensor_seed
-from mllm.merge.tensors import DTYPES, MergeError, ModelReader, TensorSpec
+from mllm.merge.tensors import DTYPES, MergeError, ModelReader, TensorSpec, tokenizer_files
 
 NAME_MAP_PRESETS: dict[str, dict[str, str]] = {
     # LLaVA checkpoints as on the hub and as transformers' save_pretrained writes them:
@@ -88,7 +88,7 @@ class MergePlan:
     @property
     def inputs(self) -> tuple[ModelEntry, ...]:
         """Models whose tensors a merge reads: the merged models, then the base if the method uses it."""
-        return self.models + ((self.base,) if self.base is not None and self.method.base == "required" else ())
+        return self.models + ((self.base,) if self.base is not None else ())
 
     def canonical(self, name: str) -> str:
         """``name`` after the first matching name_map rule (the LLM-side name)."""
@@ -258,6 +258,9 @@ def load_plan(path: str | Path) -> MergePlan:
     if base_id is not None and not isinstance(base_id, str):
         raise MergeError(f"{src}: base_model: expected a folder path string")
     base = ModelEntry(base_id, Path(base_id).expanduser()) if base_id else None
+    if method.base == "none" and base is not None:
+        raise MergeError(f"{src}: base_model: {method.name} takes no base model (list it under models, "
+                         f"or set reference_model to take names, config and tokenizer from it)")
     if method.base == "required":
         if base is None:
             raise MergeError(f"{src}: base_model: required by merge_method {method.name}")
@@ -335,6 +338,10 @@ def _locate(reader: ModelReader, name: str, canonical: str) -> str | None:
 def plan_tensors(plan: MergePlan, readers: Mapping[str, ModelReader]) -> list[TensorJob]:
     """One job per reference tensor; raises MergeError at the first incompatibility."""
     ref = readers[plan.reference.id]
+    if plan.tokenizer_source is not None:
+        if not plan.tokenizer_source.is_dir():
+            raise MergeError(f"{plan.source}: tokenizer_source: folder {plan.tokenizer_source} not found")
+        tokenizer_files(plan.tokenizer_source)
     ref_family = _text_config(ref.config).get("model_type")
     for m in plan.inputs:
         fam = _text_config(readers[m.id].config).get("model_type")

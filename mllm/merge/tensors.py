@@ -266,6 +266,14 @@ def atomic_output_dir(out_dir: str | os.PathLike[str], overwrite: bool = False) 
         os.replace(tmp, out)
 
 
+def tokenizer_files(folder: Path) -> list[str]:
+    """The tokenizer files present in ``folder``; MergeError when there are none."""
+    found = [n for n in TOKENIZER_FILES if (folder / n).is_file()]
+    if not found:
+        raise MergeError(f"{folder}: tokenizer_source has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)")
+    return found
+
+
 def copy_side_files(src: Path, dst: Path, tokenizer_src: Path | None = None) -> list[str]:
     """Copy ``src``'s non-weight files (config, generation config, tokenizer, ...) into ``dst``.
 
@@ -281,10 +289,7 @@ def copy_side_files(src: Path, dst: Path, tokenizer_src: Path | None = None) -> 
         shutil.copy2(f, dst / f.name)
         copied.append(f.name)
     if tokenizer_src is not None:
-        found = [n for n in TOKENIZER_FILES if (tokenizer_src / n).is_file()]
-        if not found:
-            raise MergeError(f"{tokenizer_src}: tokenizer_source has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)")
-        for n in found:
+        for n in tokenizer_files(tokenizer_src):
             shutil.copy2(tokenizer_src / n, dst / n)
             copied.append(n)
     return copied

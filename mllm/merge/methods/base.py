@@ -93,7 +93,7 @@ class MergeMethod:
 
     name: ClassVar[str]
     config_cls: ClassVar[type]
-    base: ClassVar[Literal["required", "ignored"]] = "required"
+    base: ClassVar[Literal["required", "none"]] = "required"  # none: base_model is refused
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
     # Which model supplies output names, unmerged tensors, config and tokenizer when the YAML sets no

@@ -50,7 +50,7 @@ def donor_weight(layer: int | None, num_layers: int, p: LayerSwapParams) -> floa
 class LayerSwap(MergeMethod):
     name = "layer_swap"
     config_cls = LayerSwapParams
-    base = "ignored"
+    base = "none"
     min_models = 2
     max_models = 2
 

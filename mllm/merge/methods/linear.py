@@ -28,7 +28,7 @@ class LinearParams:
 class Linear(MergeMethod):
     name = "linear"
     config_cls = LinearParams
-    base = "ignored"
+    base = "none"
 
     @classmethod
     def merge(cls, tensors: dict[str, torch.Tensor], base: torch.Tensor | None, params: LinearParams,

@@ -1,0 +1,146 @@
+"""End-to-end merges on tiny Llama checkpoints: mergekit parity, invariants, atomicity, loading."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mllm.merge import MergeError, run_merge
+from mllm.merge.engine import RECIPE_FILE
+from mllm.merge.methods.ties import Ties
+from mllm.merge.tensors import INDEX_FILE
+
+PARITY = {
+    "linear": {"models": [("a", {"weight": 0.7}), ("b", {"weight": 0.2})], "parameters": {}},
+    "task_arithmetic": {"models": [("a", {"weight": 0.7}), ("b", {"weight": 0.5})], "parameters": {"lambda": 0.8}},
+    "ties": {"models": [("a", {"weight": 0.7, "density": 0.4}), ("b", {"weight": 0.5, "density": 0.6})],
+             "parameters": {"normalize": True, "int8_mask": True}},
+}
+
+
+def _config(llamas, method: str, models, parameters, **extra) -> dict:
+    base = {} if method in ("linear", "layer_swap") else {"base_model": str(llamas["base"])}
+    return {
+        "merge_method": method, **base,
+        "models": [{"model": str(llamas[k]), "parameters": p} for k, p in models],
+        "parameters": parameters, "dtype": "float32", **extra,
+    }
+
+
+@pytest.mark.parametrize("method", sorted(PARITY))
+def test_numerical_parity_with_mergekit(tmp_path: Path, ckpt, llamas, method: str) -> None:
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge as mergekit_merge
+    from mergekit.options import MergeOptions
+
+    cfg = _config(llamas, method, **PARITY[method])
+    ours = run_merge(ckpt.write_yaml(tmp_path / "m.yaml", cfg), tmp_path / "ours")
+    mergekit_merge(MergeConfiguration.model_validate(cfg), str(tmp_path / "mk"),
+                   options=MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
+    a, b = ckpt.state_of(ours), ckpt.state_of(tmp_path / "mk")
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), name
+    base = ckpt.state_of(llamas["base"])
+    assert any(not torch.equal(a[n], base[n]) for n in a)  # the merge did something
+
+
+def test_output_loads_with_transformers_and_has_every_tensor(tmp_path: Path, ckpt, llamas) -> None:
+    from transformers import AutoModelForCausalLM
+
+    cfg = _config(llamas, "ties", **PARITY["ties"])
+    cfg.update(dtype="bfloat16", out_shard_size="20KB")
+    out = run_merge(ckpt.write_yaml(tmp_path / "m.yaml", cfg), tmp_path / "out")
+    index = json.loads((out / INDEX_FILE).read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert "merge_method: ties" in (out / RECIPE_FILE).read_text() and "ties" in (out / "README.md").read_text()
+    merged, base = ckpt.state_of(out), ckpt.state_of(llamas["base"])
+    assert sorted(merged) == sorted(base)
+    assert all(t.dtype == torch.bfloat16 and torch.isfinite(t).all() for t in merged.values())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, merged[name]), name
+    assert torch.isfinite(model(torch.tensor([[1, 5, 7]])).logits.float()).all()
+
+
+@pytest.mark.parametrize(("method", "models", "parameters"), [
+    ("linear", [("a", {"weight": 1.0}), ("c", {"weight": 2.0})], {}),
+    ("task_arithmetic", [("c", {"weight": 0.3}), ("c2", {"weight": 0.9})], {}),
+    ("ties", [("c", {"weight": 0.5, "density": 0.3}), ("c2", {"weight": 0.5})], {}),
+    ("dare_ties", [("c", {"weight": 0.5, "density": 0.3}), ("c2", {"weight": 0.5})], {}),
+    ("lines", [("c", {}), ("c2", {})], {"alpha": 0.3, "beta": 0.5}),
+    ("widen", [("c", {}), ("c2", {})], {}),
+    ("layer_swap", [("c", {"swap": True}), ("c2", {})], {"bottom": 1, "top": 1, "transition": 1}),
+])
+def test_identical_inputs_give_identical_output(tmp_path: Path, ckpt, llamas, method, models, parameters) -> None:
+    """Merging copies of the base (c, c2) gives the base back (linear: the weighted mean with a)."""
+    import shutil
+
+    c2 = tmp_path / "c2"
+    shutil.copytree(llamas["c"], c2)
+    ids = {**llamas, "c2": c2}
+    cfg = _config(ids, method, models, parameters)
+    out = run_merge(ckpt.write_yaml(tmp_path / "m.yaml", cfg), tmp_path / "out")
+    merged, base = ckpt.state_of(out), ckpt.state_of(llamas["base"])
+    assert sorted(merged) == sorted(base)
+    if method == "linear":  # (a + 2 base) / 3
+        a = ckpt.state_of(llamas["a"])
+        want = {n: (a[n] + 2 * base[n]) / 3 for n in base}
+        assert all(torch.allclose(merged[n], want[n], atol=1e-6) for n in base)
+    else:
+        assert all(torch.allclose(merged[n], base[n], atol=1e-6) for n in base), method
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "widen", "lines"])
+def test_merges_are_reproducible_complete_and_finite(tmp_path: Path, ckpt, llamas, method: str) -> None:
+    params = {"alpha": 0.5, "beta": 0.5} if method == "lines" else {}
+    per_model = {"weight": 0.5, "density": 0.5} if method.startswith("dare") else {}
+    cfg = _config(llamas, method, [("a", per_model), ("b", per_model)], params, seed=3)
+    path = ckpt.write_yaml(tmp_path / "m.yaml", cfg)
+    digests = []
+    for out in ("x", "y"):
+        run_merge(path, tmp_path / out)
+        digests.append(hashlib.sha256((tmp_path / out / "model.safetensors").read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+    merged = ckpt.state_of(tmp_path / "x")
+    assert len(merged) == len(ckpt.state_of(llamas["base"])) and all(torch.isfinite(t).all() for t in merged.values())
+
+
+def test_include_limits_merging_to_decoder_layers(tmp_path: Path, ckpt, llamas) -> None:
+    cfg = _config(llamas, "task_arithmetic", [("a", {"weight": 1.0})], {}, include=[r"^model\.layers\."])
+    out = run_merge(ckpt.write_yaml(tmp_path / "m.yaml", cfg), tmp_path / "out")
+    merged, base, a = ckpt.state_of(out), ckpt.state_of(llamas["base"]), ckpt.state_of(llamas["a"])
+    for n in base:
+        want = a[n] if n.startswith("model.layers.") else base[n]
+        assert torch.allclose(merged[n], want, atol=1e-6), n
+
+
+def test_failure_midway_leaves_no_output(tmp_path: Path, ckpt, llamas, monkeypatch) -> None:
+    calls = []
+
+    def failing(tensors, base, params, info):
+        calls.append(info.name)
+        if len(calls) == 5:
+            raise RuntimeError("injected failure")
+        return base
+
+    monkeypatch.setattr(Ties, "merge", staticmethod(failing))
+    cfg = _config(llamas, "ties", **PARITY["ties"])
+    cfg["out_shard_size"] = "10KB"  # several shards are already on disk when it fails
+    with pytest.raises(RuntimeError, match="injected"):
+        run_merge(ckpt.write_yaml(tmp_path / "m.yaml", cfg), tmp_path / "out")
+    assert len(calls) == 5 and sorted(p.name for p in tmp_path.iterdir()) == ["m.yaml"]
+
+
+def test_non_finite_result_is_refused(tmp_path: Path, ckpt, llamas, monkeypatch) -> None:
+    monkeypatch.setattr(Ties, "merge", staticmethod(lambda tensors, base, params, info: base / 0.0))
+    cfg = _config(llamas, "ties", **PARITY["ties"])
+    with pytest.raises(MergeError, match="non-finite values in tensor"):
+        run_merge(ckpt.write_yaml(tmp_path / "m.yaml", cfg), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
