@@ -25,10 +25,20 @@ class VisionEncoder(nn.Module):
 
     config_cls: type
     layers: list[int]
+    frozen: bool = False  # subclasses that froze their weights set this: they then stay in eval mode
+
+    def train(self, mode: bool = True) -> VisionEncoder:
+        """A frozen encoder ignores ``train()``: no dropout / drop-path / batch-norm updates."""
+        return super().train(mode and not self.frozen)
 
     @property
     def embed_dim(self) -> int:  # width D of every returned layer
         raise NotImplementedError
+
+    @property
+    def layer_dims(self) -> dict[int, int]:
+        """Width of each returned layer; towers whose stages differ in width override it."""
+        return {layer: self.embed_dim for layer in self.layers}
 
     @property
     def grid_size(self) -> tuple[int, int]:  # patch grid (rows, cols) of the returned tokens

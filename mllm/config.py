@@ -164,6 +164,10 @@ class ProjectorPart(Part):
     kind = "projector"
 
 
+class FusionPart(Part):
+    kind = "encoder_fusion"  # a fused encoder's fusion: {name: concat | comm | ftz | dbfusion | convgate, ...}
+
+
 # --- the run schema ----------------------------------------------------------------------------
 @dataclass
 class LLMConfig:

@@ -80,6 +80,17 @@ class Registry(Generic[T]):
 # --- the tables -------------------------------------------------------------------------------
 ENCODERS: Registry[Any] = Registry("encoder")
 ENCODERS.register("timm_vit", "encoders.dino:TimmViTEncoder")
+ENCODERS.register("open_clip", "encoders.clip:OpenClipEncoder")
+ENCODERS.register("hf_vision", "encoders.hf:HFVisionEncoder")
+ENCODERS.register("florence2", "encoders.florence:FlorenceEncoder")
+ENCODERS.register("fused", "encoders.fused:FusedEncoder")  # built with its towers + fusion (encoders/fused.py)
+
+ENCODER_FUSIONS: Registry[Any] = Registry("encoder fusion")  # built as CLS(cfg, inputs=[FeatureSpec, ...])
+ENCODER_FUSIONS.register("concat", "encoders.fusion.concat:ConcatFusion")
+ENCODER_FUSIONS.register("comm", "encoders.fusion.comm:CommFusion")
+ENCODER_FUSIONS.register("ftz", "encoders.fusion.ftz:FtZFusion")
+ENCODER_FUSIONS.register("dbfusion", "encoders.fusion.dbfusion:DBFusion")
+ENCODER_FUSIONS.register("convgate", "encoders.fusion.convgate:ConvGateFusion")
 
 PROJECTORS: Registry[Any] = Registry("projector")
 PROJECTORS.register("linear", "projectors.linear:LinearProjector")
@@ -109,4 +120,9 @@ EVAL_TASKS.register("refcoco", "eval.tasks.refcoco:RefCOCOTask")
 EVAL_TASKS.register("refcoco+", "eval.tasks.refcoco:RefCOCOPlusTask")
 EVAL_TASKS.register("refcocog", "eval.tasks.refcoco:RefCOCOgTask")
 
-ALL_REGISTRIES: dict[str, Registry[Any]] = {"encoder": ENCODERS, "projector": PROJECTORS, "eval_task": EVAL_TASKS}
+ALL_REGISTRIES: dict[str, Registry[Any]] = {
+    "encoder": ENCODERS,
+    "encoder_fusion": ENCODER_FUSIONS,
+    "projector": PROJECTORS,
+    "eval_task": EVAL_TASKS,
+}

@@ -1,0 +1,1 @@
+"""Encoder-side fusion: several towers' feature sets -> one token sequence (see base.py)."""
