@@ -39,12 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a saved checkpoint")
     ev.add_argument("checkpoint", help="folder written by save_pretrained (e.g. RUN/model)")
-    ev.add_argument("--task", default="shapesworld", help="evaluation task (default: shapesworld)")
+    ev.add_argument("--task", default="shapesworld",
+                    help="shapesworld | vqav2 | gqa | textvqa | scienceqa_img | pope | refcoco | refcoco+ | refcocog")
+    ev.add_argument("--data", default=None, help="the benchmark's question/annotation file (public format)")
+    ev.add_argument("--images", default=None, help="image folder of the benchmark")
+    ev.add_argument("--opt", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                    help="task option, e.g. --opt annotations=v2_mscoco_val2014_annotations.json (repeatable)")
     ev.add_argument("--out", required=True, help="output directory for predictions.jsonl and metrics.json")
     ev.add_argument("--batch-size", type=int, default=None)
+    ev.add_argument("--max-new-tokens", type=int, default=None)
     ev.add_argument("--limit", type=int, default=None, help="evaluate the first N samples only")
     ev.add_argument("--resume", action="store_true", help="keep finished samples of an interrupted run")
-    _add_overrides(ev)
     return parser
 
 
@@ -60,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
             run.train(args.recipe, Path(args.out), args.overrides, resume=args.resume, evaluate=not args.no_eval)
         elif args.command == "eval":
             run.evaluate_checkpoint(
-                Path(args.checkpoint), args.task, Path(args.out),
-                batch_size=args.batch_size, limit=args.limit, resume=args.resume, overrides=args.overrides,
+                Path(args.checkpoint), args.task, Path(args.out), data=args.data, images=args.images,
+                options=args.options, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                limit=args.limit, resume=args.resume,
             )
     except (ConfigError, TrainingError, EncoderError, ValueError, OSError) as err:
         print(f"mllm {args.command}: error: {err}", file=sys.stderr)

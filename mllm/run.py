@@ -99,23 +99,43 @@ def evaluate_model(
 
 
 def evaluate_checkpoint(
-    checkpoint: Path, task: str, out_dir: Path, batch_size: int | None = None, limit: int | None = None,
-    resume: bool = False, overrides: list[str] | None = None,
+    checkpoint: Path, task: str, out_dir: Path, *, data: str | None = None, images: str | None = None,
+    options: list[str] | None = None, batch_size: int | None = None, max_new_tokens: int | None = None,
+    limit: int | None = None, resume: bool = False,
 ) -> dict[str, Any]:
-    from mllm.model import MLLM
+    """``mllm eval``: a saved checkpoint on one registered task, resumable, written to ``out_dir``.
 
-    if task != "shapesworld":
-        raise ValueError(f"--task: unknown task {task!r}; expected one of: shapesworld")
+    ShapesWorld takes its generator settings from the run config saved beside the checkpoint; every
+    other task reads the benchmark's public files (``data``, ``images``) plus ``--opt key=value``.
+    """
+    from eval.runner import EvalConfig, run_task
+    from mllm.config import ConfigError, apply_overrides, from_dict
+    from mllm.model import MLLM
+    from mllm.registry import EVAL_TASKS
+
+    if not (checkpoint / "mllm_config.yaml").is_file():
+        raise FileNotFoundError(f"{checkpoint}: not a checkpoint folder (no mllm_config.yaml); pass RUN/model")
+    opts = apply_overrides({}, options or [])
+    if task == "shapesworld":
+        run_cfg = checkpoint.parent / "config.yaml"
+        if not run_cfg.is_file():
+            raise ConfigError(f"{run_cfg}: shapesworld needs the run config saved next to the checkpoint")
+        built = EVAL_TASKS.build(task, load_config(str(run_cfg)).data, split=opts.pop("split", "test"))
+        if opts:
+            raise ConfigError(f"--opt {next(iter(opts))}: shapesworld takes only --opt split=...")
+    else:
+        if data is None:
+            raise ConfigError(f"--data: task {task!r} needs the benchmark file (questions / annotations)")
+        built = EVAL_TASKS.build(task, {"data": data, **({"images": images} if images else {}), **opts})
+    defaults = EvalConfig()
+    cfg = from_dict(EvalConfig, {
+        "batch_size": batch_size or defaults.batch_size,
+        "max_new_tokens": max_new_tokens or defaults.max_new_tokens,
+        "limit": limit,
+    }, where="eval")
     model = MLLM.from_pretrained(checkpoint)
-    run_cfg = checkpoint.parent / "config.yaml"
-    cfg = load_config(str(run_cfg), overrides or []) if run_cfg.is_file() else None
-    if cfg is None:
-        raise FileNotFoundError(f"{run_cfg}: the run config next to the checkpoint is needed for the data settings")
-    if batch_size is not None:
-        cfg.eval.batch_size = batch_size
-    if limit is not None:
-        cfg.eval.limit = limit
-    return evaluate_model(model, cfg, out_dir, resume=resume)
+    model.eval()
+    return run_task(model, built, cfg, out_dir, resume=resume)
 
 
 def demo(recipe: str, out_dir: Path, overrides: list[str]) -> dict[str, Any]:
@@ -123,6 +143,11 @@ def demo(recipe: str, out_dir: Path, overrides: list[str]) -> dict[str, Any]:
     from train.data.shapesworld import ShapesWorld, majority_baseline, split_items
 
     t0 = time.perf_counter()
+    if out_dir.exists() and any(out_dir.iterdir()):
+        # Keep the earlier demo (never delete results): it moves aside, this run starts fresh.
+        archived = out_dir.with_name(f"{out_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        out_dir.rename(archived)
+        log.info("moved the earlier run in %s to %s", out_dir, archived)
     result = train(recipe, out_dir, overrides, evaluate=True)
     cfg = load_config(str(out_dir / "config.yaml"))
     world = ShapesWorld(cfg.data)
