@@ -5,11 +5,17 @@ layers (channels), ``H_v = P(Z_v)``; the collated ``input_ids`` already hold ``n
 copies of the image token per image, so the text embeddings ``H_t = Emb(input_ids)`` have ``H_v``
 scattered into exactly those positions, and the LLM (held, not subclassed) runs on
 ``inputs_embeds``. The loss is the LLM's own next-token cross-entropy over ``labels != -100``.
+Text-only rows (``has_image`` false) hold no image tokens and get no image.
+
+LoRA (peft) wraps the LLM for parameter-efficient stages; :meth:`MLLM.save_pretrained` merges the
+adapters into the weights first (``merge_and_unload``), so a saved model is always a plain one that
+loads, exports and merges without peft.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import os
 import shutil
@@ -40,6 +46,18 @@ class ModelError(ValueError):
     """The model cannot be built, fed or loaded as asked; the message names the field or file."""
 
 
+def resolve_attn_implementation(requested: str) -> str:
+    """``auto`` -> ``flash_attention_2`` when flash-attn is installed and CUDA is available, else ``sdpa``."""
+    if requested != "auto":
+        return requested
+    flash = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+    choice = "flash_attention_2" if flash else "sdpa"
+    log.info("LLM attention: %s (model.llm.attn_implementation=auto; flash-attn %s, CUDA %s)", choice,
+             "installed" if importlib.util.find_spec("flash_attn") else "not installed",
+             "available" if torch.cuda.is_available() else "not available")
+    return choice
+
+
 def build_llm(cfg: LLMConfig, tokenizer: Any, llm_config: Any = None) -> nn.Module:
     """A causal LM: random init from ``model_type`` + ``arch``, a saved config, or a local folder.
 
@@ -51,7 +69,7 @@ def build_llm(cfg: LLMConfig, tokenizer: Any, llm_config: Any = None) -> nn.Modu
     dtype = getattr(torch, cfg.dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise ModelError(f"model.llm.dtype: expected a torch dtype name such as float32 or bfloat16, got {cfg.dtype!r}")
-    kwargs = {"attn_implementation": cfg.attn_implementation, "dtype": dtype}
+    kwargs = {"attn_implementation": resolve_attn_implementation(cfg.attn_implementation), "dtype": dtype}
     if llm_config is not None:
         return AutoModelForCausalLM.from_config(llm_config, **kwargs)
     if cfg.path is not None:
@@ -77,7 +95,7 @@ class MLLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.template = get_template(cfg.template)
+        self.template = get_template(cfg.template, tokenizer)
         self.image_token_id = image_token_id(tokenizer, cfg.image_token)
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
             raise ModelError("tokenizer: a pad and an eos token are needed (padding and generation stop)")
@@ -98,6 +116,11 @@ class MLLM(nn.Module):
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self.encoder.preprocess(image)
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """Block classes for FSDP: accelerate's TRANSFORMER_BASED_WRAP reads this when its config names none."""
+        return [*(getattr(self.llm, "_no_split_modules", None) or []), self.encoder.fsdp_unit.__name__]
+
     # --- the data path ------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W] -> [B, num_image_tokens, D_llm]``: tapped layers concatenated, projected."""
@@ -106,36 +129,57 @@ class MLLM(nn.Module):
         tokens = torch.cat([feats[layer] for layer in self.encoder.layers], dim=-1)
         return self.projector(tokens)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Text embeddings with the projected visual tokens scattered into the image-token slots."""
-        if pixel_values.shape[0] != input_ids.shape[0]:
-            raise ModelError(f"one image per row: got {pixel_values.shape[0]} images for {input_ids.shape[0]} rows")
+    def embed(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, has_image: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Text embeddings with the projected visual tokens scattered into the image-token slots.
+
+        ``pixel_values`` holds one image per row, or, with ``has_image`` (bool ``[B]``), one per row
+        whose flag is set, in row order; ``None`` when no row has an image.
+        """
+        rows = input_ids.shape[0]
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if has_image is None:
+            if pixel_values is not None and n_images != rows:
+                raise ModelError(f"one image per row: got {n_images} images for {rows} rows")
+            has_image = torch.full((rows,), pixel_values is not None, device=input_ids.device)
+        elif n_images != int(has_image.sum()):
+            raise ModelError(f"got {n_images} images for {int(has_image.sum())} rows flagged has_image")
         image_mask = input_ids == self.image_token_id
         per_row = image_mask.sum(dim=1)
-        bad = (per_row != self.num_image_tokens).nonzero().flatten()
+        expected = has_image.to(per_row.device).long() * self.num_image_tokens
+        bad = (per_row != expected).nonzero().flatten()
         if bad.numel():
             row = int(bad[0])
+            why = "one image x the encoder's tokens after the projector" if expected[row] else "a row without image"
             raise ModelError(
-                f"row {row} of input_ids holds {int(per_row[row])} image tokens; expected "
-                f"{self.num_image_tokens} (one image x the encoder's tokens after the projector)"
+                f"row {row} of input_ids holds {int(per_row[row])} image tokens; expected {int(expected[row])} ({why})"
             )
         # The image token may lie outside a pretrained LLM's trained rows: look up pad instead.
         text_ids = input_ids.masked_fill(image_mask, self.tokenizer.pad_token_id)
         embeds = self.llm.get_input_embeddings()(text_ids)
+        if pixel_values is None:
+            if self.training and torch.is_grad_enabled():
+                # A text-only batch would leave the encoder and projector out of the graph, and DDP /
+                # FSDP ranks must all reduce the same parameters: add one blank image with weight 0.
+                blank = torch.zeros(1, 3, *self.encoder.image_size, device=embeds.device)
+                embeds = embeds + 0.0 * self.encode_images(blank).sum().to(embeds.dtype)
+            return embeds
         visual = self.encode_images(pixel_values).to(embeds.dtype)
-        # masked_scatter fills slots in row-major order, so image i lands in row i's slots.
+        # masked_scatter fills slots in row-major order, so the i-th image lands in the i-th image row.
         return embeds.masked_scatter(image_mask.unsqueeze(-1), visual)
 
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        has_image: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
         """The LLM's ``CausalLMOutputWithPast``; ``.loss`` is shifted cross-entropy over ``labels``."""
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, has_image)
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
     @torch.no_grad()
@@ -173,24 +217,83 @@ class MLLM(nn.Module):
         return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     # --- training groups ----------------------------------------------------------------------
+    @property
+    def has_lora(self) -> bool:
+        return hasattr(self.llm, "peft_config")
+
+    def add_lora(self, r: int, alpha: int, dropout: float, target_modules: str | list[str]) -> None:
+        """Wrap the LLM with peft LoRA adapters, ``W x + (alpha / r) B A x`` (Hu et al. 2021, Eq. 3);
+        ``B`` starts at zero, so the model's function is unchanged until training moves it."""
+        from peft import LoraConfig, get_peft_model
+
+        if self.has_lora:
+            raise ModelError("the LLM already carries LoRA adapters")
+        lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                          task_type="CAUSAL_LM")
+        try:
+            self.llm = get_peft_model(self.llm, lora)
+        except ValueError as err:  # peft: target modules not found in the model
+            raise ModelError(f"train.lora.target_modules: {err}") from err
+
+    def merge_lora(self) -> None:
+        """Fold the adapters into the LLM weights (``W + (alpha / r) B A``) and drop peft's wrapper."""
+        if self.has_lora:
+            self.llm = self.llm.merge_and_unload()
+
+    def enable_gradient_checkpointing(self) -> list[str]:
+        """Recompute activations in backward: the LLM through transformers (non-reentrant), each
+        encoder tower through its own switch (timm / open_clip ``set_grad_checkpointing``, HF
+        ``gradient_checkpointing_enable``). Returns the modules switched, which are logged."""
+        options = {"use_reentrant": False}  # no need for inputs that require grad (frozen embeddings)
+        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+        switched = ["llm"]
+
+        def visit(module: nn.Module, name: str) -> None:
+            if hasattr(module, "set_grad_checkpointing"):
+                module.set_grad_checkpointing(True)
+                switched.append(name)
+            elif hasattr(module, "gradient_checkpointing_enable"):
+                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+                switched.append(name)
+            else:
+                for child_name, child in module.named_children():
+                    visit(child, f"{name}.{child_name}")
+
+        visit(self.encoder, "encoder")
+        log.info("gradient checkpointing on: %s", ", ".join(switched))
+        return switched
+
     def set_trainable(self, groups: Sequence[str]) -> dict[str, tuple[int, int]]:
-        """Train exactly ``groups`` (of encoder / projector / llm), freeze the rest; log a table.
+        """Train exactly ``groups`` (of encoder / projector / llm, or ``fusion``: a fused encoder's
+        fusion module alone), freeze the rest; log a table. With LoRA on the LLM, ``llm`` trains
+        the adapters only.
 
         Returns ``{group: (trainable params, total params)}``.
         """
-        unknown = sorted(set(groups) - set(GROUPS))
+        unknown = sorted(set(groups) - {*GROUPS, "fusion"})
         if unknown:
-            raise ModelError(f"trainable: unknown group {unknown[0]!r}; expected some of: {', '.join(GROUPS)}")
+            raise ModelError(f"trainable: unknown group {unknown[0]!r}; expected some of: {', '.join(GROUPS)}, fusion")
         if "encoder" in groups and getattr(self.cfg.encoder.cfg, "frozen", False):
             raise ModelError("trainable lists 'encoder' but model.encoder.frozen is true; drop one of them")
+        fusion = getattr(self.encoder, "fusion", None)
+        if "fusion" in groups and not isinstance(fusion, nn.Module):
+            raise ModelError("trainable lists 'fusion' but model.encoder has no fusion module (a fused encoder has)")
+        for name in GROUPS:
+            getattr(self, name).requires_grad_(name in groups)
+        if "fusion" in groups:
+            fusion.requires_grad_(True)
+        if "llm" in groups and self.has_lora:
+            for pname, param in self.llm.named_parameters():
+                param.requires_grad_("lora_" in pname)
         counts = {}
         for name in GROUPS:
-            module: nn.Module = getattr(self, name)
-            module.requires_grad_(name in groups)
-            total = sum(p.numel() for p in module.parameters())
-            counts[name] = (total if name in groups else 0, total)
-        lines = [f"{'group':<10} {'state':<9} {'params':>12}"]
-        lines += [f"{n:<10} {'trainable' if t else 'frozen':<9} {total:>12,}" for n, (t, total) in counts.items()]
+            params = list(getattr(self, name).parameters())
+            counts[name] = (sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+        lines = [f"{'group':<10} {'state':<9} {'params':>12} {'trainable':>12}"]
+        lines += [
+            f"{n:<10} {'trainable' if t == total else 'partial' if t else 'frozen':<9} {total:>12,} {t:>12,}"
+            for n, (t, total) in counts.items()
+        ]
         trainable = sum(t for t, _ in counts.values())
         lines.append(f"{'total':<10} {'':<9} {sum(c for _, c in counts.values()):>12,} ({trainable:,} trainable)")
         log.info("trainable parameters:\n%s", "\n".join(lines))
@@ -205,6 +308,9 @@ class MLLM(nn.Module):
         """
         from safetensors.torch import save_model
 
+        if self.has_lora:
+            log.info("merging the LoRA adapters into the LLM weights before saving (peft merge_and_unload)")
+            self.merge_lora()
         target = Path(directory)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))

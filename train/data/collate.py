@@ -4,10 +4,14 @@ Truncation to ``max_length`` happens here, after image expansion, and is checked
 into the image tokens (the model would then find fewer placeholders than visual tokens, LLaVA
 #447) or leaving a sample with no supervised token is an error naming the sample id, never a
 silently zeroed sample.
+
+Text-only samples (no image) mix freely with image samples: ``pixel_values`` then holds the images
+of the rows that have one, in row order, and ``has_image`` flags those rows.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -23,16 +27,21 @@ from train.data.templates import (
     image_token_id,
 )
 
+log = logging.getLogger("mllm.data")
+
 
 class CollateError(ValueError):
     """A sample cannot be turned into a valid training row; the message names its id."""
 
 
 class Collator:
-    """``samples -> {"input_ids", "attention_mask", "labels", "pixel_values"}``, right-padded.
+    """``samples -> {"input_ids", "attention_mask", "labels", "pixel_values"[, "has_image"]}``, right-padded.
 
     Each sample is a dict with ``id``, ``image`` (PIL) and LLaVA ``conversations`` holding one
-    ``<image>`` marker.
+    ``<image>`` marker, or, for a text-only sample, no ``image`` (or ``None``) and no marker.
+    ``pixel_values`` (``[n_images, 3, H, W]``) is left out when no row has an image; ``has_image``
+    (bool ``[B]``) is added when some row has none. A ``None`` in place of a sample (one whose image
+    a data set could not read and skips) is dropped and counted in ``skipped``.
     """
 
     def __init__(
@@ -49,16 +58,20 @@ class Collator:
         if max_length < num_image_tokens + 1:
             raise CollateError(f"max_length: {max_length} leaves no room beyond {num_image_tokens} image tokens")
         self.tokenizer = tokenizer
-        self.template = get_template(template)
+        self.template = get_template(template, tokenizer)
         self.image_token = image_token
         self.image_id = image_token_id(tokenizer, image_token)
         self.num_image_tokens = num_image_tokens
         self.preprocess = preprocess
         self.max_length = max_length
+        self.skipped = 0  # samples dropped because the data set handed None (this process)
 
     def encode(self, sample: Mapping[str, Any], index: int = 0) -> tuple[list[int], list[int]]:
         """Ids and labels of one sample, truncated to ``max_length`` with the checks above."""
         sid = sample.get("id", f"#{index}")
+        has_image = sample.get("image") is not None
+        if has_image and not isinstance(sample["image"], Image.Image):
+            raise CollateError(f"sample {sid}: expected a PIL image under 'image', got {type(sample['image']).__name__}")
         try:
             ids, labels = encode_conversation(
                 self.tokenizer, sample["conversations"], self.template, self.image_token, self.num_image_tokens
@@ -66,13 +79,18 @@ class Collator:
         except (TemplateError, KeyError) as err:
             raise CollateError(f"sample {sid}: {err}") from err
         positions = [i for i, t in enumerate(ids) if t == self.image_id]
-        if len(positions) != self.num_image_tokens:
+        if not has_image and positions:
+            raise CollateError(
+                f"sample {sid}: expected a PIL image under 'image' for its <image> marker "
+                "(a text-only sample has no marker)"
+            )
+        if has_image and len(positions) != self.num_image_tokens:
             raise CollateError(
                 f"sample {sid}: expected one <image> marker ({self.num_image_tokens} image tokens), "
                 f"found {len(positions)} image tokens"
             )
         if len(ids) > self.max_length:
-            if positions[-1] >= self.max_length:
+            if positions and positions[-1] >= self.max_length:
                 raise CollateError(
                     f"sample {sid}: truncating {len(ids)} tokens to max_length={self.max_length} would cut "
                     "its image tokens; raise max_length"
@@ -84,12 +102,14 @@ class Collator:
             )
         return ids, labels
 
-    def _pixels(self, sample: Mapping[str, Any], index: int) -> torch.Tensor:
-        if not isinstance(sample.get("image"), Image.Image):
-            raise CollateError(f"sample {sample.get('id', f'#{index}')}: expected a PIL image under 'image'")
-        return self.preprocess(sample["image"])
-
-    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, samples: Sequence[Mapping[str, Any] | None]) -> dict[str, torch.Tensor]:
+        kept = [sample for sample in samples if sample is not None]
+        if len(kept) < len(samples):
+            self.skipped += len(samples) - len(kept)
+            log.warning("dropped %d skipped sample(s) from a batch (%d so far)", len(samples) - len(kept), self.skipped)
+        if not kept:
+            raise CollateError("every sample of a batch was skipped (unreadable images; see the warnings above)")
+        samples = kept
         rows = [self.encode(sample, i) for i, sample in enumerate(samples)]
         width = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -99,6 +119,10 @@ class Collator:
             input_ids[r, : len(ids)] = torch.tensor(ids)
             labels[r, : len(labs)] = torch.tensor(labs)
             attention_mask[r, : len(ids)] = 1
-        pixel_values = torch.stack([self._pixels(sample, i) for i, sample in enumerate(samples)])
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                "pixel_values": pixel_values}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        has_image = [sample.get("image") is not None for sample in samples]
+        if any(has_image):
+            batch["pixel_values"] = torch.stack([self.preprocess(s["image"]) for s, h in zip(samples, has_image, strict=True) if h])
+        if not all(has_image):
+            batch["has_image"] = torch.tensor(has_image, dtype=torch.bool)
+        return batch

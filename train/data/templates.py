@@ -7,7 +7,9 @@ mask is never recovered by searching strings afterwards (the LLaVA #1706/#1166 f
 Every ``<image>`` marker in the text becomes ``num_image_tokens`` copies of the image token id.
 
 ``plain`` renders ``<s>USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>``:
-the loss covers each answer and the ``</s>`` closing it (every turn), nothing else.
+the loss covers each answer and the ``</s>`` closing it (every turn), nothing else. ``chat`` renders
+through the tokenizer's own chat template (:class:`ChatTemplate`); ``auto`` is ``chat`` when the
+tokenizer has a chat template and ``plain`` otherwise.
 """
 
 from __future__ import annotations
@@ -88,15 +90,74 @@ class PlainTemplate(Template):
         return [Segment(special="bos"), self._header(question)]
 
 
-TEMPLATES: dict[str, Template] = {t.name: t for t in (PlainTemplate(),)}
+ROLES = {"human": "user", "gpt": "assistant"}  # LLaVA JSON roles -> chat-template roles
 
 
-def get_template(template: str | Template) -> Template:
+class ChatTemplate(Template):
+    """The tokenizer's own chat template (``tokenizer.apply_chat_template``), labels built turn by turn.
+
+    With ``m`` the conversation as chat messages, turn k renders ``P_k = chat(m[:2k+1], generation
+    prompt)`` (history + question + assistant header) and ``F_k = chat(m[:2k+2])`` (+ the answer and
+    the template's end of turn). The template must only append: ``F_{k-1}`` a prefix of ``P_k`` and
+    ``P_k`` a prefix of ``F_k``. Turn k then contributes ``P_k[len F_{k-1}:]`` unsupervised and
+    ``F_k[len P_k:]`` (answer + end-of-turn marker, e.g. ChatML's ``<|im_end|>\\n``) as the target,
+    so system prompts, user turns and headers never carry loss. A template that rewrites earlier
+    turns when a later one is added (e.g. dropping past reasoning) is an error, not a wrong mask.
+    """
+
+    name = "chat"
+
+    def __init__(self, tokenizer: Any) -> None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise TemplateError("template 'chat': the tokenizer has no chat_template")
+        self.tokenizer = tokenizer
+
+    def _chat(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        if not isinstance(text, str):
+            raise TemplateError(f"template 'chat': apply_chat_template returned {type(text).__name__}, not text")
+        return text
+
+    def render(self, conversations: Sequence[Mapping[str, Any]]) -> list[Segment]:
+        messages: list[dict[str, str]] = []
+        segments: list[Segment] = []
+        done = ""  # F_{k-1}: the rendered conversation so far
+        for k, (question, answer) in enumerate(pair_turns(conversations)):
+            messages.append({"role": ROLES["human"], "content": question})
+            prompt = self._chat(messages, generation_prompt=True)
+            messages.append({"role": ROLES["gpt"], "content": answer})
+            full = self._chat(messages, generation_prompt=False)
+            if not prompt.startswith(done) or not full.startswith(prompt):
+                raise TemplateError(
+                    f"template 'chat': turn {k} does not extend the text rendered before it; the chat "
+                    "template rewrites earlier turns, so labels cannot be built turn by turn"
+                )
+            segments += [Segment(prompt[len(done):]), Segment(full[len(prompt):], target=True)]
+            done = full
+        return segments
+
+    def render_prompt(self, question: str) -> list[Segment]:
+        return [Segment(self._chat([{"role": ROLES["human"], "content": question}], generation_prompt=True))]
+
+
+TEMPLATES: dict[str, Template] = {t.name: t for t in (PlainTemplate(),)}  # templates needing no tokenizer
+TOKENIZER_TEMPLATES = ("chat", "auto")  # built for a tokenizer by get_template
+
+
+def get_template(template: str | Template, tokenizer: Any = None) -> Template:
+    """A template by name; ``chat`` / ``auto`` read ``tokenizer``'s chat template."""
     if isinstance(template, Template):
         return template
-    if template not in TEMPLATES:
-        raise TemplateError(f"template: unknown name {template!r}; expected one of: {', '.join(TEMPLATES)}")
-    return TEMPLATES[template]
+    if template in TEMPLATES:
+        return TEMPLATES[template]
+    if template not in TOKENIZER_TEMPLATES:
+        names = ", ".join([*TEMPLATES, *TOKENIZER_TEMPLATES])
+        raise TemplateError(f"template: unknown name {template!r}; expected one of: {names}")
+    if tokenizer is None:
+        raise TemplateError(f"template {template!r} is built from a tokenizer; none was given")
+    if template == "auto" and not getattr(tokenizer, "chat_template", None):
+        return TEMPLATES["plain"]
+    return ChatTemplate(tokenizer)
 
 
 def _special_id(tokenizer: Any, which: str) -> int:
@@ -178,7 +239,7 @@ def encode_conversation(
     num_image_tokens: int,
 ) -> tuple[list[int], list[int]]:
     """Training ids and labels of a LLaVA-JSON conversation (labels -100 off the answers)."""
-    segments = get_template(template).render(conversations)
+    segments = get_template(template, tokenizer).render(conversations)
     return encode_segments(tokenizer, segments, image_token, num_image_tokens)
 
 
@@ -192,5 +253,5 @@ def encode_prompt(
     """
     if IMAGE_MARKER not in question:
         question = f"{IMAGE_MARKER}\n{question}"
-    segments = get_template(template).render_prompt(question)
+    segments = get_template(template, tokenizer).render_prompt(question)
     return encode_segments(tokenizer, segments, image_token, num_image_tokens)[0]
