@@ -33,6 +33,7 @@ class OpenClipConfig:
     model: str = "ViT-B-32"  # open_clip architecture name (open_clip.list_models()) or "local-dir:<folder>"
     weights: str | None = None  # local CLIP checkpoint file (.safetensors/.bin/.pt/.npz); None = random init
     overrides: dict[str, Any] = field(default_factory=dict)  # model kwargs, e.g. a tiny vision_cfg / text_cfg
+    image_size: int | None = None  # input size other than the architecture's (e.g. ConvNeXt at 768 px)
     tag: str | None = None  # pretrained tag whose preprocessing to use (e.g. openai, webli); no download
     preprocess: dict[str, Any] = field(default_factory=dict)  # overrides of mean / std / interpolation / resize_mode
     layers: list[int] = field(default_factory=lambda: [-1])  # blocks (ViT) or stages (ConvNeXt); negative = from end
@@ -43,6 +44,9 @@ class OpenClipConfig:
     def __post_init__(self) -> None:
         if self.model.startswith("hf-hub:"):
             raise ValueError(f"model: {self.model!r} downloads from the hub; use a local-dir:<folder> or a file in weights")
+        if self.image_size is not None and "vision_cfg" in self.overrides:
+            # open_clip replaces the whole vision config by overrides.vision_cfg, size included
+            raise ValueError("image_size: with overrides.vision_cfg, set image_size inside vision_cfg")
         unknown = sorted(set(self.preprocess) - set(PREPROCESS_KEYS))
         if unknown:
             raise ValueError(f"preprocess.{unknown[0]}: unknown key; expected some of {list(PREPROCESS_KEYS)}")
@@ -93,6 +97,7 @@ class OpenClipEncoder(VisionEncoder):
             return open_clip.create_model_and_transforms(
                 cfg.model,
                 pretrained=cfg.weights,
+                force_image_size=cfg.image_size,
                 **{f"image_{k}": v for k, v in pre.items()},
                 **cfg.overrides,
             )

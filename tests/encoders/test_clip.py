@@ -122,3 +122,14 @@ def test_properties() -> None:
     assert (enc.embed_dim, enc.grid_size, enc.num_patches, enc.image_size) == (32, (4, 4), 17, (32, 32))
     assert enc.layer_dims == {2: 32}
     assert enc.fsdp_unit is type(enc.visual.transformer.resblocks[0])
+
+
+def test_image_size_override_resizes_tower_and_transform(astronaut: Image.Image) -> None:
+    """MG-LLaVA runs ConvNeXt CLIP at 768 px instead of its native 320: ``image_size`` forces it."""
+    enc = _enc({"text_cfg": TEXT, "embed_dim": 16}, model="convnext_tiny", image_size=96)
+    assert enc.image_size == (96, 96) and enc.grid_size == (3, 3) and enc.embed_dim == 768
+    assert enc.preprocess(astronaut).shape == (3, 96, 96)
+    with torch.no_grad():
+        assert enc(torch.randn(1, 3, 96, 96))[3].shape == (1, 9, 768)
+    with pytest.raises(ValueError, match="with overrides.vision_cfg, set image_size inside vision_cfg"):
+        OpenClipConfig(overrides=CONVNEXT, image_size=96)

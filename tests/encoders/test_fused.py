@@ -3,6 +3,7 @@ output as the only layer, train/eval of frozen towers, and YAML parts validated 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -13,7 +14,6 @@ from PIL import Image
 from encoders.base import EncoderError, VisionEncoder
 from encoders.fused import FusedEncoder, FusedEncoderConfig
 from mllm.config import ConfigError, EncoderPart, FusionPart
-from mllm.registry import ENCODER_FUSIONS, ENCODERS
 
 TEXT = dict(context_length=8, vocab_size=64, width=16, heads=2, layers=1)
 CLIP_TOWER: dict[str, Any] = {  # open_clip ViT, 32 px / patch 8 -> 4x4 grid, width 32, CLIP mean/std
@@ -30,23 +30,18 @@ SIGLIP_TOWER: dict[str, Any] = {  # transformers SigLIP, 48 px / patch 24 -> 2x2
 }
 
 
-def build_encoder(part: EncoderPart) -> VisionEncoder:
-    """What a builder in mllm/ does: towers first, then the fusion from their feature specs."""
-    if not isinstance(part.cfg, FusedEncoderConfig):
-        return ENCODERS.build(part.name, part.cfg)
-    towers = [build_encoder(EncoderPart.from_value(t, f"encoder.towers[{i}]")) for i, t in enumerate(part.cfg.towers)]
-    fusion = FusionPart.from_value(part.cfg.fusion, "encoder.fusion")
-    return FusedEncoder(part.cfg, towers, lambda specs: ENCODER_FUSIONS.build(fusion.name, fusion.cfg, inputs=specs))
+@pytest.fixture()
+def fused(build_encoder: Callable[[EncoderPart], VisionEncoder]) -> Callable[..., FusedEncoder]:
+    def make(**kw: Any) -> FusedEncoder:
+        value = {"name": "fused", "towers": [CLIP_TOWER, SIGLIP_TOWER], "fusion": {"name": "concat"}, **kw}
+        encoder = build_encoder(EncoderPart.from_value(value, "model.encoder"))
+        assert isinstance(encoder, FusedEncoder)
+        return encoder
+
+    return make
 
 
-def fused(**kw: Any) -> FusedEncoder:
-    value = {"name": "fused", "towers": [CLIP_TOWER, SIGLIP_TOWER], "fusion": {"name": "concat"}, **kw}
-    encoder = build_encoder(EncoderPart.from_value(value, "model.encoder"))
-    assert isinstance(encoder, FusedEncoder)
-    return encoder
-
-
-def test_per_tower_transforms_are_packed_losslessly(astronaut: Image.Image) -> None:
+def test_per_tower_transforms_are_packed_losslessly(astronaut: Image.Image, fused: Callable[..., FusedEncoder]) -> None:
     enc = fused(grid=[2, 2])
     clip, siglip = enc.towers
     packed = enc.preprocess(astronaut)
@@ -57,7 +52,7 @@ def test_per_tower_transforms_are_packed_losslessly(astronaut: Image.Image) -> N
     assert not torch.allclose(packed[:3, :32, :32], packed[3:, :32, :32])  # different mean/std
 
 
-def test_forward_resamples_then_fuses(astronaut: Image.Image) -> None:
+def test_forward_resamples_then_fuses(astronaut: Image.Image, fused: Callable[..., FusedEncoder]) -> None:
     enc = fused(grid=[2, 2], grid_mode="area")
     clip, siglip = enc.towers
     batch = torch.stack([enc.preprocess(astronaut), enc.preprocess(astronaut.rotate(90))])
@@ -72,24 +67,24 @@ def test_forward_resamples_then_fuses(astronaut: Image.Image) -> None:
     assert enc.fsdp_unit is clip.fsdp_unit
 
 
-def test_grid_mismatch_is_never_silent() -> None:
+def test_grid_mismatch_is_never_silent(fused: Callable[..., FusedEncoder]) -> None:
     with pytest.raises(EncoderError, match=r"needs one token grid, found towers\[0\] \(4, 4\) .*set the fused encoder's grid"):
         fused()
     with pytest.raises(EncoderError, match=r"towers\[0\]: keeps 1 prefix token\(s\), which cannot be resampled"):
         fused(towers=[{**CLIP_TOWER, "drop_prefix": False}, SIGLIP_TOWER], grid=[2, 2])
 
 
-def test_ftz_needs_no_common_grid() -> None:
+def test_ftz_needs_no_common_grid(fused: Callable[..., FusedEncoder]) -> None:
     enc = fused(fusion={"name": "ftz", "heads": 2})
     assert (enc.embed_dim, enc.grid_size, enc.num_patches) == (32, (4, 4), 16)  # the anchor's
 
 
-def test_wrong_pixels_are_refused() -> None:
+def test_wrong_pixels_are_refused(fused: Callable[..., FusedEncoder]) -> None:
     with pytest.raises(EncoderError, match="pixels have 3 channels, expected 6"):
         fused(grid=[2, 2])(torch.randn(1, 3, 48, 48))
 
 
-def test_frozen_towers_stay_in_eval_while_the_fusion_trains() -> None:
+def test_frozen_towers_stay_in_eval_while_the_fusion_trains(fused: Callable[..., FusedEncoder]) -> None:
     enc = fused(fusion={"name": "comm"}, grid=[2, 2]).train()
     assert enc.training and enc.fusion.training
     assert not any(t.training for t in enc.towers)
@@ -97,7 +92,7 @@ def test_frozen_towers_stay_in_eval_while_the_fusion_trains() -> None:
     assert all(p.requires_grad for p in enc.fusion.parameters())
 
 
-def test_parts_are_validated_by_the_config_layer() -> None:
+def test_parts_are_validated_by_the_config_layer(fused: Callable[..., FusedEncoder]) -> None:
     part = EncoderPart.from_value({"name": "fused", "towers": [CLIP_TOWER], "fusion": {"name": "concat"}}, "model.encoder")
     assert isinstance(part.cfg, FusedEncoderConfig) and part.cfg.grid_mode == "area"
     with pytest.raises(ConfigError, match=r"towers\[0\]: expected a mapping with a 'name' key"):
