@@ -225,3 +225,15 @@ def test_bad_config_and_split_names() -> None:
         ShapesWorldConfig(grounding_fraction=1.5)
     with pytest.raises(ValueError, match="expected one of"):
         ShapesWorld(CFG).split("dev")
+
+
+def test_every_question_type_opens_some_training_conversations() -> None:
+    """Eval asks each question as the first turn after the image; training must show that too."""
+    from collections import Counter
+
+    from train.data.shapesworld import ShapesWorld, ShapesWorldConfig
+
+    split = ShapesWorld(ShapesWorldConfig(train_images=400)).split("train")
+    first = Counter(split[i]["items"][0]["type"] for i in range(400))
+    assert set(first) == {"colour", "shape", "count", "exists", "relpos", "grounding"}
+    assert max(first.values()) < 0.4 * 400

@@ -266,7 +266,9 @@ def _training_items(cfg: ShapesWorldConfig, objects: list[_Object], rng: np.rand
                 items.append(item)
                 break
             kind = _pick(rng, applicable)
-    return items
+    # Shuffled: eval asks every question as a first turn (right after the image), so every type
+    # must be seen there in training too, not only the grounding turns drawn first above.
+    return [items[i] for i in rng.permutation(len(items))]
 
 
 def _eval_items(objects: list[_Object], rng: np.random.Generator) -> list[dict[str, Any]]:
