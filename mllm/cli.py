@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="run directory")
     train.add_argument("--resume", default=None, help="'auto' (latest complete checkpoint in --out) or a checkpoint path")
     train.add_argument("--no-eval", action="store_true", help="skip the final ShapesWorld evaluation")
+    train.add_argument("--stage", choices=["align", "instruct"], default=None,
+                       help="freeze plan: align (projector / fusion) or instruct (projector + LLM); "
+                       "same as --set train.stage=NAME")
     _add_overrides(train)
 
     ev = sub.add_parser("eval", help="evaluate a saved checkpoint")
@@ -62,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             run.demo(args.recipe, Path(args.out), args.overrides)
         elif args.command == "train":
-            run.train(args.recipe, Path(args.out), args.overrides, resume=args.resume, evaluate=not args.no_eval)
+            stage = [f"train.stage={args.stage}"] if args.stage else []
+            run.train(args.recipe, Path(args.out), [*args.overrides, *stage], resume=args.resume,
+                      evaluate=not args.no_eval)
         elif args.command == "eval":
             run.evaluate_checkpoint(
                 Path(args.checkpoint), args.task, Path(args.out), data=args.data, images=args.images,

@@ -21,6 +21,7 @@ from typing import Any, Union
 import yaml
 
 from eval.runner import EvalConfig
+from train.data.llava import LlavaDataConfig
 from train.data.shapesworld import ShapesWorldConfig
 from train.trainer import TrainConfig
 
@@ -174,7 +175,7 @@ class LLMConfig:
     path: str | None = None  # local HF folder (config + safetensors); None = random init from `arch`
     model_type: str = "llama"  # transformers model_type used with `arch` when path is None
     arch: dict[str, Any] = field(default_factory=dict)  # AutoConfig.for_model(model_type, **arch)
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    attn_implementation: str = "auto"  # auto (flash_attention_2 if flash-attn and CUDA, else sdpa) | sdpa | eager | flash_attention_2
     dtype: str = "float32"
 
 
@@ -192,7 +193,8 @@ class ModelConfig:
 @dataclass
 class RunConfig:
     model: ModelConfig
-    data: ShapesWorldConfig = field(default_factory=ShapesWorldConfig)
+    data: ShapesWorldConfig = field(default_factory=ShapesWorldConfig)  # ShapesWorld: eval, and training by default
+    train_data: LlavaDataConfig | None = None  # LLaVA JSON / datasets to train on instead (train/data/llava.py)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

@@ -12,13 +12,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mllm.config import RunConfig, atomic_write_text, load_config, save_config
+from mllm.config import ConfigError, RunConfig, atomic_write_text, load_config, save_config
 
 log = logging.getLogger("mllm")
 
 
-def build_tokenizer_for(cfg: RunConfig) -> Any:
-    """The configured local tokenizer folder, or one trained on ShapesWorld's closed vocabulary."""
+def build_tokenizer_for(cfg: RunConfig, train_data: Any = None) -> Any:
+    """The configured local tokenizer folder, or a word-level one trained on ShapesWorld's closed
+    vocabulary (plus the texts of ``train_data`` when it can list them)."""
     if cfg.model.tokenizer is not None:
         from transformers import AutoTokenizer
 
@@ -30,14 +31,42 @@ def build_tokenizer_for(cfg: RunConfig) -> Any:
     from train.data.templates import get_template
     from train.data.tokenizer import build_tokenizer
 
-    texts = [*ShapesWorld(cfg.data).vocabulary_texts(), *get_template(cfg.model.template).vocabulary_texts()]
-    return build_tokenizer(texts)
+    if cfg.model.template == "chat":
+        raise ConfigError("model.template: chat reads the tokenizer's chat template; set model.tokenizer to its folder")
+    if train_data is not None and not hasattr(train_data, "vocabulary_texts"):
+        raise ConfigError("model.tokenizer: a streamed train_data cannot be scanned for a vocabulary; give a tokenizer folder")
+    template = get_template("plain" if cfg.model.template == "auto" else cfg.model.template)
+    data_texts = train_data.vocabulary_texts() if train_data is not None else []
+    return build_tokenizer([*ShapesWorld(cfg.data).vocabulary_texts(), *template.vocabulary_texts(), *data_texts])
 
 
 def build_model(cfg: RunConfig, tokenizer: Any) -> Any:
     from mllm.model import MLLM
 
     return MLLM(cfg.model, tokenizer)
+
+
+def freeze(model: Any, cfg: RunConfig) -> dict[str, tuple[int, int]]:
+    """Apply the run's stage (train/stages.py): LoRA adapters on the LLM when configured, then the
+    trainable groups; ``MLLM.set_trainable`` logs the trainable / frozen table."""
+    groups = cfg.train.groups()
+    if "fusion" in groups and getattr(model.encoder, "fusion", None) is None:
+        groups.remove("fusion")  # a stage trains "projector (+ fusion)": this encoder has no fusion
+    if cfg.train.lora is not None:
+        lora = cfg.train.lora
+        model.add_lora(lora.r, lora.alpha, lora.dropout, lora.target_modules)
+    return model.set_trainable(groups)
+
+
+def load_train_data(cfg: RunConfig) -> Any:
+    """``train_data`` (LLaVA JSON / datasets) when configured, else ShapesWorld's train split."""
+    if cfg.train_data is not None:
+        from train.data.llava import load_llava
+
+        return load_llava(cfg.train_data)
+    from train.data.shapesworld import ShapesWorld
+
+    return ShapesWorld(cfg.data).split("train")
 
 
 def make_collator(model: Any, cfg: RunConfig) -> Any:
@@ -51,24 +80,33 @@ def train(
     recipe: str, out_dir: Path, overrides: list[str], resume: str | None = None, evaluate: bool = True
 ) -> dict[str, Any]:
     """Train ``recipe`` into ``out_dir`` (config, tensorboard, checkpoints, final ``model/``)."""
-    from train.data.shapesworld import ShapesWorld
+    from accelerate.utils import set_seed
+
     from train.trainer import Trainer
 
     cfg = load_config(recipe, overrides)  # validated before any I/O
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir)
-    tokenizer = build_tokenizer_for(cfg)
+    data = load_train_data(cfg)
+    tokenizer = build_tokenizer_for(cfg, data if cfg.train_data is not None else None)
+    set_seed(cfg.train.seed)  # the random init is a function of the config, in every process and run
     model = build_model(cfg, tokenizer)
-    model.set_trainable(cfg.train.trainable)
-    world = ShapesWorld(cfg.data)
+    freeze(model, cfg)
+    if cfg.train.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    lengths = data.lengths(model.num_image_tokens) if cfg.train.group_by_length and hasattr(data, "lengths") else None
     eval_fn = _periodic_eval(model, cfg, out_dir) if cfg.train.eval_every else None
-    trainer = Trainer(model, world.split("train"), make_collator(model, cfg), cfg.train, out_dir, eval_fn=eval_fn)
+    collator = make_collator(model, cfg)
+    trainer = Trainer(model, data, collator, cfg.train, out_dir, eval_fn=eval_fn, lengths=lengths)
     t0 = time.perf_counter()
     history = trainer.fit(resume=resume)
     train_seconds = time.perf_counter() - t0
+    result: dict[str, Any] = {"train_seconds": train_seconds, "history": history,
+                              "skipped_samples": collator.skipped}
+    if not trainer.accelerator.is_main_process:  # one process writes the model and evaluates
+        return result
     model = trainer.unwrapped()
-    model.save_pretrained(out_dir / "model")
-    result: dict[str, Any] = {"train_seconds": train_seconds, "history": history}
+    model.save_pretrained(out_dir / "model")  # LoRA adapters are merged into the weights here
     if evaluate:
         result["eval"] = evaluate_model(model, cfg, out_dir / "eval")
     atomic_write_text(out_dir / "train_summary.json", json.dumps(result, indent=2))

@@ -5,7 +5,12 @@ The loop serves any model whose ``forward(**batch)`` returns an object with a sc
 the caller (``eval_fn(step) -> dict``), so ``train/`` does not depend on ``eval/``.
 
 Data order is a pure function of ``(seed, step)`` (:class:`StepBatchSampler`), so a resumed run
-reads exactly the batches the uninterrupted run would have read.
+reads exactly the batches the uninterrupted run would have read. Checkpoints hold model, optimizer,
+scheduler and RNG states (``accelerator.save_state``) plus the step; each is written to a
+``.tmp-*`` folder and renamed into place, so a run killed at any moment resumes from the newest
+complete one, and torn ``.tmp-*`` folders are removed on the next start. Accumulation goes through
+``accelerator.accumulate`` (no gradient all-reduce on inner micro-batches; DeepSpeed steps at the
+boundary itself).
 """
 
 from __future__ import annotations
@@ -16,14 +21,18 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
+
+from train.sampler import StepBatchSampler, stream_batches
+from train.stages import DEFAULT_TRAINABLE, LoraConfig, plan_groups
+from train.throughput import mfu, peak_flops
 
 log = logging.getLogger("mllm.train")
 
@@ -50,7 +59,14 @@ class TrainConfig:
     keep_last: int = 2  # complete checkpoints kept; the newest complete one is never deleted
     num_workers: int = 0
     mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate)
-    trainable: list[str] = field(default_factory=lambda: ["encoder", "projector", "llm"])
+    trainable: list[str] = field(default_factory=lambda: list(DEFAULT_TRAINABLE))  # groups, when no stage
+    stage: str | None = None  # align | instruct: a named freeze plan (train/stages.py) instead of trainable
+    unfreeze_encoder: bool = False  # with a stage: the vision encoder trains too
+    lora: LoraConfig | None = None  # LoRA adapters on the LLM (peft) instead of training it in full
+    lr_groups: dict[str, float] = field(default_factory=dict)  # peak lr by parameter-name prefix, e.g. llm: 2e-5
+    gradient_checkpointing: bool = False  # recompute activations in backward (LLM and encoder)
+    group_by_length: int = 0  # > 0: steps per length-sorted mega-batch (train/sampler.py); 0 = off
+    peak_tflops: float | None = None  # per-device peak for MFU; None = known GPUs' bf16 peak, no MFU on CPU
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.batch_size <= 0 or self.micro_batch_size <= 0:
@@ -59,6 +75,16 @@ class TrainConfig:
             raise ValueError(f"mixed_precision: expected no|bf16|fp16, got {self.mixed_precision!r}")
         if len(self.betas) != 2:
             raise ValueError(f"betas: expected two numbers, got {self.betas}")
+        if self.group_by_length < 0:
+            raise ValueError(f"group_by_length: expected 0 (off) or a number of steps, got {self.group_by_length}")
+        bad_lr = [k for k, v in self.lr_groups.items() if not v > 0]
+        if bad_lr:
+            raise ValueError(f"lr_groups.{bad_lr[0]}: expected a positive learning rate")
+        self.groups()  # a contradictory stage / trainable / lora plan fails here, before any I/O
+
+    def groups(self) -> list[str]:
+        """The module groups this run trains (train/stages.py)."""
+        return plan_groups(self.stage, self.trainable, self.unfreeze_encoder, self.lora)
 
     def accumulation(self, num_processes: int) -> int:
         """Micro-batches per optimizer step; the global batch must divide evenly (prismatic)."""
@@ -91,33 +117,27 @@ def lr_lambda(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class StepBatchSampler(Sampler[list[int]]):
-    """Yields micro-batches of dataset indices; the order depends only on (seed, step).
-
-    Epoch e is the permutation ``randperm(n, generator=seed + e)``; global step s takes the next
-    ``batch_size`` indices of the endless stream, and this process takes its slice of them.
-    """
-
-    def __init__(self, n: int, cfg: TrainConfig, start_step: int, rank: int, world: int) -> None:
-        self.n, self.cfg, self.start_step, self.rank, self.world = n, cfg, start_step, rank, world
-        self._perms: dict[int, torch.Tensor] = {}
-
-    def _index(self, flat: int) -> int:
-        epoch, pos = divmod(flat, self.n)
-        if epoch not in self._perms:
-            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.cfg.seed + epoch))}
-        return int(self._perms[epoch][pos])
-
-    def __iter__(self) -> Iterator[list[int]]:
-        micro, global_bs = self.cfg.micro_batch_size, self.cfg.batch_size
-        for step in range(self.start_step, self.cfg.steps):
-            base = step * global_bs
-            for m in range(global_bs // (micro * self.world)):
-                start = base + (m * self.world + self.rank) * micro
-                yield [self._index(start + j) for j in range(micro)]
-
-    def __len__(self) -> int:
-        return (self.cfg.steps - self.start_step) * (self.cfg.batch_size // (self.cfg.micro_batch_size * self.world))
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW parameter groups: by ``cfg.lr_groups`` prefix (the longest matching prefix of a
+    parameter's name wins; others get ``cfg.lr``) x weight decay on matrices only (no decay on
+    norms and biases). Each group's ``lr`` is its peak; the schedule scales all groups alike."""
+    prefixes = sorted(cfg.lr_groups, key=len, reverse=True)
+    buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        prefix = next((q for q in prefixes if name == q or name.startswith(q + ".")), "")
+        buckets.setdefault((prefix, param.ndim >= 2), []).append(param)
+    if not buckets:
+        raise TrainingError("no trainable parameters: check train.stage / train.trainable")
+    unused = [q for q in prefixes if not any(prefix == q for prefix, _ in buckets)]
+    if unused:
+        raise TrainingError(f"train.lr_groups.{unused[0]}: no trainable parameter's name starts with {unused[0]!r}")
+    return [
+        {"params": params, "lr": cfg.lr_groups.get(prefix, cfg.lr), "weight_decay": cfg.weight_decay if decay else 0.0,
+         "name": (prefix or "default") + ("" if decay else "/no_decay")}
+        for (prefix, decay), params in buckets.items()
+    ]
 
 
 def _complete_checkpoints(root: Path) -> list[Path]:
@@ -126,6 +146,17 @@ def _complete_checkpoints(root: Path) -> list[Path]:
         return []
     done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "trainer_state.json").is_file()]
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def clean_torn(root: Path) -> list[str]:
+    """Remove ``.tmp-*`` folders: checkpoints (or deletions) a killed run left half-written."""
+    torn = sorted(p for p in root.glob(".tmp-*") if p.is_dir()) if root.is_dir() else []
+    for path in torn:
+        shutil.rmtree(path, ignore_errors=True)
+    if torn:
+        log.warning("removed %d torn checkpoint folder(s) left by an interrupted run: %s",
+                    len(torn), ", ".join(p.name for p in torn))
+    return [p.name for p in torn]
 
 
 def resolve_resume(resume: str | None, out_dir: Path) -> Path | None:
@@ -147,35 +178,40 @@ class Trainer:
     def __init__(
         self,
         model: nn.Module,
-        dataset: Sequence[Any],
+        dataset: Sequence[Any] | Iterable[Any],
         collate_fn: Callable[[list[Any]], dict[str, torch.Tensor]],
         cfg: TrainConfig,
         out_dir: str | os.PathLike[str],
         eval_fn: Callable[[int], dict[str, float]] | None = None,
+        lengths: Sequence[int] | None = None,
     ) -> None:
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
+        """``dataset``: random access (a Sequence), or an iterable read as a stream; ``lengths``: per
+        sample, for ``cfg.group_by_length``."""
+        from accelerate import Accelerator, PartialState
+        from accelerate.utils import DataLoaderConfiguration, set_seed
 
         self.cfg, self.out_dir, self.eval_fn = cfg, Path(out_dir), eval_fn
+        self.accum = cfg.accumulation(PartialState().num_processes)
         self.accelerator = Accelerator(
-            gradient_accumulation_steps=1,  # we step by hand: accumulation is explicit below
+            gradient_accumulation_steps=self.accum,
             mixed_precision=cfg.mixed_precision,
             log_with="tensorboard",
             project_dir=str(self.out_dir),
+            # Our schedule counts optimizer steps: step it once per step, not once per process.
+            dataloader_config=DataLoaderConfiguration(split_batches=True),
         )
-        self.accum = cfg.accumulation(self.accelerator.num_processes)
         set_seed(cfg.seed)
-        self.dataset, self.collate_fn = dataset, collate_fn
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise TrainingError("no trainable parameters: check train.trainable")
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]  # norms and biases: no weight decay
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=tuple(cfg.betas),
-        )
+        if cfg.group_by_length and (lengths is None or not isinstance(dataset, Sized)):
+            raise TrainingError("train.group_by_length needs a random-access data set with sample lengths")
+        self.dataset, self.collate_fn, self.lengths = dataset, collate_fn, lengths
+        self.num_params = sum(p.numel() for p in model.parameters())  # before any sharding
+        self.peak = peak_flops(self.accelerator.device, cfg.peak_tflops)
+        optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, cfg))
+        ds_plugin = self.accelerator.state.deepspeed_plugin
+        if ds_plugin is not None:  # no prepared data loader tells DeepSpeed the micro-batch: say it
+            ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
+            ds_plugin.deepspeed_config["gradient_clipping"] = cfg.grad_clip
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.step = 0
         self.history: list[dict[str, float]] = []
@@ -192,11 +228,15 @@ class Trainer:
         self.accelerator.save_state(str(tmp))
         if self.accelerator.is_main_process:
             state = {"step": self.step, "history": self.history}
-            (tmp / "trainer_state.json").write_text(json.dumps(state))
+            (tmp / "trainer_state.json").write_text(json.dumps(state))  # last file: the completeness marker
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
+            # Rotation runs only after the new one is complete; an old one is first renamed to a
+            # .tmp-* name, so a deletion cut short is never mistaken for a complete checkpoint.
             for old in _complete_checkpoints(root)[: -max(1, self.cfg.keep_last)]:
-                shutil.rmtree(old, ignore_errors=True)
+                doomed = root / f".tmp-del-{old.name}"
+                os.replace(old, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         return final
 
@@ -207,18 +247,26 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.step)
 
     # --- loop ------------------------------------------------------------------------------------
-    def _loader(self) -> DataLoader:
-        sampler = StepBatchSampler(
-            len(self.dataset), self.cfg, self.step, self.accelerator.process_index, self.accelerator.num_processes
-        )
+    def _loader(self) -> Iterable[dict[str, Any]]:
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        if not isinstance(self.dataset, Sized):
+            return map(self.collate_fn, stream_batches(self.dataset, self.cfg, self.step, rank, world))
+        sampler = StepBatchSampler(len(self.dataset), self.cfg, self.step, rank, world, self.lengths)
+        # Its own generator: a DataLoader otherwise draws its worker seed from the global RNG, which a
+        # resumed run (RNG restored mid-run) would draw once more than the uninterrupted run.
+        generator = torch.Generator().manual_seed(self.cfg.seed + self.step)
         return DataLoader(
-            self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn, num_workers=self.cfg.num_workers
+            self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn, num_workers=self.cfg.num_workers,
+            generator=generator,
         )
 
     def fit(self, resume: str | None = None) -> list[dict[str, float]]:
         """Train to ``cfg.steps``; returns the logged history (one dict per log/eval point)."""
         from tqdm.auto import tqdm
 
+        if self.accelerator.is_main_process:
+            clean_torn(self.out_dir / "checkpoints")
+        self.accelerator.wait_for_everyone()
         ckpt = resolve_resume(resume, self.out_dir)
         if ckpt is not None:
             self.load_checkpoint(ckpt)
@@ -232,10 +280,13 @@ class Trainer:
             for _ in range(self.accum):
                 batch = next(batches)
                 batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                loss = self.model(**batch).loss
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"non-finite loss {loss.item()} at step {self.step}: lower train.lr or check the data")
-                acc.backward(loss / self.accum)
+                with acc.accumulate(self.model):  # the last micro-batch of a step syncs gradients
+                    loss = self.model(**batch).loss
+                    if not torch.isfinite(loss):
+                        raise TrainingError(
+                            f"non-finite loss {loss.item()} at step {self.step}: lower train.lr or check the data"
+                        )
+                    acc.backward(loss)  # scaled by 1 / accumulation
                 loss_sum += loss.item() / self.accum
                 tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
                 samples += len(next(iter(batch.values())))
@@ -249,13 +300,11 @@ class Trainer:
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 dt = time.perf_counter() - t0
                 n = cfg.log_every if self.step % cfg.log_every == 0 else self.step % cfg.log_every
-                row = {
-                    "step": self.step, "loss": loss_sum / n, "lr": self.scheduler.get_last_lr()[0],
-                    "tokens_per_s": tokens / dt, "samples_per_s": samples / dt, "s_per_step": dt / n,
-                }
+                row = self._row(loss_sum / n, tokens / dt, samples / dt, dt / n)
                 self.history.append(row)
                 acc.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=self.step)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}")
+                extra = {"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}
+                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}", **extra)
                 loss_sum, tokens, samples, t0 = 0.0, 0, 0, time.perf_counter()
             if self.eval_fn is not None and cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                 self._evaluate()
@@ -269,6 +318,19 @@ class Trainer:
             self._evaluate()
         acc.end_training()
         return self.history
+
+    def _row(self, loss: float, tokens_per_s: float, samples_per_s: float, s_per_step: float) -> dict[str, float]:
+        """One log point; throughput is this process's; ``mfu`` only where the peak is known (GPU)."""
+        lrs = self.scheduler.get_last_lr()
+        row = {"step": self.step, "loss": loss, "lr": lrs[0], "tokens_per_s": tokens_per_s,
+               "samples_per_s": samples_per_s, "s_per_step": s_per_step}
+        if self.cfg.lr_groups:
+            for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+                row.setdefault(f"lr/{group['name'].split('/')[0]}", lr)
+        util = mfu(self.num_params, tokens_per_s, self.peak)
+        if util is not None:
+            row["mfu"] = util
+        return row
 
     def _evaluate(self) -> None:
         self.model.eval()
