@@ -245,7 +245,14 @@ class MLLM(nn.Module):
         encoder tower through its own switch (timm / open_clip ``set_grad_checkpointing``, HF
         ``gradient_checkpointing_enable``). Returns the modules switched, which are logged."""
         options = {"use_reentrant": False}  # no need for inputs that require grad (frozen embeddings)
-        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+
+        def hf_enable(model: Any) -> None:  # transformers 5 renamed it; 4.x has the old name only
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+
+        hf_enable(self.llm)
         switched = ["llm"]
 
         def visit(module: nn.Module, name: str) -> None:
@@ -253,7 +260,7 @@ class MLLM(nn.Module):
                 module.set_grad_checkpointing(True)
                 switched.append(name)
             elif hasattr(module, "gradient_checkpointing_enable"):
-                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+                hf_enable(module)
                 switched.append(name)
             else:
                 for child_name, child in module.named_children():
