@@ -169,6 +169,10 @@ class FusionPart(Part):
     kind = "encoder_fusion"  # a fused encoder's fusion: {name: concat | comm | ftz | dbfusion | convgate, ...}
 
 
+class InjectorPart(Part):
+    kind = "injector"  # LLM-side fusion (mllm/injection): {name: gated_xattn | ffn_embed | pyramid, ...}
+
+
 # --- the run schema ----------------------------------------------------------------------------
 @dataclass
 class LLMConfig:
@@ -188,6 +192,8 @@ class ModelConfig:
     image_token: str = "<image>"
     template: str = "plain"  # prompt template name (train/data/templates.py)
     max_length: int = 192  # tokens per training sample after image expansion
+    splice: bool = True  # visual tokens spliced at <image>; false = the sequence holds text only
+    injectors: list[InjectorPart] = field(default_factory=list)  # LLM-side fusion, hooked in this order
 
 
 @dataclass

@@ -7,6 +7,11 @@ scattered into exactly those positions, and the LLM (held, not subclassed) runs 
 ``inputs_embeds``. The loss is the LLM's own next-token cross-entropy over ``labels != -100``.
 Text-only rows (``has_image`` false) hold no image tokens and get no image.
 
+Injectors (``model.injectors``, :mod:`mllm.injection`) hook the LLM's decoder layers and read a
+:class:`~mllm.injection.base.VisualContext` opened around each LLM call (one forward, or one whole
+``generate``); ``model.splice: false`` keeps visual tokens out of the sequence (then only the
+injectors see the image). An injector's auxiliary loss is added to the LM loss in training.
+
 LoRA (peft) wraps the LLM for parameter-efficient stages; :meth:`MLLM.save_pretrained` merges the
 adapters into the weights first (``merge_and_unload``), so a saved model is always a plain one that
 loads, exports and merges without peft.
@@ -30,8 +35,9 @@ from PIL import Image
 from torch import nn
 
 from mllm.config import LLMConfig, ModelConfig, from_dict, read_yaml, to_dict
-from mllm.registry import ENCODERS, PROJECTORS
-from train.data.templates import encode_prompt, get_template, image_token_id
+from mllm.injection.base import InjectionError, InjectionSpec, VisualContext, check_needs, inject
+from mllm.registry import ENCODERS, INJECTORS, PROJECTORS
+from train.data.templates import IGNORE_INDEX, encode_prompt, get_template, image_token_id
 
 log = logging.getLogger("mllm")
 
@@ -39,7 +45,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "mllm_config.yaml"
 LLM_DIR = "llm"  # the LLM's config.json (weights live in WEIGHTS_FILE under "llm.")
 TOKENIZER_DIR = "tokenizer"
-GROUPS = ("encoder", "projector", "llm")
+GROUPS = ("encoder", "projector", "llm", "injectors")  # "injectors" is counted only when there are some
 
 
 class ModelError(ValueError):
@@ -101,11 +107,24 @@ class MLLM(nn.Module):
             raise ModelError("tokenizer: a pad and an eos token are needed (padding and generation stop)")
         self.encoder = ENCODERS.build(cfg.encoder.name, cfg.encoder.cfg)
         self.llm = build_llm(cfg.llm, tokenizer, llm_config)
-        in_dim = self.encoder.embed_dim * len(self.encoder.layers)
+        kinds = [INJECTORS.get(part.name) for part in cfg.injectors]
+        try:
+            check_needs([(f"model.injectors[{i}] ({p.name})", INJECTORS.get(p.name).needs)
+                         for i, p in enumerate(cfg.injectors)], cfg.splice)
+        except InjectionError as err:
+            raise ModelError(str(err)) from err
+        if not cfg.splice and not kinds:
+            raise ModelError("model.splice is false and no model.injectors read the image: the LLM would never see it")
+        self._wants_tokens = cfg.splice or any("tokens" in k.needs for k in kinds)
+        # A per-layer consumer (DEHVF) projects one encoder layer at a time; otherwise layers are concatenated.
+        per_layer = any("layers" in k.needs for k in kinds)
+        in_dim = self.encoder.embed_dim * (1 if per_layer else len(self.encoder.layers))
         self.projector = PROJECTORS.build(
             cfg.projector.name, cfg.projector.cfg, in_dim=in_dim, out_dim=self.llm.config.get_text_config().hidden_size
         )
-        self.num_image_tokens: int = self.projector.num_output_tokens(self.encoder.num_patches)
+        self.num_visual_tokens: int = self.projector.num_output_tokens(self.encoder.num_patches)
+        self.num_image_tokens: int = self.num_visual_tokens if cfg.splice else 0  # image-token slots per image
+        self.injectors = nn.ModuleList(self._build_injectors())
         if self.llm.get_input_embeddings().num_embeddings < len(tokenizer):
             raise ModelError(f"model.llm: vocabulary smaller than the tokenizer's {len(tokenizer)} tokens")
 
@@ -121,21 +140,54 @@ class MLLM(nn.Module):
         """Block classes for FSDP: accelerate's TRANSFORMER_BASED_WRAP reads this when its config names none."""
         return [*(getattr(self.llm, "_no_split_modules", None) or []), self.encoder.fsdp_unit.__name__]
 
+    def _build_injectors(self) -> list[nn.Module]:
+        """Each configured injector, built from its config and the model's sizes, hooked into the LLM."""
+        rows_cols: tuple[int, int] | None
+        try:
+            rows_cols = tuple(self.encoder.grid_size)  # type: ignore[assignment]
+        except NotImplementedError:
+            rows_cols = None
+        grid_fn = getattr(self.projector, "output_grid", None)
+        if callable(grid_fn) and rows_cols is not None:
+            rows_cols = grid_fn(rows_cols)
+        elif rows_cols is None or rows_cols[0] * rows_cols[1] != self.num_visual_tokens:
+            rows_cols = None
+        text = self.llm.config.get_text_config()
+        spec = InjectionSpec(
+            hidden_size=text.hidden_size, num_layers=text.num_hidden_layers, num_visual_tokens=self.num_visual_tokens,
+            visual_grid=rows_cols, encoder_layers=tuple(self.encoder.layers), encoder_dim=self.encoder.embed_dim,
+        )
+        built = []
+        for i, part in enumerate(self.cfg.injectors):
+            try:
+                injector = INJECTORS.build(part.name, part.cfg, spec=spec)
+                injector.attach(self.llm)
+            except InjectionError as err:
+                raise ModelError(f"model.injectors[{i}]: {err}") from err
+            built.append(injector)
+        return built
+
     # --- the data path ------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W] -> [B, num_image_tokens, D_llm]``: tapped layers concatenated, projected."""
+        """``[B, 3, H, W] -> [B, num_visual_tokens, D_llm]``: tapped layers concatenated, projected."""
+        return self.project_layers(self.encoder_features(pixel_values))
+
+    def encoder_features(self, pixel_values: torch.Tensor) -> dict[int, torch.Tensor]:
         param = next(self.encoder.parameters())
-        feats = self.encoder(pixel_values.to(device=param.device, dtype=param.dtype))
-        tokens = torch.cat([feats[layer] for layer in self.encoder.layers], dim=-1)
-        return self.projector(tokens)
+        return self.encoder(pixel_values.to(device=param.device, dtype=param.dtype))
+
+    def project_layers(self, feats: dict[int, torch.Tensor]) -> torch.Tensor:
+        return self.projector(torch.cat([feats[layer] for layer in self.encoder.layers], dim=-1))
 
     def embed(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, has_image: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, has_image: torch.Tensor | None = None,
+        visual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Text embeddings with the projected visual tokens scattered into the image-token slots.
 
         ``pixel_values`` holds one image per row, or, with ``has_image`` (bool ``[B]``), one per row
-        whose flag is set, in row order; ``None`` when no row has an image.
+        whose flag is set, in row order; ``None`` when no row has an image. ``visual``: those
+        images' projected tokens when already computed. With ``splice: false``: text only.
         """
         rows = input_ids.shape[0]
         n_images = 0 if pixel_values is None else pixel_values.shape[0]
@@ -165,7 +217,9 @@ class MLLM(nn.Module):
                 blank = torch.zeros(1, 3, *self.encoder.image_size, device=embeds.device)
                 embeds = embeds + 0.0 * self.encode_images(blank).sum().to(embeds.dtype)
             return embeds
-        visual = self.encode_images(pixel_values).to(embeds.dtype)
+        if not self.cfg.splice:
+            return embeds
+        visual = (self.encode_images(pixel_values) if visual is None else visual).to(embeds.dtype)
         # masked_scatter fills slots in row-major order, so the i-th image lands in the i-th image row.
         return embeds.masked_scatter(image_mask.unsqueeze(-1), visual)
 
@@ -178,9 +232,41 @@ class MLLM(nn.Module):
         has_image: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
-        """The LLM's ``CausalLMOutputWithPast``; ``.loss`` is shifted cross-entropy over ``labels``."""
-        embeds = self.embed(input_ids, pixel_values, has_image)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+        """The LLM's ``CausalLMOutputWithPast``; ``.loss`` is shifted cross-entropy over ``labels``
+        (plus the injectors' auxiliary losses in training)."""
+        embeds, ctx = self._inputs(input_ids, attention_mask, pixel_values, has_image, labels)
+        with inject(self.injectors, ctx):
+            out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+            aux = [loss for injector in self.injectors if (loss := injector.aux_loss()) is not None]
+        if labels is not None and aux:
+            out.loss = out.loss + sum(aux)
+        return out
+
+    def _inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None,
+        has_image: torch.Tensor | None, labels: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, VisualContext | None]:
+        """``inputs_embeds`` and, with injectors, the visual context of this call.
+
+        The context's query tokens are the prompt: the attended tokens before the first supervised
+        label (all attended tokens without labels), exactly what ``generate`` prefills.
+        """
+        if not self.injectors:
+            return self.embed(input_ids, pixel_values, has_image), None
+        if pixel_values is None or (has_image is not None and not bool(has_image.all())):
+            raise ModelError("model.injectors need one image per row; this batch has text-only rows")
+        feats = self.encoder_features(pixel_values)
+        tokens = self.project_layers(feats) if self._wants_tokens else None
+        embeds = self.embed(input_ids, pixel_values, has_image, visual=tokens)
+        query = attention_mask.bool()
+        if labels is not None:
+            query = query & ((labels != IGNORE_INDEX).long().cumsum(dim=1) == 0)
+        ctx = VisualContext(
+            attention_mask=attention_mask, query_mask=query,
+            image_mask=(input_ids == self.image_token_id) if self.cfg.splice else None,
+            tokens=tokens, layers=feats, project=self.projector,
+        )
+        return embeds, ctx
 
     @torch.no_grad()
     def generate_ids(
@@ -199,12 +285,14 @@ class MLLM(nn.Module):
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
         attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
         pixel_values = torch.stack([self.preprocess(im) for im in images])
-        embeds = self.embed(input_ids, pixel_values)
+        embeds, ctx = self._inputs(input_ids, attention_mask, pixel_values, None, None)
         options = {"do_sample": False, "pad_token_id": pad, "eos_token_id": self.tokenizer.eos_token_id, **kwargs}
-        # Given inputs_embeds and no input_ids, a decoder-only LM returns only the new tokens.
-        return self.llm.generate(
-            inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens, **options
-        )
+        # Given inputs_embeds and no input_ids, a decoder-only LM returns only the new tokens. The
+        # visual context stays open for the whole call: prefill derives, cached decoding steps reuse.
+        with inject(self.injectors, ctx):
+            return self.llm.generate(
+                inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens, **options
+            )
 
     def generate(
         self, images: Sequence[Image.Image], prompts: Sequence[str], max_new_tokens: int = 32, **kwargs: Any
@@ -244,6 +332,9 @@ class MLLM(nn.Module):
         """Recompute activations in backward: the LLM through transformers (non-reentrant), each
         encoder tower through its own switch (timm / open_clip ``set_grad_checkpointing``, HF
         ``gradient_checkpointing_enable``). Returns the modules switched, which are logged."""
+        if self.injectors:
+            raise ModelError("gradient checkpointing with model.injectors: their hooks read a per-call visual "
+                             "context that is closed when backward recomputes the layers")
         options = {"use_reentrant": False}  # no need for inputs that require grad (frozen embeddings)
 
         def hf_enable(model: Any) -> None:  # transformers 5 renamed it; 4.x has the old name only
@@ -285,7 +376,8 @@ class MLLM(nn.Module):
         fusion = getattr(self.encoder, "fusion", None)
         if "fusion" in groups and not isinstance(fusion, nn.Module):
             raise ModelError("trainable lists 'fusion' but model.encoder has no fusion module (a fused encoder has)")
-        for name in GROUPS:
+        present = [name for name in GROUPS if name != "injectors" or len(self.injectors)]
+        for name in present:
             getattr(self, name).requires_grad_(name in groups)
         if "fusion" in groups:
             fusion.requires_grad_(True)
@@ -293,7 +385,7 @@ class MLLM(nn.Module):
             for pname, param in self.llm.named_parameters():
                 param.requires_grad_("lora_" in pname)
         counts = {}
-        for name in GROUPS:
+        for name in present:
             params = list(getattr(self, name).parameters())
             counts[name] = (sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
         lines = [f"{'group':<10} {'state':<9} {'params':>12} {'trainable':>12}"]

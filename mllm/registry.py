@@ -95,6 +95,13 @@ ENCODER_FUSIONS.register("convgate", "encoders.fusion.convgate:ConvGateFusion")
 PROJECTORS: Registry[Any] = Registry("projector")
 PROJECTORS.register("linear", "projectors.linear:LinearProjector")
 PROJECTORS.register("mlp", "projectors.mlp:MLPProjector")
+PROJECTORS.register("pool_adapter", "projectors.pool_adapter:PoolAdapterProjector")
+PROJECTORS.register("pyramid", "projectors.pyramid:PyramidPoolProjector")
+
+INJECTORS: Registry[Any] = Registry("injector")  # built as CLS(cfg, spec=InjectionSpec), then attach(llm)
+INJECTORS.register("gated_xattn", "mllm.injection.gated_xattn:GatedXAttnInjector")
+INJECTORS.register("ffn_embed", "mllm.injection.ffn_embed:FFNEmbedInjector")
+INJECTORS.register("pyramid", "mllm.injection.pyramid:PyramidInjector")
 
 # Merge methods are not config-built parts: each class exposes a pure per-tensor ``merge`` and its
 # params dataclass as ``config_cls`` (mllm/merge/methods/base.py), so the table is kept out of ALL_REGISTRIES.
@@ -124,5 +131,6 @@ ALL_REGISTRIES: dict[str, Registry[Any]] = {
     "encoder": ENCODERS,
     "encoder_fusion": ENCODER_FUSIONS,
     "projector": PROJECTORS,
+    "injector": INJECTORS,
     "eval_task": EVAL_TASKS,
 }

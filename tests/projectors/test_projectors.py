@@ -70,6 +70,6 @@ def test_mlp_rejects_bad_depth() -> None:
 @pytest.mark.parametrize("name", PROJECTORS.names())
 def test_registry_builds_every_projector(name: str) -> None:
     proj = PROJECTORS.build(name, PROJECTORS.config_cls(name)(), in_dim=8, out_dim=16)
-    out = proj(torch.randn(2, 4, 8))
-    assert out.shape == (2, proj.num_output_tokens(4), 16)
+    out = proj(torch.randn(2, 16, 8))  # a 4x4 patch grid: pooling projectors need a square grid
+    assert out.shape == (2, proj.num_output_tokens(16), 16)
     assert torch.isfinite(out).all()

@@ -1,0 +1,134 @@
+"""DEHVF: hierarchical visual features, selected per LLM layer, embedded in the layer's FFN (METHODS.md §2).
+
+INFERRED reconstruction — the DEHVF paper's fuser equations, insertion form and hyper-parameters
+could not be read (METHODS.md §0.4, §2.4); this follows §2.4 on top of MemVP's confirmed FFN memory
+(§2.3). For a chosen LLM block ``l`` with FFN input ``x_l = norm(h_l)`` ``[B, T, d]``:
+
+1. ``F_m`` ``[B, N, d_v]``: the encoder layers ``m in M`` the encoder taps (the per-layer dict).
+2. Layer query ``q_l = mean_t x_l[t]`` over the prompt tokens (``VisualContext.query_mask``),
+   computed at prefill and frozen for decoding, so decoding stays causal-consistent.
+3. Selection ``beta_l = softmax(W_l q_l / tau)`` ``[B, |M|]``; a per-layer ``W_l`` (zero init =
+   uniform weights); ``top_k > 0`` keeps the k largest weights, renormalised.
+4. ``Z_l = s_v * Proj(sum_m beta_{l,m} F_m)`` ``[B, N', d]`` with the MLLM's projector as the shared
+   ``Proj`` (built on one encoder layer's width) and ``s_v = 0.01`` (MemVP).
+5. MemVP memory beside the FFN, sharing its input norm:
+   ``out_l = h_l + FFN_l(x_l) + s * SiLU(x_l (Z_l + P_k)^T) (Z_l + P_v)``, ``s = 0.1``,
+   ``P_k ~ N(0, 0.02^2)``, ``P_v = 0`` (``[N', d]``, shared by all layers).
+
+No visual token enters the sequence (the MLLM runs with ``splice: false``): the LLM sees only text;
+a token pays ``O(N' d)`` per chosen layer instead of lengthening the sequence by ``N'``.
+Alternatives left open by §2.4 (per-token selection, separate key/value projections) are not built.
+
+Implemented as a forward hook on each chosen layer's ``mlp`` submodule (the FFN of Llama, Qwen,
+Mistral, Gemma and Phi layers): its input is ``x_l``, and the memory read is added to its output.
+``Z_l`` and ``beta_l`` are computed once per context (prefill) and reused while decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mllm.injection.base import (
+    InjectionError,
+    InjectionSpec,
+    Injector,
+    decoder_layers,
+    masked_mean,
+    resolve_llm_layers,
+)
+
+
+@dataclass
+class FFNEmbedConfig:
+    layers: list[int] = field(default_factory=list)  # LLM layers whose FFN gets visual memory; empty = all
+    temperature: float = 1.0  # tau of the layer-selection softmax
+    top_k: int = 0  # keep the k largest selection weights (renormalised); 0 = soft over all tapped layers
+    scale: float = 0.1  # s, MemVP's adapter_scale
+    visual_scale: float = 0.01  # s_v: Z = s_v * Proj(fused feature), as MemVP scales its visual prompts
+    pos_init_std: float = 0.02  # P_k ~ N(0, std^2); P_v starts at 0
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature: expected > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k: expected >= 0, got {self.top_k}")
+
+
+def select_weights(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
+    """``softmax(logits / tau)`` over encoder layers, optionally restricted to the ``top_k`` largest."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.softmax(logits / temperature, dim=-1)
+
+
+def memory_read(x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """MemVP's FFN-as-memory read: ``SiLU(x K^T) V`` for ``x`` ``[B, T, d]``, ``K, V`` ``[B, N, d]``."""
+    return F.silu(x @ keys.transpose(1, 2)) @ values
+
+
+class FFNEmbedInjector(Injector):
+    """Per-layer hierarchical visual memory in the FFNs of the chosen decoder layers."""
+
+    config_cls = FFNEmbedConfig
+    needs = frozenset({"layers"})
+
+    def __init__(self, cfg: FFNEmbedConfig, spec: InjectionSpec) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layer_ids = resolve_llm_layers(cfg.layers or range(spec.num_layers), spec.num_layers, "ffn_embed.layers")
+        self.encoder_layers = spec.encoder_layers
+        if cfg.top_k > len(spec.encoder_layers):
+            raise InjectionError(f"ffn_embed.top_k: {cfg.top_k} exceeds the {len(spec.encoder_layers)} tapped encoder layers")
+        self.select = nn.ModuleDict({str(i): nn.Linear(spec.hidden_size, len(spec.encoder_layers)) for i in self.layer_ids})
+        for lin in self.select.values():  # uniform selection at init
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        self.pos_k = nn.Parameter(torch.randn(spec.num_visual_tokens, spec.hidden_size) * cfg.pos_init_std)
+        self.pos_v = nn.Parameter(torch.zeros(spec.num_visual_tokens, spec.hidden_size))
+
+    def attach(self, llm: nn.Module) -> None:
+        layers = decoder_layers(llm)
+        for i in self.layer_ids:
+            mlp = getattr(layers[i], "mlp", None)
+            if not isinstance(mlp, nn.Module):
+                raise InjectionError(
+                    f"ffn_embed: decoder layer {i} ({type(layers[i]).__name__}) has no `mlp` FFN submodule to extend"
+                )
+            self._handles.append(mlp.register_forward_hook(partial(self._after_ffn, i)))
+
+    def memory(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(K_l, V_l, beta_l)`` of ``layer`` from its prefill FFN input ``x``; cached for the context."""
+        cached = self.state.get(layer)
+        if cached is not None:
+            return cached
+        ctx = self.check_batch(x)
+        if ctx.layers is None or ctx.project is None:
+            raise InjectionError("ffn_embed: the visual context carries no encoder layers / projector")
+        if x.shape[1] != ctx.query_mask.shape[1]:
+            raise InjectionError(
+                f"ffn_embed: the first LLM call of a context must be the prefill ({ctx.query_mask.shape[1]} "
+                f"tokens), got {x.shape[1]}"
+            )
+        lin = self.select[str(layer)]
+        query = masked_mean(x.to(lin.weight.dtype), ctx.query_mask.to(x.device))
+        beta = select_weights(lin(query), self.cfg.temperature, self.cfg.top_k)  # [B, |M|]
+        feats = torch.stack([ctx.layers[m] for m in self.encoder_layers], dim=1)  # [B, |M|, N, d_v]
+        fused = torch.einsum("bm,bmnd->bnd", beta.to(feats.dtype), feats)
+        z = self.cfg.visual_scale * ctx.project(fused).to(self.pos_k.dtype)
+        self.state[layer] = (z + self.pos_k, z + self.pos_v, beta)
+        return self.state[layer]
+
+    def _after_ffn(self, layer: int, _module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
+        if self.context is None:
+            return None
+        x = args[0]
+        keys, values, _ = self.memory(layer, x)
+        read = memory_read(x.to(keys.dtype), keys, values)
+        return output + (self.cfg.scale * read).to(output.dtype)

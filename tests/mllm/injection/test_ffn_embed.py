@@ -1,0 +1,106 @@
+"""DEHVF FFN memory: hand-computed selection and memory read, the hooked FFN against its equation,
+no visual token in the sequence, KV-cached generate."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mllm.injection.ffn_embed import memory_read, select_weights
+from mllm.model import MLLM, ModelError
+
+FAMILIES = ["llama", "qwen2"]
+DEHVF = {"name": "ffn_embed", "layers": [1, 3]}
+
+
+def test_select_weights_hand_computed() -> None:
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    e = [math.exp(v) for v in (1.0, 2.0, 3.0)]
+    torch.testing.assert_close(select_weights(logits, 1.0, 0), torch.tensor([[v / sum(e) for v in e]]))
+    # top-2 of [1, 2, 3] at tau = 2: softmax over [2/2, 3/2] only
+    a, b = math.exp(1.0), math.exp(1.5)
+    torch.testing.assert_close(select_weights(logits, 2.0, 2), torch.tensor([[0.0, a / (a + b), b / (a + b)]]))
+
+
+def test_memory_read_hand_computed() -> None:
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    keys = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
+    values = torch.tensor([[[1.0, 1.0], [2.0, -1.0]]])
+    silu = [v / (1.0 + math.exp(-v)) for v in (1.0, 2.0)]
+    # token 0: scores [1, 0] -> SiLU [silu(1), 0]; token 1: scores [0, 2] -> [0, silu(2)]
+    expected = torch.tensor([[[silu[0], silu[0]], [2.0 * silu[1], -silu[1]]]])
+    torch.testing.assert_close(memory_read(x, keys, values), expected)
+
+
+@pytest.fixture(params=FAMILIES)
+def model(request: pytest.FixtureRequest, kit: Any, word_tokenizer: Any) -> MLLM:
+    return kit.build(word_tokenizer, request.param, [DEHVF], splice=False, layers=[0, 1])
+
+
+def test_llm_sees_only_text_tokens(model: MLLM, kit: Any) -> None:
+    assert model.num_image_tokens == 0 and model.num_visual_tokens == 16
+    assert model.projector.in_dim == 32  # one encoder layer's width: the fuser's output is projected
+    batch = kit.prompt_batch(model, kit.images(1)[0], "how many?", [7])
+    assert (batch["input_ids"] != model.image_token_id).all()
+    lengths = []
+    model.llm.get_decoder().layers[0].register_forward_pre_hook(lambda _m, args: lengths.append(args[0].shape[1]))
+    with torch.no_grad():
+        out = model(**batch)
+    assert lengths == [batch["input_ids"].shape[1]] and out.logits.shape[1] == batch["input_ids"].shape[1]
+    other = {**batch, "pixel_values": model.preprocess(kit.images(2)[1])[None]}
+    with torch.no_grad():
+        assert not torch.allclose(model(**other).logits, out.logits)  # the image reaches the logits
+
+
+def test_hooked_ffn_equals_the_equation(model: MLLM, kit: Any) -> None:
+    injector = model.injectors[0]
+    with torch.no_grad():
+        injector.select["3"].weight.normal_()  # a non-uniform, prompt-dependent selection in layer 3
+    batch = kit.prompt_batch(model, kit.images(1)[0], "what colour is the circle?", [9, 2])
+    mlp = model.llm.get_decoder().layers[3].mlp
+    seen = {}
+    mlp.register_forward_hook(lambda _m, args, out: seen.update(x=args[0], out=out))  # after the injector's hook
+    with torch.no_grad():
+        model(**batch)
+        x = seen["x"]
+        prompt = (batch["labels"] == -100)[0]  # query = mean of x over the prompt tokens
+        q = x[0, prompt].mean(0, keepdim=True)
+        beta = torch.softmax(injector.select["3"](q), dim=-1)
+        feats = model.encoder_features(batch["pixel_values"])
+        fused = beta[0, 0] * feats[0] + beta[0, 1] * feats[1]
+        z = 0.01 * model.projector(fused)
+        read = F.silu(x @ (z + injector.pos_k).transpose(1, 2)) @ (z + injector.pos_v)
+        torch.testing.assert_close(seen["out"], mlp.forward(x) + 0.1 * read)
+    assert not torch.allclose(beta, torch.full_like(beta, 0.5))
+
+
+def test_generate_matches_teacher_forcing_and_reuses_the_memory(model: MLLM, kit: Any) -> None:
+    calls = []
+    model.projector.register_forward_hook(lambda *_: calls.append(1))
+    model.generate_ids(kit.images(1), ["how many?"], max_new_tokens=5)
+    assert len(calls) == 2  # Z_l of the 2 memory layers, once for all decoding steps
+    kit.assert_generate_matches_teacher_forcing(model)
+    kit.assert_batch_equals_one_by_one(model)
+
+
+def test_memory_trains(model: MLLM, kit: Any) -> None:
+    model.train()
+    model.zero_grad()
+    model(**kit.prompt_batch(model, kit.images(1)[0], "how many?", [7, 2])).loss.backward()
+    injector = model.injectors[0]
+    for param in (injector.pos_k, injector.pos_v, injector.select["1"].weight, *model.projector.parameters()):
+        assert param.grad is not None and param.grad.abs().sum() > 0
+    model.eval()
+
+
+def test_configuration_errors(kit: Any, word_tokenizer: Any) -> None:
+    with pytest.raises(ModelError, match=r"model.injectors\[0\] \(ffn_embed\).*model.splice is true"):
+        kit.build(word_tokenizer, "llama", [DEHVF], splice=True)
+    with pytest.raises(ModelError, match="top_k: 3 exceeds the 2 tapped encoder layers"):
+        kit.build(word_tokenizer, "llama", [{**DEHVF, "top_k": 3}], splice=False, layers=[0, 1])
+    with pytest.raises(ModelError, match="layer 4 is out of range for a 4-layer LLM"):
+        kit.build(word_tokenizer, "llama", [{**DEHVF, "layers": [4]}], splice=False)

@@ -1,0 +1,86 @@
+"""Gated cross-attention: hand-computed block, exact identity at init, visual flow, KV-cached generate."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+
+from mllm.injection.base import InjectionSpec
+from mllm.injection.gated_xattn import GatedXAttnBlock, GatedXAttnConfig, GatedXAttnInjector
+
+FAMILIES = ["llama", "qwen2"]
+XATTN = {"name": "gated_xattn", "heads": 2, "dim_head": 8, "ff_mult": 2}
+SPEC = InjectionSpec(hidden_size=8, num_layers=6, num_visual_tokens=4, visual_grid=(2, 2), encoder_layers=(0,),
+                     encoder_dim=8)
+
+
+def test_block_hand_computed() -> None:
+    block = GatedXAttnBlock(dim=2, heads=1, dim_head=2, ff_mult=1, gate_init=0.0)
+    with torch.no_grad():
+        for lin in (block.to_q, block.to_out):
+            lin.weight.copy_(torch.eye(2))
+        block.to_kv.weight.copy_(torch.cat([torch.eye(2), torch.eye(2)]))
+        block.attn_gate.fill_(math.atanh(0.5))  # tanh(a_x) = 0.5; the FFW gate stays closed
+    y = torch.tensor([[[1.0, -1.0]]])
+    visual = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    # LN(y) = [1, -1] (up to eps); scores = [1, -1] / sqrt(2); softmax -> [w, 1 - w]; values = visual rows
+    ln = 1.0 / math.sqrt(1.0 + 1e-5)
+    w = 1.0 / (1.0 + math.exp(-2.0 * ln / math.sqrt(2.0)))
+    expected = torch.tensor([[[1.0 + 0.5 * w, -1.0 + 0.5 * (1.0 - w)]]])
+    torch.testing.assert_close(block(y, block.keys_values(visual)), expected)
+
+
+def test_closed_gates_train_the_gates_first() -> None:
+    block = GatedXAttnBlock(dim=4, heads=2, dim_head=2, ff_mult=2, gate_init=0.0)
+    y, visual = torch.randn(2, 3, 4), torch.randn(2, 5, 4)
+    out = block(y, block.keys_values(visual))
+    assert torch.equal(out, y)
+    out.square().sum().backward()
+    assert block.attn_gate.grad.abs() > 0 and block.ff_gate.grad.abs() > 0
+    assert block.to_q.weight.grad.abs().sum() == 0 and block.ff[1].weight.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("cfg, layers", [
+    (GatedXAttnConfig(), [0, 1, 2, 3, 4, 5]),
+    (GatedXAttnConfig(every=2), [1, 3, 5]),  # OpenFlamingo: (i + 1) % every == 0
+    (GatedXAttnConfig(every=4), [3]),
+    (GatedXAttnConfig(layers=[-1, 0, 0]), [0, 5]),
+])
+def test_layer_choice(cfg: GatedXAttnConfig, layers: list[int]) -> None:
+    assert GatedXAttnInjector(cfg, SPEC).layer_ids == layers
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("splice", [False, True])
+def test_logits_identical_to_plain_llm_at_init(kit: Any, word_tokenizer: Any, family: str, splice: bool) -> None:
+    model = kit.build(word_tokenizer, family, [XATTN], splice=splice)
+    batch = kit.prompt_batch(model, kit.images(1)[0], "how many?", [7, 8])
+    with torch.no_grad():
+        ours = model(**batch).logits
+        plain = model.llm(inputs_embeds=model.embed(batch["input_ids"], batch["pixel_values"]),
+                          attention_mask=batch["attention_mask"]).logits  # no visual context: hooks idle
+    assert torch.equal(ours, plain)
+    if not splice:
+        other = {**batch, "pixel_values": model.preprocess(kit.images(2)[1])[None]}
+        with torch.no_grad():
+            assert torch.equal(model(**other).logits, ours)  # closed gates: the image has no effect yet
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_open_gates_carry_the_image_and_generate_uses_the_cache(kit: Any, word_tokenizer: Any, family: str) -> None:
+    model = kit.build(word_tokenizer, family, [{**XATTN, "gate_init": 0.7, "every": 2}], splice=False)
+    assert model.num_image_tokens == 0 and model.num_visual_tokens == 16
+    a, b = (kit.prompt_batch(model, im, "how many?", [7]) for im in kit.images(2))
+    with torch.no_grad():
+        assert not torch.allclose(model(**a).logits, model(**b).logits)
+    calls = []
+    for block in model.injectors[0].blocks.values():
+        original = block.keys_values
+        block.keys_values = lambda v, _f=original: calls.append(1) or _f(v)
+    model.generate_ids(kit.images(1), ["how many?"], max_new_tokens=5)
+    assert len(calls) == 2  # the visual keys/values of each of the 2 blocks, once for all decoding steps
+    kit.assert_generate_matches_teacher_forcing(model)
+    kit.assert_batch_equals_one_by_one(model)
