@@ -67,6 +67,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward (LLM and encoder)
     group_by_length: int = 0  # > 0: steps per length-sorted mega-batch (train/sampler.py); 0 = off
     peak_tflops: float | None = None  # per-device peak for MFU; None = known GPUs' bf16 peak, no MFU on CPU
+    # DDP: tolerate trainable parameters outside a step's graph (e.g. an encoder's final norm that no tapped
+    # layer uses); false saves a graph walk per step when every trainable parameter is always used.
+    find_unused_parameters: bool = True
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.batch_size <= 0 or self.micro_batch_size <= 0:
@@ -187,19 +190,20 @@ class Trainer:
     ) -> None:
         """``dataset``: random access (a Sequence), or an iterable read as a stream; ``lengths``: per
         sample, for ``cfg.group_by_length``."""
-        from accelerate import Accelerator, PartialState
-        from accelerate.utils import DataLoaderConfiguration, set_seed
+        from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 
         self.cfg, self.out_dir, self.eval_fn = cfg, Path(out_dir), eval_fn
-        self.accum = cfg.accumulation(PartialState().num_processes)
         self.accelerator = Accelerator(
-            gradient_accumulation_steps=self.accum,
             mixed_precision=cfg.mixed_precision,
             log_with="tensorboard",
             project_dir=str(self.out_dir),
             # Our schedule counts optimizer steps: step it once per step, not once per process.
             dataloader_config=DataLoaderConfiguration(split_batches=True),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)],
         )
+        self.accum = cfg.accumulation(self.accelerator.num_processes)
+        self.accelerator.gradient_accumulation_steps = self.accum  # before prepare: DeepSpeed reads it there
         set_seed(cfg.seed)
         if cfg.group_by_length and (lengths is None or not isinstance(dataset, Sized)):
             raise TrainingError("train.group_by_length needs a random-access data set with sample lengths")
@@ -274,7 +278,7 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         self.model.train()
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not acc.is_local_main_process, desc="train")
-        loss_sum, tokens, samples, t0 = 0.0, 0, 0, time.perf_counter()
+        loss_sum, tokens, samples, since, t0 = 0.0, 0, 0, 0, time.perf_counter()  # since the last log
         batches = iter(self._loader())
         while self.step < cfg.steps:
             for _ in range(self.accum):
@@ -297,15 +301,18 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             bar.update(1)
+            since += 1
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 dt = time.perf_counter() - t0
-                n = cfg.log_every if self.step % cfg.log_every == 0 else self.step % cfg.log_every
-                row = self._row(loss_sum / n, tokens / dt, samples / dt, dt / n)
+                # Over all processes: the mean loss, and the tokens / samples they processed together.
+                totals = acc.reduce(torch.tensor([loss_sum, tokens, samples], dtype=torch.float64, device=acc.device),
+                                    reduction="sum").tolist()
+                row = self._row(totals[0] / acc.num_processes / since, totals[1] / dt, totals[2] / dt, dt / since)
                 self.history.append(row)
                 acc.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=self.step)
                 extra = {"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}
                 bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}", **extra)
-                loss_sum, tokens, samples, t0 = 0.0, 0, 0, time.perf_counter()
+                loss_sum, tokens, samples, since, t0 = 0.0, 0, 0, 0, time.perf_counter()
             if self.eval_fn is not None and cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                 self._evaluate()
                 t0 = time.perf_counter()
@@ -320,14 +327,14 @@ class Trainer:
         return self.history
 
     def _row(self, loss: float, tokens_per_s: float, samples_per_s: float, s_per_step: float) -> dict[str, float]:
-        """One log point; throughput is this process's; ``mfu`` only where the peak is known (GPU)."""
+        """One log point (throughput over all processes); ``mfu`` per device, where its peak is known."""
         lrs = self.scheduler.get_last_lr()
         row = {"step": self.step, "loss": loss, "lr": lrs[0], "tokens_per_s": tokens_per_s,
                "samples_per_s": samples_per_s, "s_per_step": s_per_step}
         if self.cfg.lr_groups:
             for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
                 row.setdefault(f"lr/{group['name'].split('/')[0]}", lr)
-        util = mfu(self.num_params, tokens_per_s, self.peak)
+        util = mfu(self.num_params, tokens_per_s / self.accelerator.num_processes, self.peak)
         if util is not None:
             row["mfu"] = util
         return row
