@@ -103,14 +103,31 @@ def train(
     train_seconds = time.perf_counter() - t0
     result: dict[str, Any] = {"train_seconds": train_seconds, "history": history,
                               "skipped_samples": collator.skipped}
+    model = _full_model(trainer, cfg, tokenizer)
     if not trainer.accelerator.is_main_process:  # one process writes the model and evaluates
         return result
-    model = trainer.unwrapped()
     model.save_pretrained(out_dir / "model")  # LoRA adapters are merged into the weights here
     if evaluate:
         result["eval"] = evaluate_model(model, cfg, out_dir / "eval")
     atomic_write_text(out_dir / "train_summary.json", json.dumps(result, indent=2))
     return result
+
+
+def _full_model(trainer: Any, cfg: RunConfig, tokenizer: Any) -> Any:
+    """The trained model, whole: under FSDP every process holds a shard, so the full state dict is
+    gathered (a collective: all processes call this) into a fresh copy on the main process."""
+    from accelerate.utils import DistributedType
+
+    acc = trainer.accelerator
+    if acc.distributed_type != DistributedType.FSDP:
+        return trainer.unwrapped()
+    state = acc.get_state_dict(trainer.model)
+    if not acc.is_main_process:
+        return None
+    model = build_model(cfg, tokenizer)
+    freeze(model, cfg)  # the same LoRA wrapping, so the parameter names match
+    model.load_state_dict(state)
+    return model
 
 
 def _periodic_eval(model: Any, cfg: RunConfig, out_dir: Path) -> Any:
