@@ -58,6 +58,23 @@ def freeze(model: Any, cfg: RunConfig) -> dict[str, tuple[int, int]]:
     return model.set_trainable(groups)
 
 
+def load_weights(model: Any, folder: Path) -> None:
+    """Every tensor of a saved model (``save_pretrained``'s folder) into ``model``: how a stage starts
+    from the previous one. The architectures must match exactly; LoRA is added after this."""
+    from safetensors.torch import load_model
+
+    from mllm.model import WEIGHTS_FILE
+
+    file = folder / WEIGHTS_FILE
+    if not file.is_file():
+        raise ConfigError(f"train.init_from: {file} not found (expected a folder written by save_pretrained)")
+    try:
+        load_model(model, str(file), strict=True)
+    except RuntimeError as err:
+        raise ConfigError(f"train.init_from: {file} does not fit this model's architecture: {err}") from err
+    log.info("initialised from %s", file)
+
+
 def load_train_data(cfg: RunConfig) -> Any:
     """``train_data`` (LLaVA JSON / datasets) when configured, else ShapesWorld's train split."""
     if cfg.train_data is not None:
@@ -91,6 +108,8 @@ def train(
     tokenizer = build_tokenizer_for(cfg, data if cfg.train_data is not None else None)
     set_seed(cfg.train.seed)  # the random init is a function of the config, in every process and run
     model = build_model(cfg, tokenizer)
+    if cfg.train.init_from is not None:
+        load_weights(model, Path(cfg.train.init_from))
     freeze(model, cfg)
     if cfg.train.gradient_checkpointing:
         model.enable_gradient_checkpointing()

@@ -61,6 +61,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate)
     trainable: list[str] = field(default_factory=lambda: list(DEFAULT_TRAINABLE))  # groups, when no stage
     stage: str | None = None  # align | instruct: a named freeze plan (train/stages.py) instead of trainable
+    init_from: str | None = None  # a saved model folder (e.g. stage 1's RUN/model) whose weights start this run
     unfreeze_encoder: bool = False  # with a stage: the vision encoder trains too
     lora: LoraConfig | None = None  # LoRA adapters on the LLM (peft) instead of training it in full
     lr_groups: dict[str, float] = field(default_factory=dict)  # peak lr by parameter-name prefix, e.g. llm: 2e-5

@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from accelerate.utils import set_seed
 from PIL import Image
 from safetensors.torch import load_file
 
 from mllm import run
-from mllm.config import load_config
+from mllm.config import ConfigError, load_config
 from mllm.model import MLLM
 
 TINY = [
@@ -58,3 +59,24 @@ def test_train_on_llava_json(tmp_path: Path) -> None:
     start = run.build_model(cfg, model.tokenizer).state_dict()
     moved = sorted({name.split(".")[0] for name in trained if not torch.equal(trained[name], start[name])})
     assert moved == ["projector"]
+
+
+def test_instruct_stage_starts_from_the_align_stage(tmp_path: Path) -> None:
+    """Stage 2 (LoRA on the LLM, projector at a negligible lr) loads stage 1's model: its projector
+    stays at stage 1's values, not at the fresh init, and the saved LLM has the adapters merged in."""
+    data = _write_data(tmp_path)
+    common = [*TINY, f"train_data.path={data}"]
+    run.train("tiny", tmp_path / "stage1", common, evaluate=False)
+    stage2 = [*[o for o in common if not o.startswith("train.stage")], "train.stage=instruct",
+              "train.lora.r=2", f"train.init_from={tmp_path / 'stage1' / 'model'}", "train.lr_groups.projector=1.0e-12"]
+    run.train("tiny", tmp_path / "stage2", stage2, evaluate=False)
+    one = load_file(str(tmp_path / "stage1" / "model" / "model.safetensors"))
+    two = load_file(str(tmp_path / "stage2" / "model" / "model.safetensors"))
+    assert one.keys() == two.keys()  # merged: no LoRA tensors left
+    for name in one:
+        if name.startswith(("projector.", "encoder.")):
+            torch.testing.assert_close(two[name], one[name], atol=1e-8, rtol=0)
+    assert any(not torch.equal(one[n], two[n]) for n in one if n.startswith("llm.model.layers."))
+    bad = [*stage2[:-2], f"train.init_from={tmp_path}"]
+    with pytest.raises(ConfigError, match=f"train.init_from: {tmp_path / 'model.safetensors'} not found"):
+        run.train("tiny", tmp_path / "stage3", bad, evaluate=False)
