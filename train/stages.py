@@ -2,13 +2,14 @@
 
 The named plans follow LLaVA-1.5's recipe (Liu et al. 2023, "Improved Baselines"):
 
-* ``align`` (stage 1, feature alignment): the projector (and a fused encoder's fusion module)
-  trains; the vision encoder and the LLM stay frozen.
-* ``instruct`` (stage 2, visual instruction tuning): projector (+ fusion) and the LLM train, in
-  full or, with ``train.lora``, through LoRA adapters only (peft).
+* ``align`` (stage 1, feature alignment): the projector (and the fusion parts, where the model has
+  them: a fused encoder's fusion module, LLM-side injectors) trains; the vision encoder and the LLM
+  stay frozen.
+* ``instruct`` (stage 2, visual instruction tuning): projector (+ fusion parts) and the LLM train,
+  in full or, with ``train.lora``, through LoRA adapters only (peft).
 
 ``train.unfreeze_encoder`` adds the vision encoder to either plan. Without a stage, ``train.trainable``
-lists the groups directly (``encoder``, ``projector``, ``llm``, ``fusion``). Per-group learning
+lists the groups directly (``encoder``, ``projector``, ``llm``, ``fusion``, ``injectors``). Per-group learning
 rates are ``train.lr_groups``, keyed by parameter-name prefix (see :func:`train.trainer.param_groups`).
 The model applies a plan (``MLLM.set_trainable``), which logs the trainable / frozen table.
 """
@@ -18,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 STAGES: dict[str, tuple[str, ...]] = {
-    "align": ("projector", "fusion"),
-    "instruct": ("projector", "fusion", "llm"),
+    "align": ("projector", "fusion", "injectors"),
+    "instruct": ("projector", "fusion", "injectors", "llm"),
 }
 DEFAULT_TRAINABLE = ("encoder", "projector", "llm")
 

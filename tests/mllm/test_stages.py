@@ -119,6 +119,16 @@ def test_freeze_plans(word_tokenizer: Any, caplog: pytest.LogCaptureFixture) -> 
     assert f"llm        partial   {sizes['llm'] + lora_params:>12,} {lora_params:>12,}" in caplog.text
 
 
+def test_align_trains_llm_side_injectors(word_tokenizer: Any) -> None:
+    cfg = _run_cfg(stage="align")
+    cfg.model = from_dict(ModelConfig, {**MODEL, "splice": False, "injectors": [
+        {"name": "gated_xattn", "every": 1, "heads": 2, "dim_head": 8, "ff_mult": 1}]})
+    model = MLLM(cfg.model, word_tokenizer)
+    counts = run.freeze(model, cfg)
+    assert counts["injectors"][0] == counts["injectors"][1] > 0
+    assert counts["projector"][0] > 0 and counts["llm"][0] == counts["encoder"][0] == 0
+
+
 @pytest.mark.parametrize(
     "train, message",
     [({"stage": "pretrain"}, "stage: expected one of align, instruct"),
