@@ -207,7 +207,9 @@ class Trainer:
         self.accelerator.gradient_accumulation_steps = self.accum  # before prepare: DeepSpeed reads it there
         set_seed(cfg.seed)
         if cfg.group_by_length and (lengths is None or not isinstance(dataset, Sized)):
-            raise TrainingError("train.group_by_length needs a random-access data set with sample lengths")
+            raise TrainingError(
+                "train.group_by_length needs a random-access data set with sample lengths (train_data, not streamed)"
+            )
         self.dataset, self.collate_fn, self.lengths = dataset, collate_fn, lengths
         self.num_params = sum(p.numel() for p in model.parameters())  # before any sharding
         self.peak = peak_flops(self.accelerator.device, cfg.peak_tflops)
