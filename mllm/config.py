@@ -195,6 +195,22 @@ class ModelConfig:
     splice: bool = True  # visual tokens spliced at <image>; false = the sequence holds text only
     injectors: list[InjectorPart] = field(default_factory=list)  # LLM-side fusion, hooked in this order
 
+    def __post_init__(self) -> None:
+        fused_parts(self.encoder, "model.encoder")  # a fused encoder's towers/fusion are checked at load
+
+
+def fused_parts(part: EncoderPart, where: str) -> tuple[list[EncoderPart], FusionPart] | None:
+    """A fused encoder's validated tower and fusion parts (``None`` for a plain encoder).
+
+    ``encoders/fused.py`` keeps them as plain mappings (it may not import this module), so the roof
+    checks them here, at config load, and the model builds them from the result.
+    """
+    towers = getattr(part.cfg, "towers", None)
+    if part.name != "fused" or towers is None:
+        return None
+    built = [EncoderPart.from_value(t, f"{where}.towers[{i}]") for i, t in enumerate(towers)]
+    return built, FusionPart.from_value(part.cfg.fusion, f"{where}.fusion")
+
 
 @dataclass
 class RunConfig:

@@ -34,9 +34,9 @@ import yaml
 from PIL import Image
 from torch import nn
 
-from mllm.config import LLMConfig, ModelConfig, from_dict, read_yaml, to_dict
+from mllm.config import EncoderPart, LLMConfig, ModelConfig, from_dict, fused_parts, read_yaml, to_dict
 from mllm.injection.base import InjectionError, InjectionSpec, VisualContext, check_needs, inject
-from mllm.registry import ENCODERS, INJECTORS, PROJECTORS
+from mllm.registry import ENCODER_FUSIONS, ENCODERS, INJECTORS, PROJECTORS
 from train.data.templates import IGNORE_INDEX, encode_prompt, get_template, image_token_id
 
 log = logging.getLogger("mllm")
@@ -62,6 +62,31 @@ def resolve_attn_implementation(requested: str) -> str:
              "installed" if importlib.util.find_spec("flash_attn") else "not installed",
              "available" if torch.cuda.is_available() else "not available")
     return choice
+
+
+def build_encoder(part: EncoderPart, where: str = "model.encoder") -> nn.Module:
+    """An encoder from its part; a fused encoder gets its towers built here and a fusion factory
+    (the fusion is sized from the towers' feature specs), since ``encoders/`` cannot import the registry."""
+    fused = fused_parts(part, where)
+    if fused is None:
+        return ENCODERS.build(part.name, part.cfg)
+    from encoders.fused import FusedEncoder
+
+    tower_parts, fusion = fused
+    towers = [build_encoder(t, f"{where}.towers[{i}]") for i, t in enumerate(tower_parts)]
+    return FusedEncoder(part.cfg, towers, lambda specs: ENCODER_FUSIONS.build(fusion.name, fusion.cfg, inputs=specs))
+
+
+def _without_weight_files(part: EncoderPart) -> EncoderPart:
+    """The part with every ``weights`` file dropped (top level and towers): a checkpoint's own tensors
+    supersede them, and the original files may be gone. Folders holding an architecture (``path``) stay."""
+    cfg = part.cfg
+    if hasattr(cfg, "weights"):
+        cfg = dataclasses.replace(cfg, weights=None)
+    if fused_parts(part, "model.encoder") is not None:
+        towers = [{k: v for k, v in t.items() if k != "weights"} for t in cfg.towers]
+        cfg = dataclasses.replace(cfg, towers=towers)
+    return type(part)(part.name, cfg)
 
 
 def build_llm(cfg: LLMConfig, tokenizer: Any, llm_config: Any = None) -> nn.Module:
@@ -105,7 +130,7 @@ class MLLM(nn.Module):
         self.image_token_id = image_token_id(tokenizer, cfg.image_token)
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
             raise ModelError("tokenizer: a pad and an eos token are needed (padding and generation stop)")
-        self.encoder = ENCODERS.build(cfg.encoder.name, cfg.encoder.cfg)
+        self.encoder = build_encoder(cfg.encoder)
         self.llm = build_llm(cfg.llm, tokenizer, llm_config)
         kinds = [INJECTORS.get(part.name) for part in cfg.injectors]
         try:
@@ -118,7 +143,7 @@ class MLLM(nn.Module):
         self._wants_tokens = cfg.splice or any("tokens" in k.needs for k in kinds)
         # A per-layer consumer (DEHVF) projects one encoder layer at a time; otherwise layers are concatenated.
         per_layer = any("layers" in k.needs for k in kinds)
-        in_dim = self.encoder.embed_dim * (1 if per_layer else len(self.encoder.layers))
+        in_dim = self.encoder.embed_dim if per_layer else sum(self.encoder.layer_dims.values())
         self.projector = PROJECTORS.build(
             cfg.projector.name, cfg.projector.cfg, in_dim=in_dim, out_dim=self.llm.config.get_text_config().hidden_size
         )
@@ -443,9 +468,7 @@ class MLLM(nn.Module):
             if not (root / name).exists():
                 raise FileNotFoundError(f"{root / name}: missing from the checkpoint (written by save_pretrained)")
         cfg = from_dict(ModelConfig, read_yaml(root / CONFIG_FILE), where=str(root / CONFIG_FILE))
-        # The saved tensors supersede the encoder's original weights file, which may be gone.
-        if dataclasses.is_dataclass(cfg.encoder.cfg) and hasattr(cfg.encoder.cfg, "weights"):
-            cfg.encoder.cfg = dataclasses.replace(cfg.encoder.cfg, weights=None)
+        cfg = dataclasses.replace(cfg, encoder=_without_weight_files(cfg.encoder))
         tokenizer = AutoTokenizer.from_pretrained(str(root / TOKENIZER_DIR), local_files_only=True)
         llm_config = AutoConfig.from_pretrained(str(root / LLM_DIR), local_files_only=True)
         model = cls(cfg, tokenizer, llm_config=llm_config)
