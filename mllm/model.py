@@ -35,7 +35,15 @@ from PIL import Image
 from torch import nn
 
 from mllm.config import EncoderPart, LLMConfig, ModelConfig, from_dict, fused_parts, read_yaml, to_dict
-from mllm.injection.base import InjectionError, InjectionSpec, VisualContext, check_needs, inject
+from mllm.injection.base import (
+    InjectionError,
+    InjectionSpec,
+    VisualContext,
+    build_injectors,
+    check_needs,
+    inject,
+    visual_grid,
+)
 from mllm.registry import ENCODER_FUSIONS, ENCODERS, INJECTORS, PROJECTORS
 from train.data.templates import IGNORE_INDEX, encode_prompt, get_template, image_token_id
 
@@ -132,24 +140,34 @@ class MLLM(nn.Module):
             raise ModelError("tokenizer: a pad and an eos token are needed (padding and generation stop)")
         self.encoder = build_encoder(cfg.encoder)
         self.llm = build_llm(cfg.llm, tokenizer, llm_config)
-        kinds = [INJECTORS.get(part.name) for part in cfg.injectors]
+        needs = [(f"model.injectors[{i}] ({p.name})", INJECTORS.get(p.name).needs) for i, p in enumerate(cfg.injectors)]
         try:
-            check_needs([(f"model.injectors[{i}] ({p.name})", INJECTORS.get(p.name).needs)
-                         for i, p in enumerate(cfg.injectors)], cfg.splice)
+            check_needs(needs, cfg.splice)
         except InjectionError as err:
             raise ModelError(str(err)) from err
-        if not cfg.splice and not kinds:
+        if not cfg.splice and not needs:
             raise ModelError("model.splice is false and no model.injectors read the image: the LLM would never see it")
-        self._wants_tokens = cfg.splice or any("tokens" in k.needs for k in kinds)
+        self._wants_tokens = cfg.splice or any("tokens" in n for _, n in needs)
         # A per-layer consumer (DEHVF) projects one encoder layer at a time; otherwise layers are concatenated.
-        per_layer = any("layers" in k.needs for k in kinds)
+        per_layer = any("layers" in n for _, n in needs)
+        if per_layer and len(set(self.encoder.layer_dims.values())) != 1:
+            raise ModelError(f"model.encoder: layers of widths {self.encoder.layer_dims} cannot be mixed per LLM layer")
         in_dim = self.encoder.embed_dim if per_layer else sum(self.encoder.layer_dims.values())
         self.projector = PROJECTORS.build(
             cfg.projector.name, cfg.projector.cfg, in_dim=in_dim, out_dim=self.llm.config.get_text_config().hidden_size
         )
         self.num_visual_tokens: int = self.projector.num_output_tokens(self.encoder.num_patches)
         self.num_image_tokens: int = self.num_visual_tokens if cfg.splice else 0  # image-token slots per image
-        self.injectors = nn.ModuleList(self._build_injectors())
+        text = self.llm.config.get_text_config()
+        spec = InjectionSpec(
+            hidden_size=text.hidden_size, num_layers=text.num_hidden_layers, num_visual_tokens=self.num_visual_tokens,
+            visual_grid=visual_grid(self.encoder, self.projector, self.num_visual_tokens),
+            encoder_layers=tuple(self.encoder.layers), encoder_dim=self.encoder.embed_dim,
+        )
+        try:  # each injector built from its config and these sizes, then hooked into the LLM
+            self.injectors = nn.ModuleList(build_injectors(cfg.injectors, spec, self.llm))
+        except InjectionError as err:
+            raise ModelError(str(err)) from err
         if self.llm.get_input_embeddings().num_embeddings < len(tokenizer):
             raise ModelError(f"model.llm: vocabulary smaller than the tokenizer's {len(tokenizer)} tokens")
 
@@ -164,33 +182,6 @@ class MLLM(nn.Module):
     def _no_split_modules(self) -> list[str]:
         """Block classes for FSDP: accelerate's TRANSFORMER_BASED_WRAP reads this when its config names none."""
         return [*(getattr(self.llm, "_no_split_modules", None) or []), self.encoder.fsdp_unit.__name__]
-
-    def _build_injectors(self) -> list[nn.Module]:
-        """Each configured injector, built from its config and the model's sizes, hooked into the LLM."""
-        rows_cols: tuple[int, int] | None
-        try:
-            rows_cols = tuple(self.encoder.grid_size)  # type: ignore[assignment]
-        except NotImplementedError:
-            rows_cols = None
-        grid_fn = getattr(self.projector, "output_grid", None)
-        if callable(grid_fn) and rows_cols is not None:
-            rows_cols = grid_fn(rows_cols)
-        elif rows_cols is None or rows_cols[0] * rows_cols[1] != self.num_visual_tokens:
-            rows_cols = None
-        text = self.llm.config.get_text_config()
-        spec = InjectionSpec(
-            hidden_size=text.hidden_size, num_layers=text.num_hidden_layers, num_visual_tokens=self.num_visual_tokens,
-            visual_grid=rows_cols, encoder_layers=tuple(self.encoder.layers), encoder_dim=self.encoder.embed_dim,
-        )
-        built = []
-        for i, part in enumerate(self.cfg.injectors):
-            try:
-                injector = INJECTORS.build(part.name, part.cfg, spec=spec)
-                injector.attach(self.llm)
-            except InjectionError as err:
-                raise ModelError(f"model.injectors[{i}]: {err}") from err
-            built.append(injector)
-        return built
 
     # --- the data path ------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -145,6 +145,34 @@ def check_needs(needs: Sequence[tuple[str, frozenset[str]]], splice: bool) -> No
             )
 
 
+def build_injectors(parts: Sequence[Any], spec: InjectionSpec, llm: nn.Module) -> list[Injector]:
+    """``model.injectors`` (registry-named parts) built from ``spec`` and attached to ``llm``, in order."""
+    from mllm.registry import INJECTORS
+
+    built = []
+    for i, part in enumerate(parts):
+        try:
+            injector = INJECTORS.build(part.name, part.cfg, spec=spec)
+            injector.attach(llm)
+        except InjectionError as err:
+            raise InjectionError(f"model.injectors[{i}]: {err}") from err
+        built.append(injector)
+    return built
+
+
+def visual_grid(encoder: Any, projector: Any, num_tokens: int) -> tuple[int, int] | None:
+    """The (rows, cols) raster of the projector's ``num_tokens`` outputs, or ``None`` when they form none:
+    the projector's ``output_grid`` if it has one, else the encoder's patch grid if the count is kept."""
+    try:
+        rows, cols = encoder.grid_size
+    except NotImplementedError:
+        return None
+    grid_fn = getattr(projector, "output_grid", None)
+    if callable(grid_fn):
+        return tuple(grid_fn((rows, cols)))
+    return (int(rows), int(cols)) if rows * cols == num_tokens else None
+
+
 # --- finding and hooking decoder layers -----------------------------------------------------
 def decoder_of(llm: nn.Module) -> nn.Module:
     """The decoder stack (``LlamaModel``, ``Qwen2Model``, ...) of a causal LM, found generically."""

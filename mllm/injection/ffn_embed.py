@@ -10,7 +10,10 @@ could not be read (METHODS.md §0.4, §2.4); this follows §2.4 on top of MemVP'
 3. Selection ``beta_l = softmax(W_l q_l / tau)`` ``[B, |M|]``; a per-layer ``W_l`` (zero init =
    uniform weights); ``top_k > 0`` keeps the k largest weights, renormalised.
 4. ``Z_l = s_v * Proj(sum_m beta_{l,m} F_m)`` ``[B, N', d]`` with the MLLM's projector as the shared
-   ``Proj`` (built on one encoder layer's width) and ``s_v = 0.01`` (MemVP).
+   ``Proj`` (built on one encoder layer's width) and ``s_v = 0.01`` (MemVP). §2.4 leaves the order
+   open; ``order: project_then_fuse`` gives ``Z_l = s_v * sum_m beta_{l,m} Proj(F_m)`` instead: the
+   ``|M|`` projections are shared by all layers (cheaper when ``|M| < |L|``; identical for a linear
+   projector).
 5. MemVP memory beside the FFN, sharing its input norm:
    ``out_l = h_l + FFN_l(x_l) + s * SiLU(x_l (Z_l + P_k)^T) (Z_l + P_v)``, ``s = 0.1``,
    ``P_k ~ N(0, 0.02^2)``, ``P_v = 0`` (``[N', d]``, shared by all layers).
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +55,7 @@ class FFNEmbedConfig:
     scale: float = 0.1  # s, MemVP's adapter_scale
     visual_scale: float = 0.01  # s_v: Z = s_v * Proj(fused feature), as MemVP scales its visual prompts
     pos_init_std: float = 0.02  # P_k ~ N(0, std^2); P_v starts at 0
+    order: Literal["fuse_then_project", "project_then_fuse"] = "fuse_then_project"  # see step 4
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -66,6 +70,12 @@ def select_weights(logits: torch.Tensor, temperature: float, top_k: int) -> torc
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.softmax(logits / temperature, dim=-1)
+
+
+def mix(beta: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
+    """``sum_m beta[b, m] * stacked[b, m]``: ``[B, |M|]`` x ``[B, |M|, N, D]`` -> ``[B, N, D]`` (one bmm)."""
+    batch, layers, num, dim = stacked.shape
+    return (beta.to(stacked.dtype).unsqueeze(1) @ stacked.reshape(batch, layers, num * dim)).reshape(batch, num, dim)
 
 
 def memory_read(x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -119,11 +129,20 @@ class FFNEmbedInjector(Injector):
         lin = self.select[str(layer)]
         query = masked_mean(x.to(lin.weight.dtype), ctx.query_mask.to(x.device))
         beta = select_weights(lin(query), self.cfg.temperature, self.cfg.top_k)  # [B, |M|]
-        feats = torch.stack([ctx.layers[m] for m in self.encoder_layers], dim=1)  # [B, |M|, N, d_v]
-        fused = torch.einsum("bm,bmnd->bnd", beta.to(feats.dtype), feats)
-        z = self.cfg.visual_scale * ctx.project(fused).to(self.pos_k.dtype)
+        if self.cfg.order == "fuse_then_project":
+            z = ctx.project(mix(beta, self._stacked("features", lambda f: f)))
+        else:
+            z = mix(beta, self._stacked("projected", ctx.project))
+        z = self.cfg.visual_scale * z.to(self.pos_k.dtype)
         self.state[layer] = (z + self.pos_k, z + self.pos_v, beta)
         return self.state[layer]
+
+    def _stacked(self, key: str, fn: Any) -> torch.Tensor:
+        """``[B, |M|, N, D]``: ``fn`` of every tapped encoder layer, stacked once per context."""
+        if key not in self.state:
+            layers = self.context.layers  # type: ignore[union-attr]
+            self.state[key] = torch.stack([fn(layers[m]) for m in self.encoder_layers], dim=1)
+        return self.state[key]
 
     def _after_ffn(self, layer: int, _module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
         if self.context is None:

@@ -138,6 +138,7 @@ class PyramidInjector(Injector):
             for p in self.pool_layers
         })
         self.last_visual_tokens: list[list[int]] = []  # [stage][row] visual tokens, last prefill
+        self.reset_stats()
 
     # --- attaching ----------------------------------------------------------------------------
     def attach(self, llm: nn.Module) -> None:
@@ -214,6 +215,8 @@ class PyramidInjector(Injector):
             return None
         layouts: list[Layout] = self.state["layouts"]
         self.last_visual_tokens = [[r * c for r, c in lay.grid] for lay in layouts]
+        self._rows += len(layouts[0].grid)
+        self._token_sums = [a + sum(b) for a, b in zip(self._token_sums, self.last_visual_tokens, strict=False)]
         hidden = get_output(output)
         rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
         return set_output(output, hidden[rows, layouts[-1].expand.to(hidden.device)])
@@ -345,10 +348,13 @@ class PyramidInjector(Injector):
             return attn, positions, rotary(hidden, positions, self._types[layer])
         return attn, positions, rotary(hidden, positions)
 
+    def reset_stats(self) -> None:
+        self._rows = 0
+        self._token_sums = [0.0] * (len(self.pool_layers) + 1)
+
     def tokens_per_layer(self) -> list[float]:
-        """Mean visual tokens entering each decoder layer at the last prefill (FLOPs bookkeeping, §3.6)."""
+        """Mean visual tokens entering each decoder layer, over every row prefilled since
+        :meth:`reset_stats` (routing is per sample: FLOPs are reported as this mean, METHODS.md §3.6)."""
         bounds = [-1, *self.pool_layers, self.num_layers - 1]
-        return [
-            sum(counts) / len(counts)
-            for s, counts in enumerate(self.last_visual_tokens) for _ in range(bounds[s + 1] - bounds[s])
-        ]
+        rows = max(self._rows, 1)
+        return [self._token_sums[s] / rows for s in range(len(self._token_sums)) for _ in range(bounds[s + 1] - bounds[s])]

@@ -56,8 +56,10 @@ def test_llm_sees_only_text_tokens(model: MLLM, kit: Any) -> None:
         assert not torch.allclose(model(**other).logits, out.logits)  # the image reaches the logits
 
 
-def test_hooked_ffn_equals_the_equation(model: MLLM, kit: Any) -> None:
+@pytest.mark.parametrize("order", ["fuse_then_project", "project_then_fuse"])
+def test_hooked_ffn_equals_the_equation(model: MLLM, kit: Any, order: str) -> None:
     injector = model.injectors[0]
+    injector.cfg.order = order
     with torch.no_grad():
         injector.select["3"].weight.normal_()  # a non-uniform, prompt-dependent selection in layer 3
     batch = kit.prompt_batch(model, kit.images(1)[0], "what colour is the circle?", [9, 2])
@@ -71,18 +73,26 @@ def test_hooked_ffn_equals_the_equation(model: MLLM, kit: Any) -> None:
         q = x[0, prompt].mean(0, keepdim=True)
         beta = torch.softmax(injector.select["3"](q), dim=-1)
         feats = model.encoder_features(batch["pixel_values"])
-        fused = beta[0, 0] * feats[0] + beta[0, 1] * feats[1]
-        z = 0.01 * model.projector(fused)
+        if order == "fuse_then_project":
+            z = 0.01 * model.projector(beta[0, 0] * feats[0] + beta[0, 1] * feats[1])
+        else:
+            z = 0.01 * (beta[0, 0] * model.projector(feats[0]) + beta[0, 1] * model.projector(feats[1]))
         read = F.silu(x @ (z + injector.pos_k).transpose(1, 2)) @ (z + injector.pos_v)
         torch.testing.assert_close(seen["out"], mlp.forward(x) + 0.1 * read)
     assert not torch.allclose(beta, torch.full_like(beta, 0.5))
 
 
-def test_generate_matches_teacher_forcing_and_reuses_the_memory(model: MLLM, kit: Any) -> None:
+def test_generate_matches_teacher_forcing_and_reuses_the_memory(model: MLLM, kit: Any, word_tokenizer: Any) -> None:
     calls = []
     model.projector.register_forward_hook(lambda *_: calls.append(1))
     model.generate_ids(kit.images(1), ["how many?"], max_new_tokens=5)
     assert len(calls) == 2  # Z_l of the 2 memory layers, once for all decoding steps
+    shared = kit.build(word_tokenizer, "llama", [{"name": "ffn_embed", "order": "project_then_fuse"}], splice=False,
+                       layers=[0, 1])
+    calls.clear()
+    shared.projector.register_forward_hook(lambda *_: calls.append(1))
+    shared.generate_ids(kit.images(1), ["how many?"], max_new_tokens=5)
+    assert len(calls) == 2  # one projection per tapped encoder layer, shared by all 4 memory layers
     kit.assert_generate_matches_teacher_forcing(model)
     kit.assert_batch_equals_one_by_one(model)
 

@@ -128,8 +128,13 @@ def test_left_padded_batch_with_per_row_routing(kit: Any, word_tokenizer: Any) -
     for router in model.injectors[0].routers.values():  # a row's expert depends on its own router token
         router.forward = lambda h: F.one_hot(h[:, :3].argmax(-1), 3).to(h.dtype)
     kit.assert_batch_equals_one_by_one(model)
+    injector = model.injectors[0]
+    injector.reset_stats()
     model.generate_ids(kit.images(3), kit.questions, max_new_tokens=2)
-    assert len(set(map(tuple, zip(*model.injectors[0].last_visual_tokens, strict=True)))) > 1  # rows differ
+    per_row = injector.last_visual_tokens
+    assert len(set(zip(*per_row, strict=True))) > 1  # rows routed differently
+    means = [sum(stage) / 3 for stage in per_row]
+    assert injector.tokens_per_layer() == [means[0], means[1], means[2], means[2]]  # mean over the rows
 
 
 def test_training_adds_the_routing_loss_and_trains_the_routers(kit: Any, word_tokenizer: Any) -> None:
