@@ -255,6 +255,17 @@ def resolve_recipe(name_or_path: str) -> Path:
     return candidate
 
 
+def _parse_value(raw: str) -> Any:
+    """YAML scalar parsing, plus the exponent floats YAML 1.1 leaves as strings ("1e-3")."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Dotted ``key.sub=value`` overrides (values parsed as YAML), on a copy of ``data``."""
     out = json.loads(json.dumps(data))
@@ -268,7 +279,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a mapping")
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = _parse_value(raw)
     return out
 
 

@@ -75,6 +75,7 @@ def test_overrides_are_dotted_and_typed() -> None:
     assert cfg.model.llm.arch["num_hidden_layers"] == 1
     assert cfg.model.encoder.cfg.layers == [-1, -2]
     assert apply_overrides({"a": {"b": 1}}, ["a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+    assert apply_overrides({}, ["lr=1e-3", "n=2", "s=nan-ish"]) == {"lr": 1e-3, "n": 2, "s": "nan-ish"}
     with pytest.raises(ConfigError, match="expected key.sub=value"):
         apply_overrides({}, ["novalue"])
 
