@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=None)
     ev.add_argument("--limit", type=int, default=None, help="evaluate the first N samples only")
     ev.add_argument("--resume", action="store_true", help="keep finished samples of an interrupted run")
+
+    conv = sub.add_parser("convert", help="import / export transformers LlavaForConditionalGeneration folders")
+    way = conv.add_mutually_exclusive_group(required=True)
+    way.add_argument("--from-hf", metavar="LLAVA_DIR", help="a transformers Llava folder to import as our checkpoint")
+    way.add_argument("--to-hf", metavar="CKPT", help="our checkpoint (save_pretrained folder) to export as Llava")
+    conv.add_argument("--out", required=True, help="new output folder (an existing one is refused)")
     return parser
 
 
@@ -74,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
                 options=args.options, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                 limit=args.limit, resume=args.resume,
             )
+        elif args.command == "convert":
+            from mllm import hf
+
+            if args.from_hf:
+                hf.import_llava(args.from_hf, args.out)
+            else:
+                hf.export_llava(args.to_hf, args.out)
+            print(f"wrote {args.out}")
     except (ConfigError, TrainingError, EncoderError, ValueError, OSError) as err:
         print(f"mllm {args.command}: error: {err}", file=sys.stderr)
         return 2
