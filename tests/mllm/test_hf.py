@@ -166,24 +166,21 @@ def test_exported_processor_matches_our_inputs(converted: Converted) -> None:
     torch.testing.assert_close(hf_logits(exported, batch), ours_logits(ours, batch), atol=1e-5, rtol=0)
 
 
-def _native(tmp_path: Path, tokenizer: Any, encoder: dict[str, Any], projector: dict[str, Any] | None = None,
-            **extra: Any) -> Path:
-    cfg = from_dict(ModelConfig, {
-        "encoder": encoder, "projector": projector or {"name": "mlp"},
-        "llm": {"model_type": "qwen2", "arch": {k: v for k, v in LM.items() if not k.endswith("token_id")}},
-        **extra,
-    })
-    return MLLM(cfg, tokenizer).save_pretrained(tmp_path / "ckpt")
-
-
 def _hf_encoder(model_type: str = "clip_vision_model", **kw: Any) -> dict[str, Any]:
     processor = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 32},
                  "crop_size": {"height": 32, "width": 32}}
     return {"name": "hf_vision", "model_type": model_type, "arch": TOWER, "processor": processor, **kw}
 
 
+def _native(tmp_path: Path, tokenizer: Any, **parts: Any) -> Path:
+    """Our model (CLIP tower, mlp, Qwen2 by default; ``parts`` replace ModelConfig keys), saved."""
+    llm = {"model_type": "qwen2", "arch": {k: v for k, v in LM.items() if not k.endswith("token_id")}}
+    cfg = from_dict(ModelConfig, {"encoder": _hf_encoder(), "projector": {"name": "mlp"}, "llm": llm, **parts})
+    return MLLM(cfg, tokenizer).save_pretrained(tmp_path / "ckpt")
+
+
 def test_native_model_exports_two_layers(tmp_path: Path, word_tokenizer: Any) -> None:
-    ckpt = _native(tmp_path, word_tokenizer, _hf_encoder(layers=[-1, 0]))
+    ckpt = _native(tmp_path, word_tokenizer, encoder=_hf_encoder(layers=[-1, 0]))
     export_llava(ckpt, tmp_path / "llava")
     ours = MLLM.from_pretrained(ckpt).eval()
     exported = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava", local_files_only=True).eval()
@@ -197,18 +194,22 @@ REGISTERS = {"name": "hf_vision", "model_type": "dinov2_with_registers", "arch":
              "processor": {"image_processor_type": "BitImageProcessor", "size": {"shortest_edge": 32},
                            "crop_size": {"height": 32, "width": 32}}}
 TIMM = {"name": "timm_vit", "image_size": 32, "patch_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2}
-REFUSED_EXPORTS = {  # name: (encoder, projector, match)
-    "timm_encoder": (TIMM, None, "Llava holds one transformers vision model"),
-    "linear_projector": (_hf_encoder(), {"name": "linear"}, "Linear-GELU-Linear"),
-    "mlp3_projector": (_hf_encoder(), {"name": "mlp", "depth": 3}, "Linear-GELU-Linear"),
-    "register_tokens_dropped": (REGISTERS, None, "drops 5 prefix tokens"),
+GRANITE = {"model_type": "granite", "arch": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                             "num_attention_heads": 4, "logits_scaling": 4.0}}
+REFUSED_EXPORTS = {  # name: (ModelConfig parts, match)
+    "timm_encoder": ({"encoder": TIMM}, "Llava holds one transformers vision model"),
+    "linear_projector": ({"projector": {"name": "linear"}}, "Linear-GELU-Linear"),
+    "mlp3_projector": ({"projector": {"name": "mlp", "depth": 3}}, "Linear-GELU-Linear"),
+    "register_tokens_dropped": ({"encoder": REGISTERS}, "drops 5 prefix tokens"),
+    "injector": ({"injectors": [{"name": "gated_xattn"}]}, "Llava only splices"),
+    "scaled_logits": ({"llm": GRANITE}, "GraniteForCausalLM head transforms the logits"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED_EXPORTS))
 def test_inexpressible_export_is_refused_and_writes_nothing(name: str, tmp_path: Path, word_tokenizer: Any) -> None:
-    encoder, projector, match = REFUSED_EXPORTS[name]
-    ckpt = _native(tmp_path, word_tokenizer, encoder, projector)
+    parts, match = REFUSED_EXPORTS[name]
+    ckpt = _native(tmp_path, word_tokenizer, **parts)
     with pytest.raises(HFInteropError, match=match):
         export_llava(ckpt, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no output, no temp folder
