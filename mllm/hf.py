@@ -89,7 +89,10 @@ def _tower_prefix(config: Any, image_size: tuple[int, int], where: str) -> int:
 
     with torch.device("meta"):
         shadow = AutoModel.from_config(config)
-        hidden = shadow(pixel_values=torch.empty(1, 3, *image_size), output_hidden_states=True).hidden_states
+        try:
+            hidden = shadow(pixel_values=torch.empty(1, 3, *image_size), output_hidden_states=True).hidden_states
+        except (RuntimeError, ValueError) as err:
+            raise HFInteropError(f"{where}: the {config.model_type} tower rejects {image_size} images: {err}") from err
     depth = int(config.num_hidden_layers)
     if len(hidden) != depth + 1:
         raise HFInteropError(
@@ -184,7 +187,9 @@ def import_llava(llava_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
             f"tower has {prefix} prefix tokens, so it would drop {'a patch' if prefix == 0 else 'only part of them'}; "
             "our encoder drops all prefix tokens or none"
         )
-    image_token = tokenizer.convert_ids_to_tokens(config.image_token_id)
+    image_token = tokenizer.convert_ids_to_tokens(config.image_token_id) if config.image_token_id < len(tokenizer) else None
+    if not isinstance(image_token, str):
+        raise HFInteropError(f"{where}: image_token_index {config.image_token_id} is not a token of the tokenizer")
     llava, info = LlavaForConditionalGeneration.from_pretrained(
         src, local_files_only=True, dtype="auto", output_loading_info=True
     )
@@ -197,7 +202,7 @@ def import_llava(llava_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
         cfg = from_dict(ModelConfig, {
             "encoder": {"name": ENCODER, "model_type": vision.model_type, "arch": _arch(vision),
                         "processor": json.loads(image_processor.to_json_string()), "layers": layers,
-                        "drop_prefix": strategy == "default", "frozen": True},
+                        "drop_prefix": strategy == "default", "frozen": True},  # LLaVA trains with the tower frozen
             "projector": {"name": "mlp", "depth": 2},
             "llm": {"model_type": text.model_type, "arch": _arch(text, _LLM_IDS), "dtype": llm_dtype},
             "image_token": image_token, "template": "auto", "max_length": LLAVA_MAX_LENGTH,
