@@ -1,6 +1,6 @@
 """DEHVF FFN memory vs plain LLaVA splicing: forward time at 576 visual tokens, same LLM (issue 4).
 
-    python benchmarks/bench_dehvf.py [--repeats 3] [--batch 1] [--taps 4]
+    python benchmarks/bench_dehvf.py [--repeats 5] [--batch 1] [--threads 1] [--taps 4]
 
 One random ~100M-parameter Llama (12 layers, d = 768, d_ff = 2560, sdpa) and one LLaVA-1.5
 ``mlp2x_gelu`` projector (1024 -> 768 -> 768), used both ways on the same random CLIP-L-like
@@ -36,10 +36,12 @@ ENCODER_DIM = 1024
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier on a shared CPU)")
     parser.add_argument("--taps", type=int, default=4, help="encoder layers the fuser selects from")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     shape = LLMShape()
     llm = build_llm(shape)

@@ -1,6 +1,6 @@
 """DPN pyramid vs plain LLaVA splicing: LLM FLOPs spent on visual tokens, and forward time (issue 4).
 
-    python benchmarks/bench_dpn.py [--repeats 3] [--batch 1]
+    python benchmarks/bench_dpn.py [--repeats 5] [--batch 1] [--threads 1]
 
 One random ~100M-parameter Llama (12 layers, d = 768, d_ff = 2560, sdpa), used both ways: plain, and
 with ``mllm.injection.pyramid`` hooked in (pooling after layers 2, 5 and 8 — DPN's 7/15/23 of 32
@@ -49,9 +49,11 @@ def pin(injector: PyramidInjector, expert: int | None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier on a shared CPU)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     shape = LLMShape()
     llm = build_llm(shape)

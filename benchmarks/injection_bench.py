@@ -3,7 +3,6 @@ geometry (576 visual tokens on a 24 x 24 grid), FLOPs bookkeeping (METHODS.md §
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,8 +42,9 @@ def build_llm(shape: LLMShape) -> nn.Module:
 
 
 def timed(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall seconds of each function, runs interleaved (after one warm-up each) so that load
-    from other processes on a shared CPU hits every variant alike."""
+    """Best-of-``repeats`` wall seconds of each function (after one warm-up each), runs interleaved:
+    on a shared CPU, load from other processes only ever adds time, so the minimum is the least
+    disturbed measurement, and interleaving spreads slow phases over every variant."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     with torch.inference_mode():
         for fn in fns.values():
@@ -54,4 +54,4 @@ def timed(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: min(ts) for name, ts in times.items()}
