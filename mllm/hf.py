@@ -30,8 +30,12 @@ with zero biases (the same function). Anything else the format cannot express â€
 logits â€” is refused with an error before anything is written; output folders are written to a temp
 folder beside the target and renamed into place, and an existing target is refused.
 
-Both directions hold the model in memory once more than its size on disk (import: the Llava model
-and ours; export: ours, the Llava structure is built on the ``meta`` device only).
+The table names modules as they are in memory. Files are read and written by transformers itself
+(``from_pretrained`` / ``save_pretrained``), so whatever key layout the installed version uses on
+disk (5.x still writes 4.x's ``language_model.model.*``) is handled by its own conversion rules.
+Import holds the Llava model and ours in memory; export holds ours only (the Llava is built on the
+``meta`` device and takes our tensors without copying them where the dtype already matches). An
+export in bf16 / fp16 casts the tower and projector to the LLM's dtype, as llava-hf checkpoints are.
 """
 
 from __future__ import annotations
@@ -238,14 +242,13 @@ def _copy_from_llava(model: MLLM, llava: Any) -> None:
 def export_llava(ckpt_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
     """Write our checkpoint ``ckpt_dir`` as a transformers Llava folder at ``out_dir`` (config,
     safetensors, tokenizer and a ``LlavaProcessor``, loadable with ``AutoProcessor``). Returns ``out_dir``."""
-    from huggingface_hub import save_torch_state_dict
-    from transformers import GenerationConfig, LlavaProcessor
+    from transformers import LlavaProcessor
 
     out = Path(out_dir)
     _check_target(out)
     model = MLLM.from_pretrained(ckpt_dir).eval()
     config, prefix = _llava_config(model, str(ckpt_dir))
-    state = _export_state(model, config, str(ckpt_dir))
+    llava = _as_llava(model, config, str(ckpt_dir))
     encoder: HFVisionEncoder = model.encoder  # type: ignore[assignment]
     processor = LlavaProcessor(
         image_processor=build_image_processor(encoder.cfg.path, encoder.cfg.processor, "encoder"),
@@ -255,9 +258,7 @@ def export_llava(ckpt_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
     )
 
     def fill(tmp: Path) -> None:
-        save_torch_state_dict(state, tmp, metadata={"format": "pt"})
-        config.save_pretrained(tmp)
-        GenerationConfig.from_model_config(config).save_pretrained(tmp)
+        llava.save_pretrained(tmp)  # transformers' own writer: its weight names, shards and generation config
         processor.save_pretrained(tmp)
 
     return _write_folder(out, fill)
@@ -300,9 +301,10 @@ def _llava_config(model: MLLM, where: str) -> tuple[Any, int]:
     return config, prefix
 
 
-def _export_state(model: MLLM, config: Any, where: str) -> dict[str, torch.Tensor]:
-    """Our tensors under Llava's names, in the LLM's dtype, checked name by name and shape by shape
-    against a Llava built from ``config`` on the ``meta`` device; the tied ``lm_head`` is left out."""
+def _as_llava(model: MLLM, config: Any, where: str) -> Any:
+    """A ``LlavaForConditionalGeneration`` built from ``config`` on the ``meta`` device whose parameters
+    are our tensors (in the LLM's dtype; no copy where the dtype already matches), after checking
+    them name by name and shape by shape. Only for saving: non-persistent buffers stay on ``meta``."""
     from transformers import LlavaForConditionalGeneration
 
     llm = model.llm
@@ -323,6 +325,7 @@ def _export_state(model: MLLM, config: Any, where: str) -> dict[str, torch.Tenso
     if got != expected:
         diff = sorted(set(got) ^ set(expected)) or sorted(k for k in got if got[k] != expected[k])
         raise HFInteropError(f"{where}: our tensors do not fit Llava's (first differences: {diff[:3]})")
+    reference.load_state_dict({k: v.detach().to(config.dtype) for k, v in state.items()}, strict=True, assign=True)
     if config.tie_word_embeddings:
-        del state["lm_head.weight"]
-    return {k: v.detach().to(config.dtype) for k, v in state.items()}
+        reference.tie_weights()
+    return reference
