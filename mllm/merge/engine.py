@@ -24,8 +24,11 @@ Readers use ``pread``, not a memory map, so the input files' pages do not accumu
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -47,51 +50,92 @@ from mllm.merge.tensors import (
 
 log = logging.getLogger(__name__)
 RECIPE_FILE = "mllm_merge.yaml"
+BLOCK_ELEMS = 1 << 18  # elements per row block (1 MiB in fp32: the block's temporaries stay in cache)
 
 
-@contextmanager
-def open_readers(plan: MergePlan) -> Iterator[dict[str, ModelReader]]:
+def _load_libc() -> Any:
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _load_libc()
+
+
+def release_memory() -> None:
+    """Return freed heap pages to the OS. glibc keeps freed blocks below its mmap threshold in the
+    heap, so without this the RSS after one large tensor stays at that tensor's peak."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def open_readers(plan: MergePlan) -> dict[str, ModelReader]:
     """Header-only readers for every input and the reference, keyed by model id."""
     readers: dict[str, ModelReader] = {}
-    try:
-        for entry in (*plan.inputs, plan.reference):
-            if entry.id not in readers:
-                readers[entry.id] = ModelReader(entry.path)
-        yield readers
-    finally:
-        for r in readers.values():
-            r.close()
+    for entry in (*plan.inputs, plan.reference):
+        if entry.id not in readers:
+            readers[entry.id] = ModelReader(entry.path)
+    return readers
 
 
-def _inputs(plan: MergePlan, job: TensorJob, readers: Mapping[str, ModelReader]
+def row_blocks(shape: tuple[int, ...]) -> list[tuple[int, int] | None]:
+    """Row ranges (dim 0) of about BLOCK_ELEMS elements covering ``shape``; [None] = the whole tensor."""
+    if len(shape) == 0 or shape[0] == 0:
+        return [None]
+    row = max(1, math.prod(shape[1:]))
+    step = max(1, BLOCK_ELEMS // row)
+    return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
+
+
+def _inputs(plan: MergePlan, job: TensorJob, readers: Mapping[str, ModelReader], rows: tuple[int, int] | None
             ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    tensors = {m.id: readers[m.id].get(job.sources[m.id]) for m in plan.models}
-    base = readers[plan.base.id].get(job.sources[plan.base.id]) if plan.base is not None else None
+    tensors = {m.id: readers[m.id].get(job.sources[m.id], rows) for m in plan.models}
+    base = readers[plan.base.id].get(job.sources[plan.base.id], rows) if plan.base is not None else None
     return tensors, base
+
+
+def _blocks(plan: MergePlan, job: TensorJob) -> list[tuple[int, int] | None]:
+    return row_blocks(job.spec.shape) if plan.method.elementwise else [None]
 
 
 def statistics_pass(plan: MergePlan, jobs: list[TensorJob], readers: Mapping[str, ModelReader],
                     progress: bool = False) -> dict[str, Any]:
-    """Pass 1 of a two-pass method: per-group sums of ``collect``, then ``finalize``."""
+    """Pass 1 of a two-pass method: per-group sums of ``collect`` (over row blocks), then ``finalize``."""
     sums: dict[int | str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for job in _progress([j for j in jobs if j.params is not None], progress, "statistics"):
-        tensors, base = _inputs(plan, job, readers)
-        for key, value in plan.method.collect(tensors, base, job.params, job.info).items():
-            sums[job.info.group][key] += value
+        for rows in _blocks(plan, job):
+            tensors, base = _inputs(plan, job, readers, rows)
+            info = dataclasses.replace(job.info, row_start=rows[0] if rows else 0)
+            for key, value in plan.method.collect(tensors, base, job.params, info).items():
+                sums[job.info.group][key] += value
     return plan.method.finalize(sums, plan.params_for(None), jobs[0].info.num_layers if jobs else 0)
 
 
-def compute(plan: MergePlan, job: TensorJob, readers: Mapping[str, ModelReader],
-            stats: Mapping[str, Any]) -> torch.Tensor:
-    """The output tensor of one job, in its output dtype."""
+def output_blocks(plan: MergePlan, job: TensorJob, readers: Mapping[str, ModelReader],
+                  stats: Mapping[str, Any]) -> Iterator[torch.Tensor]:
+    """The output tensor of one job as row blocks, in its output dtype."""
     if job.params is None:
-        return readers[plan.reference.id].get(job.spec.name).to(job.spec.dtype)
-    tensors, base = _inputs(plan, job, readers)
-    info = dataclasses.replace(job.info, stats=stats)
-    out = plan.method.merge(tensors, base, job.params, info)
-    if not torch.isfinite(out).all():
-        raise MergeError(f"{plan.source}: {plan.method.name} produced non-finite values in tensor {job.spec.name!r}")
-    return out.to(job.spec.dtype)
+        for rows in row_blocks(job.spec.shape):
+            yield readers[plan.reference.id].get(job.spec.name, rows).to(job.spec.dtype)
+        return
+    blocks = _blocks(plan, job)
+    prepared: dict[str, Any] = {}
+    if len(blocks) > 1 and plan.method.needs_prepare(job.params):  # one whole model tensor at a time
+        base = readers[plan.base.id].get(job.sources[plan.base.id]) if plan.base is not None else None
+        for m in plan.models:
+            tensor = readers[m.id].get(job.sources[m.id])
+            prepared[m.id] = plan.method.prepare(tensor, base, job.params, job.info, m.id)
+            del tensor
+            release_memory()
+        del base
+    for rows in blocks:
+        tensors, base = _inputs(plan, job, readers, rows)
+        info = dataclasses.replace(job.info, row_start=rows[0] if rows else 0, prepared=prepared, stats=stats)
+        out = plan.method.merge(tensors, base, job.params, info)
+        del tensors, base
+        if not torch.isfinite(out.sum()):  # one reduction: any inf/nan entry makes the sum non-finite
+            raise MergeError(f"{plan.source}: {plan.method.name} produced non-finite values in tensor {job.spec.name!r}")
+        yield out.to(job.spec.dtype)
 
 
 def _progress(items: list[TensorJob], on: bool, desc: str) -> Any:
@@ -111,32 +155,51 @@ def _card(plan: MergePlan, shards: list[str]) -> str:
     )
 
 
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads (None: leave torch's setting), then restore it."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_merge(config_path: str | Path, out_dir: str | Path, *, overwrite: bool = False,
-              progress: bool = False) -> Path:
+              progress: bool = False, threads: int | None = 1) -> Path:
     """Merge the models of the YAML at ``config_path`` into ``out_dir``; returns ``out_dir``.
 
     Raises MergeError (a ValueError naming the file/field/tensor) on bad input, before any tensor is
     read; ``out_dir`` only appears once the merge is complete. ``overwrite`` replaces an existing
-    ``out_dir`` (atomically, at the end).
+    ``out_dir`` (atomically, at the end). ``threads``: torch intra-op threads while merging. The work
+    is memory-bound and split into small blocks, where waking other threads for every op costs more
+    than it gains (badly so on a busy machine), hence 1 by default; None keeps torch's setting.
     """
-    plan = load_plan(config_path)
-    out = Path(out_dir)
+    with torch_threads(threads):
+        return _run(load_plan(config_path), Path(out_dir), overwrite, progress)
+
+
+def _run(plan: MergePlan, out: Path, overwrite: bool, progress: bool) -> Path:
     ensure_output_free(out, overwrite)
-    with open_readers(plan) as readers:
-        jobs = plan_tensors(plan, readers)
-        merged = sum(j.params is not None for j in jobs)
-        log.info("%s: %d tensors, %d merged, %d copied from %s", plan.method.name, len(jobs), merged,
-                 len(jobs) - merged, plan.reference.id)
-        with atomic_output_dir(out, overwrite) as tmp:
-            stats = statistics_pass(plan, jobs, readers, progress) if plan.method.two_pass else {}
-            with ShardWriter(tmp, [j.spec for j in jobs], plan.shard_bytes) as writer:
-                for job in _progress(jobs, progress, plan.method.name):
-                    writer.write(job.spec.name, compute(plan, job, readers, stats))
-                shards = writer.close()
-            copy_side_files(plan.reference.path, tmp, plan.tokenizer_source)
-            if plan.out_dtype is not None:
-                set_config_dtype(tmp, plan.out_dtype)
-            (tmp / RECIPE_FILE).write_text(plan.text)
-            (tmp / "README.md").write_text(_card(plan, shards))
-            plan.method.report(stats, plan.params_for(None), tmp)
+    readers = open_readers(plan)
+    jobs = plan_tensors(plan, readers)
+    merged = sum(j.params is not None for j in jobs)
+    log.info("%s: %d tensors, %d merged, %d copied from %s", plan.method.name, len(jobs), merged,
+             len(jobs) - merged, plan.reference.id)
+    with atomic_output_dir(out, overwrite) as tmp:
+        stats = statistics_pass(plan, jobs, readers, progress) if plan.method.two_pass else {}
+        with ShardWriter(tmp, [j.spec for j in jobs], plan.shard_bytes) as writer:
+            for job in _progress(jobs, progress, plan.method.name):
+                writer.write(job.spec.name, output_blocks(plan, job, readers, stats))
+                if math.prod(job.spec.shape) >= BLOCK_ELEMS:
+                    release_memory()
+            shards = writer.close()
+        copy_side_files(plan.reference.path, tmp, plan.tokenizer_source)
+        if plan.out_dtype is not None:
+            set_config_dtype(tmp, plan.out_dtype)
+        (tmp / RECIPE_FILE).write_text(plan.text)
+        (tmp / "README.md").write_text(_card(plan, shards))
+        plan.method.report(stats, plan.params_for(None), tmp)
     return out

@@ -2,12 +2,14 @@
 
 * :class:`ModelReader` opens a local Hugging Face folder (``model.safetensors`` or sharded with
   ``model.safetensors.index.json``), learns every tensor's name, shape and dtype from the file
-  headers, and reads one tensor at a time with ``safe_open(..., backend="pread")`` -- no memory map,
-  so touching a tensor does not leave the file's pages counted in the process' RSS.
+  headers, and reads one tensor -- or one block of its rows -- at a time, each through its own
+  short-lived ``safe_open``: the memory map is zero-copy and is released with the tensor, so the
+  process' RSS holds only the tensors in use (a long-lived map keeps every touched page resident,
+  and the ``pread`` backend reads row slices one row at a time, ~50x slower).
 * :class:`ShardWriter` writes size-capped shards plus ``model.safetensors.index.json``. Every output
   tensor's shape and dtype is known before merging starts (merging preserves shapes), so each shard's
-  header is written first and tensor bytes are streamed after it: the writer holds no tensor of its
-  own, and memory does not grow with the shard size. The format written is the safetensors format
+  header is written first and tensor bytes -- whole tensors or row blocks -- are streamed after it:
+  the writer holds no tensor of its own, and memory does not grow with the shard or tensor size. The format written is the safetensors format
   (8-byte little-endian header length, JSON header with ``data_offsets``, header padded with spaces
   to 8 bytes); the safetensors library only offers one-shot ``save_file``, hence this small writer.
 * :func:`atomic_output_dir` builds the output in a hidden temp folder next to the target and renames
@@ -20,7 +22,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,19 +64,17 @@ class ModelReader:
         if not self.path.is_dir():
             raise MergeError(f"{self.path}: model folder not found")
         files = self._weight_files()
-        self._handles: dict[str, Any] = {}
         self._where: dict[str, str] = {}
         self._shape: dict[str, tuple[int, ...]] = {}
         self._dtype: dict[str, torch.dtype] = {}
         try:
             for fname in files:
-                handle = safe_open(str(self.path / fname), framework="pt", backend="pread")
-                self._handles[fname] = handle
-                for name in handle.keys():
-                    sl = handle.get_slice(name)
-                    self._where[name] = fname
-                    self._shape[name] = tuple(sl.get_shape())
-                    self._dtype[name] = _ST_TO_TORCH[sl.get_dtype()]
+                with safe_open(str(self.path / fname), framework="pt") as handle:
+                    for name in handle.keys():
+                        sl = handle.get_slice(name)
+                        self._where[name] = fname
+                        self._shape[name] = tuple(sl.get_shape())
+                        self._dtype[name] = _ST_TO_TORCH[sl.get_dtype()]
         except (SafetensorError, OSError) as err:
             raise MergeError(f"{self.path}: cannot read safetensors header: {err}") from err
         self._check_index()
@@ -130,12 +130,12 @@ class ModelReader:
     def file_of(self, name: str) -> Path:
         return self.path / self._where[name]
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor from disk (a fresh CPU tensor)."""
-        return self._handles[self._where[name]].get_tensor(name)
-
-    def close(self) -> None:
-        self._handles.clear()
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read one tensor, or only its rows ``[start, stop)`` along dim 0, from disk (a fresh CPU tensor)."""
+        with safe_open(str(self.path / self._where[name]), framework="pt") as handle:
+            if rows is None:
+                return handle.get_tensor(name)
+            return handle.get_slice(name)[rows[0]:rows[1]]
 
 
 @dataclass(frozen=True)
@@ -198,19 +198,26 @@ class ShardWriter:
         self._fh.write(raw)
         self._left_in_shard = len(specs)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, data: torch.Tensor | Iterable[torch.Tensor]) -> None:
+        """Write tensor ``name``: the whole tensor, or its consecutive row blocks (along dim 0) in order."""
         if self._next >= len(self._specs):
             raise RuntimeError(f"ShardWriter: unexpected extra tensor {name!r}")
         spec = self._specs[self._next]
-        if name != spec.name or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-            raise RuntimeError(
-                f"ShardWriter: got {name!r} {tuple(tensor.shape)} {tensor.dtype}, "
-                f"expected {spec.name!r} {spec.shape} {spec.dtype}"
-            )
+        if name != spec.name:
+            raise RuntimeError(f"ShardWriter: got {name!r}, expected {spec.name!r} (tensors are written in order)")
         if self._left_in_shard == 0:
             self._open_next_shard()
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self._fh.write(memoryview(data.numpy()))
+        rows = 0
+        for chunk in [data] if isinstance(data, torch.Tensor) else data:
+            if chunk.dtype != spec.dtype or tuple(chunk.shape[1:]) != spec.shape[1:] or (not spec.shape and chunk.dim()):
+                raise RuntimeError(
+                    f"ShardWriter: got {name!r} {tuple(chunk.shape)} {chunk.dtype}, expected {spec.shape} {spec.dtype}"
+                )
+            flat = chunk.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            self._fh.write(memoryview(flat.numpy()))
+            rows += chunk.shape[0] if spec.shape else 1
+        if rows != (spec.shape[0] if spec.shape else 1):
+            raise RuntimeError(f"ShardWriter: {name!r} got {rows} rows, expected shape {spec.shape}")
         self._next += 1
         self._left_in_shard -= 1
         if self._left_in_shard == 0:

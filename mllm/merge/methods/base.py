@@ -6,10 +6,14 @@ per-tensor function::
     merge(tensors: dict[model_id, Tensor], base: Tensor | None, params, info: TensorInfo) -> Tensor
 
 ``tensors`` holds each merged model's tensor in the YAML's model order (model id = the ``model``
-string of the YAML), ``base``
-the base model's (None for methods that ignore it), ``params`` an instance of the method's
-``config_cls`` dataclass (per-model values are ``dict[model_id, value]`` fields declared with
-:func:`per_model`), ``info`` the tensor's name, decoder-layer index and seed. Deltas are taken in fp32.
+string of the YAML), ``base`` the base model's (None for methods without a base), ``params`` an
+instance of the method's ``config_cls`` dataclass (per-model values are ``dict[model_id, value]``
+fields declared with :func:`per_model`), ``info`` the tensor's name, decoder-layer index and seed.
+Deltas are taken in fp32.
+
+Elementwise methods may be given row blocks of a large tensor (starting at row ``info.row_start``),
+which bounds memory by a block instead of the whole tensor; a whole-tensor statistic they need
+(TIES' magnitude threshold) comes from ``prepare``, run on one model's whole tensor at a time.
 
 Methods that need whole-model statistics before merging (FRANK's per-layer ``||tau||^2``) set
 ``two_pass = True``: the engine first streams every merged tensor through ``collect`` and sums the
@@ -69,12 +73,18 @@ class TensorInfo:
     num_layers: int  # decoder layers in the model
     seed: int = 0  # stable per (plan seed, tensor name): sparsification masks are reproducible
     complete: bool = True  # every merged model (and the base, if used) holds this tensor
+    row_start: int = 0  # first row (dim 0) of the block being merged, for elementwise methods
+    prepared: Mapping[str, Any] = field(default_factory=dict)  # model id -> prepare() on the whole tensor
     stats: Mapping[str, Any] = field(default_factory=dict)  # finalize() output of a two-pass method
 
     @property
     def group(self) -> int | str:
         """Statistics group: the decoder-layer index, or the tensor name outside the layers."""
         return self.layer if self.layer is not None else self.name
+
+    def offset(self, block: torch.Tensor) -> int:
+        """Flat index, in the whole tensor, of ``block``'s first element."""
+        return self.row_start * (block[0].numel() if block.dim() else 0)
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -100,6 +110,9 @@ class MergeMethod:
     # reference_model: the base model, or the first listed model (FRANK: the MLLM).
     reference: ClassVar[Literal["base", "first"]] = "base"
     two_pass: ClassVar[bool] = False
+    # True: row block [i:j] of the output depends only on rows [i:j] of the inputs (and ``prepare``),
+    # so the engine may merge a large tensor block by block; False: whole tensors only (WIDEN).
+    elementwise: ClassVar[bool] = True
 
     @classmethod
     def selects(cls, info: TensorInfo, params: Any) -> bool:
@@ -109,6 +122,18 @@ class MergeMethod:
     @classmethod
     def validate(cls, params: Any, model_ids: list[str], num_layers: int) -> None:
         """Checks that need the model list or layer count; raise MergeError. Runs before any I/O."""
+
+    @classmethod
+    def needs_prepare(cls, params: Any) -> bool:
+        """Whether block-wise merging needs ``prepare`` on each model's whole tensor first."""
+        return False
+
+    @classmethod
+    def prepare(cls, tensor: torch.Tensor, base: torch.Tensor | None, params: Any, info: TensorInfo,
+                model_id: str) -> Any:
+        """A per-tensor, per-model statistic of the whole tensor (TIES: the magnitude threshold),
+        passed to ``merge`` of every row block as ``info.prepared[model_id]``."""
+        return None
 
     @classmethod
     def merge(cls, tensors: dict[str, torch.Tensor], base: torch.Tensor | None, params: Any,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from mllm.merge.methods.base import MergeMethod, TensorInfo, fp32, per_model
-from mllm.merge.methods.task_arithmetic import Sparsifier, TaskArithmeticParams, merged_delta
+from mllm.merge.methods.task_arithmetic import Sparsifier, TaskArithmeticParams, delta_threshold, merged_delta
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,8 +42,19 @@ class Lines(MergeMethod):
         return params.alpha + params.beta * info.layer / max(info.num_layers - 1, 1)
 
     @classmethod
+    def needs_prepare(cls, params: LinesParams) -> bool:
+        return params.sparsifier == "magnitude"
+
+    @classmethod
+    def prepare(cls, tensor: torch.Tensor, base: torch.Tensor | None, params: LinesParams,
+                info: TensorInfo, model_id: str) -> float:
+        assert base is not None
+        return delta_threshold(tensor, base, params.density[model_id])
+
+    @classmethod
     def merge(cls, tensors: dict[str, torch.Tensor], base: torch.Tensor | None, params: LinesParams,
               info: TensorInfo) -> torch.Tensor:
         assert base is not None
+        base = fp32(base)
         tau = merged_delta(tensors, base, params, info, params.sparsifier, params.consensus)
-        return fp32(base) + (params.lambda_ * cls.scale(params, info)) * tau
+        return tau.mul_(params.lambda_ * cls.scale(params, info)).add_(base)

@@ -2,11 +2,14 @@
 
 For base theta_0 and models t with task vectors tau_t = theta_t - theta_0 (fp32), weights w_t:
 
-1. sparsify (per tensor, per model): ``none``; ``magnitude`` (TIES trim: keep the
-   k = max(1, floor(density * n)) largest |tau_t| entries of this tensor, MergeLLM/mergekit
-   granularity, not the TIES paper's whole-model threshold); ``random`` (DARE: keep each entry with
-   probability density, seeded per tensor name). ``rescale: true`` divides the kept entries by the
-   density -- DARE's tau (1 - m) / (1 - p) with p = 1 - density (mergekit instead matches L1 norms).
+1. sparsify (per tensor, per model): ``none``; ``magnitude`` (TIES trim: keep the entries with
+   |tau_t| >= the k-th largest |tau_t|, k = max(1, floor(density * n)), per tensor as in
+   MergeLLM/mergekit rather than the TIES paper's whole-model threshold; entries tied with the
+   threshold are all kept, where mergekit keeps an arbitrary k of them); ``random`` (DARE: keep each
+   entry with probability density; the uniform draw of entry i depends only on (seed, tensor name,
+   model position, i), so a tensor merged whole or in row blocks gets the same mask).
+   ``rescale: true`` divides the kept entries by the density -- DARE's tau (1 - m) / (1 - p) with
+   p = 1 - density (mergekit instead matches L1 norms).
 2. d_t = w_t * sparsified tau_t.
 3. sign consensus (TIES elect + disjoint merge, when ``consensus``): gamma = sign(sum_t d_t) with 0
    counted as +; keep d_t only where sign(d_t) = gamma; divisor = sum_t w_t over kept entries.
@@ -26,7 +29,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from mllm.merge.methods.base import MergeMethod, TensorInfo, fp32, per_model, yaml_key
+from mllm.merge.methods.base import MergeMethod, TensorInfo, fp32, per_model, tensor_seed, yaml_key
 
 Sparsifier = Literal["none", "magnitude", "random"]
 
@@ -46,51 +49,86 @@ class TaskArithmeticParams:
                 raise ValueError(f"density of {mid!r} must be in [0, 1], got {d}")
 
 
-def sparsify(tau: torch.Tensor, density: float, method: Sparsifier, rescale: bool,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """Keep a ``density`` fraction of ``tau`` (magnitude top-k or Bernoulli), optionally rescaled."""
+RNG_BLOCK = 1 << 20  # elements per independently seeded block of DARE's uniform draws
+
+
+def magnitude_threshold(tau: torch.Tensor, density: float, overwrite: bool = False) -> float:
+    """The k-th largest |tau| with k = max(1, floor(density * n)) (O(n) selection; ``overwrite``
+    lets it scramble ``tau`` instead of copying it)."""
+    a = tau.detach().to(torch.float32, copy=not overwrite).abs_().reshape(-1).numpy()
+    k = max(1, int(density * a.size))
+    a.partition(a.size - k)  # in place: no second copy
+    return float(a[a.size - k])
+
+
+def delta_threshold(tensor: torch.Tensor, base: torch.Tensor, density: float) -> float:
+    """``magnitude_threshold`` of tensor - base, for ``prepare`` on whole tensors: one fp32 copy
+    (subtracting a bf16 base in one go would cast all of it to fp32 first, so go by row blocks)."""
+    tau = tensor.to(torch.float32, copy=True)
+    flat, flat_base, step = tau.reshape(-1), base.reshape(-1), 1 << 20
+    for i in range(0, flat.numel(), step):
+        flat[i:i + step].sub_(flat_base[i:i + step])
+    return magnitude_threshold(tau, density, overwrite=True)
+
+
+def uniform(seed: int, start: int, n: int) -> torch.Tensor:
+    """U[0, 1) draws for flat indices start..start+n-1; draw i depends only on (seed, i).
+
+    Each block of RNG_BLOCK indices has its own generator; torch's CPU generator is sequential, so a
+    prefix of a block's draws does not depend on how many are drawn (checked in the tests).
+    """
+    out = torch.empty(n)
+    for b in range(start // RNG_BLOCK, (start + n - 1) // RNG_BLOCK + 1 if n else 0):
+        lo, hi = max(start, b * RNG_BLOCK), min(start + n, (b + 1) * RNG_BLOCK)
+        gen = torch.Generator().manual_seed(tensor_seed(seed, f"block{b}"))
+        out[lo - start:hi - start] = torch.rand(hi - b * RNG_BLOCK, generator=gen)[lo - b * RNG_BLOCK:]
+    return out
+
+
+def sparsify_(tau: torch.Tensor, density: float, method: Sparsifier, rescale: bool,
+              threshold: float | None, seed: int, offset: int) -> torch.Tensor:
+    """Keep a ``density`` fraction of ``tau`` in place (magnitude threshold or Bernoulli draws)."""
     if method == "none" or density >= 1.0:
         return tau
-    if density <= 0.0 or tau.numel() == 0:
-        return torch.zeros_like(tau)
+    if density <= 0.0:
+        return tau.zero_()
     if method == "magnitude":
-        k = max(1, int(density * tau.numel()))
-        keep = torch.zeros(tau.numel(), dtype=torch.bool)
-        keep[torch.topk(tau.abs().reshape(-1), k, sorted=False).indices] = True
-        keep = keep.reshape(tau.shape)
+        keep = tau.abs() >= (threshold if threshold is not None else magnitude_threshold(tau, density))
     else:
-        keep = torch.rand(tau.shape, generator=generator) < density
-    out = tau * keep
-    return out / density if rescale else out
+        keep = uniform(seed, offset, tau.numel()).reshape(tau.shape) < density
+    tau.mul_(keep)
+    return tau.div_(density) if rescale else tau
 
 
 def merged_delta(tensors: dict[str, torch.Tensor], base: torch.Tensor, params: TaskArithmeticParams,
                  info: TensorInfo, sparsifier: Sparsifier, consensus: bool) -> torch.Tensor:
-    """tau_m of steps 1-4 (before lambda), fp32. Peak: n_models + 2 copies of the tensor in fp32."""
-    base32 = fp32(base)
-    gen = torch.Generator().manual_seed(info.seed) if sparsifier == "random" else None
+    """tau_m of steps 1-4 (before lambda) for an fp32 ``base``; peak about n_models + 3 fp32 copies."""
     weights = [params.weight[m] for m in tensors]
-    stacked = torch.empty((len(tensors), *base.shape)) if consensus else None
+    offset = info.offset(base)
+    deltas = torch.empty((len(tensors), *base.shape)) if consensus else None
     mixed: torch.Tensor | None = None
     for i, (mid, t) in enumerate(tensors.items()):
-        tau = sparsify(fp32(t) - base32, params.density[mid], sparsifier, params.rescale, gen)
-        tau.mul_(weights[i])
-        if stacked is not None:
-            stacked[i] = tau
-        else:
+        tau = torch.sub(t, base, out=deltas[i]) if deltas is not None else fp32(t) - base
+        sparsify_(tau, params.density[mid], sparsifier, params.rescale, info.prepared.get(mid),
+                  tensor_seed(info.seed, f"model{i}"), offset).mul_(weights[i])
+        if deltas is None:
             mixed = tau if mixed is None else mixed.add_(tau)
-        del tau
-    if stacked is not None:
-        gamma = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
-        keep = stacked.sign() == gamma
-        mixed = stacked.mul_(keep).sum(0)
-        divisor = sum(w * k for w, k in zip(weights, keep.unbind(0), strict=True))
-        divisor[divisor == 0] = 1.0
+    if deltas is not None:  # TIES: elected sign (0 counts as +), disjoint sum
+        sign = torch.where(deltas.sum(0) >= 0, 1.0, -1.0)
+        divisor = torch.zeros(base.shape) if params.normalize else None
+        for w, d in zip(weights, deltas, strict=True):
+            keep = d.mul(sign) > 0
+            d.mul_(keep)
+            mixed = d if mixed is None else mixed.add_(d)
+            if divisor is not None:
+                divisor.add_(keep, alpha=w)
+        if divisor is not None:
+            divisor[divisor == 0] = 1.0
     else:
         total = sum(weights)
         divisor = torch.tensor(1.0 if abs(total) < 1e-8 else total)
     assert mixed is not None
-    return mixed / divisor if params.normalize else mixed
+    return mixed.div_(divisor) if params.normalize else mixed
 
 
 class TaskArithmetic(MergeMethod):
@@ -102,8 +140,18 @@ class TaskArithmetic(MergeMethod):
     consensus: ClassVar[bool] = False
 
     @classmethod
+    def needs_prepare(cls, params: TaskArithmeticParams) -> bool:
+        return cls.sparsifier == "magnitude"
+
+    @classmethod
+    def prepare(cls, tensor: torch.Tensor, base: torch.Tensor | None, params: TaskArithmeticParams,
+                info: TensorInfo, model_id: str) -> float:
+        assert base is not None
+        return delta_threshold(tensor, base, params.density[model_id])
+
+    @classmethod
     def merge(cls, tensors: dict[str, torch.Tensor], base: torch.Tensor | None,
               params: TaskArithmeticParams, info: TensorInfo) -> torch.Tensor:
         assert base is not None
-        tau = merged_delta(tensors, base, params, info, cls.sparsifier, cls.consensus)
-        return fp32(base) + params.lambda_ * tau
+        base = fp32(base)
+        return merged_delta(tensors, base, params, info, cls.sparsifier, cls.consensus).mul_(params.lambda_).add_(base)

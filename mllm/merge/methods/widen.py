@@ -56,6 +56,7 @@ def importance(significance: torch.Tensor, ratio: float, calibration: float) -> 
 class Widen(MergeMethod):
     name = "widen"
     config_cls = WidenParams
+    elementwise = False  # column magnitudes span all rows
 
     @classmethod
     def merge(cls, tensors: dict[str, torch.Tensor], base: torch.Tensor | None, params: WidenParams,

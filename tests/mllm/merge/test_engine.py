@@ -144,3 +144,34 @@ def test_non_finite_result_is_refused(tmp_path: Path, ckpt, llamas, monkeypatch)
     with pytest.raises(MergeError, match="non-finite values in tensor"):
         run_merge(ckpt.write_yaml(tmp_path / "m.yaml", cfg), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic", "lines"])
+def test_block_wise_merging_equals_whole_tensor_merging(tmp_path: Path, ckpt, llamas, monkeypatch, method) -> None:
+    from mllm.merge import engine
+    from mllm.merge.methods import task_arithmetic
+
+    per_model = {"weight": 0.6, "density": 0.3}
+    params = {"alpha": 0.2, "beta": 0.7, "sparsifier": "magnitude", "consensus": True} if method == "lines" else {}
+    cfg = _config(llamas, method, [("a", per_model), ("b", per_model)], params)
+    path = ckpt.write_yaml(tmp_path / "m.yaml", cfg)
+    whole = ckpt.state_of(run_merge(path, tmp_path / "whole"))
+    monkeypatch.setattr(engine, "BLOCK_ELEMS", 100)  # the 48 x 16 embedding -> 8 blocks of 6 rows
+    monkeypatch.setattr(task_arithmetic, "RNG_BLOCK", 160)  # DARE draw blocks straddle row blocks
+    blocked = ckpt.state_of(run_merge(path, tmp_path / "blocked"))
+    monkeypatch.setattr(engine, "BLOCK_ELEMS", 1 << 23)
+    whole_small_rng = ckpt.state_of(run_merge(path, tmp_path / "whole2"))
+    for n in whole:
+        assert torch.equal(blocked[n], whole_small_rng[n]), n
+        if method != "dare_ties":  # DARE's draws depend on RNG_BLOCK, nothing else does
+            assert torch.equal(blocked[n], whole[n]), n
+
+
+def test_uniform_draws_depend_only_on_seed_and_index(monkeypatch) -> None:
+    from mllm.merge.methods import task_arithmetic
+
+    monkeypatch.setattr(task_arithmetic, "RNG_BLOCK", 64)
+    full = task_arithmetic.uniform(5, 0, 1000)
+    parts = torch.cat([task_arithmetic.uniform(5, a, b - a) for a, b in [(0, 7), (7, 300), (300, 1000)]])
+    assert torch.equal(full, parts) and 0.0 <= full.min() and full.max() < 1.0
+    assert not torch.equal(full, task_arithmetic.uniform(6, 0, 1000))

@@ -158,3 +158,16 @@ def test_frank_prior_with_wrong_layer_count(tmp_path: Path, ckpt, frank_models) 
     probe.write_text(json.dumps({"visual_share": [0.5, 0.3]}))
     with pytest.raises(MergeError, match="2 layers, the model has 4"):
         run_merge(_frank_yaml(ckpt, tmp_path / "f.yaml", frank_models, prior=str(probe)), tmp_path / "out")
+
+
+def test_frank_block_wise_statistics_match_whole_tensors(tmp_path: Path, ckpt, frank_models, monkeypatch) -> None:
+    from mllm.merge import engine
+
+    path = _frank_yaml(ckpt, tmp_path / "f.yaml", frank_models, alpha=0.2)
+    whole = run_merge(path, tmp_path / "whole")
+    monkeypatch.setattr(engine, "BLOCK_ELEMS", 100)  # 32 x 16 MLP weights -> blocks of 6 rows
+    blocked = run_merge(path, tmp_path / "blocked")
+    a, b = (json.loads((p / "frank_coefficients.json").read_text())["layers"] for p in (whole, blocked))
+    assert [r["lambda_V"] for r in a] == pytest.approx([r["lambda_V"] for r in b], rel=1e-9)
+    sa, sb = ckpt.state_of(whole), ckpt.state_of(blocked)
+    assert all(torch.allclose(sa[n], sb[n], atol=1e-7) for n in sa)

@@ -64,11 +64,27 @@ def test_writer_refuses_out_of_order_wrong_shape_and_missing(tmp_path: Path) -> 
     w = ShardWriter(tmp_path, _specs(TENSORS), 10**9)
     with pytest.raises(RuntimeError, match="expected 'a'"):
         w.write("b", TENSORS["b"])
-    with pytest.raises(RuntimeError, match=r"expected 'a' \(2, 3\)"):
+    with pytest.raises(RuntimeError, match=r"got 'a' \(3, 2\) torch.float32, expected \(2, 3\)"):
         w.write("a", torch.zeros(3, 2))
     w.write("a", TENSORS["a"])
     with pytest.raises(RuntimeError, match="3 tensors were never written"):
         w.close()
+
+
+def test_writer_streams_row_blocks(tmp_path: Path) -> None:
+    with ShardWriter(tmp_path, _specs(TENSORS), 10**9) as w:
+        w.write("a", iter([TENSORS["a"][:1], TENSORS["a"][1:]]))
+        w.write("b", TENSORS["b"])
+        w.write("c", (TENSORS["c"][i:i + 2] for i in range(0, 5, 2)))
+        w.write("scalar", TENSORS["scalar"])
+        w.close()
+    reader = ModelReader(tmp_path)
+    assert all(torch.equal(reader.get(n), t) for n, t in TENSORS.items())
+    assert torch.equal(reader.get("c", (1, 3)), TENSORS["c"][1:3])  # row slices read back too
+    w = ShardWriter(tmp_path / "x", _specs(TENSORS), 10**9)
+    (tmp_path / "x").mkdir()
+    with pytest.raises(RuntimeError, match="got 1 rows"):
+        w.write("a", [TENSORS["a"][:1]])
 
 
 def test_reader_errors_name_the_folder_and_file(tmp_path: Path) -> None:
