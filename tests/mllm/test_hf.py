@@ -190,6 +190,21 @@ def test_native_model_exports_two_layers(tmp_path: Path, word_tokenizer: Any) ->
     torch.testing.assert_close(hf_logits(exported, batch), ours_logits(ours, batch), atol=1e-5, rtol=0)
 
 
+def test_bf16_tied_export_keeps_llm_weights_and_tie(tmp_path: Path, word_tokenizer: Any) -> None:
+    arch = {**{k: v for k, v in LM.items() if not k.endswith("token_id")}, "tie_word_embeddings": True}
+    ckpt = _native(tmp_path, word_tokenizer, llm={"model_type": "llama", "dtype": "bfloat16", "arch": arch})
+    export_llava(ckpt, tmp_path / "llava")
+    ours = MLLM.from_pretrained(ckpt)
+    exported = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava", local_files_only=True)
+    assert exported.dtype == torch.bfloat16 and exported.config.tie_word_embeddings
+    assert exported.lm_head.weight is exported.model.language_model.embed_tokens.weight
+    for key, tensor in ours.llm.model.state_dict().items():
+        torch.testing.assert_close(exported.model.language_model.state_dict()[key], tensor, atol=0, rtol=0, msg=key)
+    # The tower and projector are cast to the LLM's bf16 (ours stay fp32), as llava-hf checkpoints are.
+    proj = exported.model.multi_modal_projector.linear_1.weight
+    torch.testing.assert_close(proj, ours.projector.layers[0].weight.to(torch.bfloat16), atol=0, rtol=0)
+
+
 REGISTERS = {"name": "hf_vision", "model_type": "dinov2_with_registers", "arch": {**TOWER, "num_register_tokens": 4},
              "processor": {"image_processor_type": "BitImageProcessor", "size": {"shortest_edge": 32},
                            "crop_size": {"height": 32, "width": 32}}}
