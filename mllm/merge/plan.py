@@ -51,6 +51,8 @@ NAME_MAP_PRESETS: dict[str, dict[str, str]] = {
     "llava": {r"^language_model\.": ""},
     # transformers' in-memory LLaVA names (save_original_format=False): model.language_model.* / lm_head.*
     "llava_nested": {r"^model\.language_model\.": "model."},
+    # this package's MLLM.save_pretrained: llm.model.layers.* / llm.lm_head.* (encoder.*, projector.* stay)
+    "mllm": {r"^llm\.": ""},
 }
 DEFAULT_LAYER_PATTERN = r"^model\.layers\.(\d+)\."
 _TOP_KEYS = (

@@ -105,8 +105,11 @@ class ModelReader:
 
     @property
     def config(self) -> dict[str, Any]:
-        """``config.json`` as a dict ({} when the folder has none)."""
+        """``config.json`` as a dict -- for an ``mllm`` MLLM folder its LLM's ``llm/config.json`` --,
+        {} when there is none."""
         cfg = self.path / "config.json"
+        if not cfg.is_file():
+            cfg = self.path / "llm" / "config.json"
         if not cfg.is_file():
             return {}
         try:
@@ -282,18 +285,21 @@ def tokenizer_files(folder: Path) -> list[str]:
 
 
 def copy_side_files(src: Path, dst: Path, tokenizer_src: Path | None = None) -> list[str]:
-    """Copy ``src``'s non-weight files (config, generation config, tokenizer, ...) into ``dst``.
+    """Copy ``src``'s non-weight files (config, generation config, tokenizer, an MLLM's ``llm/`` and
+    ``tokenizer/`` folders, ...) into ``dst``; weight files are skipped at every depth.
 
-    With ``tokenizer_src`` the tokenizer files come from there instead (those of ``src`` are not
-    copied, so the two tokenizers never mix). Sub-folders and weight files are skipped.
+    With ``tokenizer_src`` the tokenizer files at its top level are copied instead of ``src``'s
+    (those of ``src`` are left out, so the two tokenizers never mix).
     """
     copied = []
+    skip = shutil.ignore_patterns(*(f"*{suffix}" for suffix in _NOT_SIDE_FILES))
     for f in sorted(src.iterdir()):
-        if not f.is_file() or f.name.endswith(_NOT_SIDE_FILES):
+        if f.name.endswith(_NOT_SIDE_FILES) or (tokenizer_src is not None and f.name in TOKENIZER_FILES):
             continue
-        if tokenizer_src is not None and f.name in TOKENIZER_FILES:
-            continue
-        shutil.copy2(f, dst / f.name)
+        if f.is_dir():
+            shutil.copytree(f, dst / f.name, ignore=skip)
+        elif f.is_file():
+            shutil.copy2(f, dst / f.name)
         copied.append(f.name)
     if tokenizer_src is not None:
         for n in tokenizer_files(tokenizer_src):

@@ -131,11 +131,15 @@ def test_side_files_and_tokenizer_source(tmp_path: Path) -> None:
         d.mkdir()
     for name in ("config.json", "tokenizer.json", "tokenizer.model", "model.safetensors", "README.md"):
         (ref / name).write_text("ref")
+    (ref / "llm").mkdir()  # an MLLM folder: llm/config.json comes along, weights never do
+    (ref / "llm" / "config.json").write_text("llm")
+    (ref / "llm" / "extra.safetensors").write_text("w")
     (tok / "tokenizer.json").write_text("tok")
     copy_side_files(ref, out, tokenizer_src=tok)
     # the reference's tokenizer files are not mixed in (no stale tokenizer.model), weights/card skipped
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "llm", "tokenizer.json"]
     assert (out / "tokenizer.json").read_text() == "tok"
+    assert [p.name for p in (out / "llm").iterdir()] == ["config.json"]
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(MergeError, match="no tokenizer files"):
