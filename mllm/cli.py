@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     way.add_argument("--from-hf", metavar="LLAVA_DIR", help="a transformers Llava folder to import as our checkpoint")
     way.add_argument("--to-hf", metavar="CKPT", help="our checkpoint (save_pretrained folder) to export as Llava")
     conv.add_argument("--out", required=True, help="new output folder (an existing one is refused)")
+
+    bench = sub.add_parser("bench", help="run an end-to-end experiment: frank-toy (FRANK at toy scale)")
+    bench.add_argument("name", choices=["frank-toy"])
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="the experiment's own flags (--out, --fast, --set ...)")
     return parser
 
 
@@ -80,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
                 options=args.options, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                 limit=args.limit, resume=args.resume,
             )
+        elif args.command == "bench":
+            from mllm.bench.frank_toy import main as frank_toy
+
+            return frank_toy(args.args)
         elif args.command == "convert":
             from mllm import hf
 

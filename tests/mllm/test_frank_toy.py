@@ -1,0 +1,104 @@
+"""The FRANK toy experiment's plumbing at tiny sizes (mllm/bench/frank_toy.py, fast_config).
+
+One run trains theta_0 / theta_R / theta_V for a few steps, probes, merges with every method and
+evaluates; the checks: every merge loads and was evaluated on every task, the FRANK coefficients
+equal the closed form recomputed here from the saved norms and probe, the merged blocks hold those
+coefficients, the norms agree with the checkpoints, and a second run reuses every stage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mllm.bench.frank_toy import METRICS, fast_config, merge_specs, run
+
+VARIANTS = ("frank", "frank_max", "frank_noprior")
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("frank_toy")
+    doc = run(fast_config(), out, results=out / "results")
+    return out, doc
+
+
+def test_every_model_is_evaluated_on_its_tasks(toy: tuple[Path, dict]) -> None:
+    out, doc = toy
+    cfg = fast_config()
+    names = set(merge_specs(cfg, Path("b"), Path("v"), Path("r"), Path("p")))
+    assert set(doc["models"]) == names | {"mllm", "reasoner", "task_arithmetic_best"}
+    for name, row in doc["models"].items():
+        for metric in METRICS:
+            if name == "reasoner" and metric != "arithmetic":
+                assert row[metric] is None  # no vision: text tasks only
+            else:
+                assert isinstance(row[metric], float) and 0.0 <= row[metric] <= 1.0, (name, metric)
+    for name in names:  # a merge loads as an MLLM and its three evaluations wrote their predictions
+        for task, n in (("shapesworld", None), ("arithmetic", cfg.eval_arithmetic), ("compositional", cfg.eval_scenes)):
+            preds = (out / "evals" / name / task / "predictions.jsonl").read_text().splitlines()
+            assert len(preds) == (n if n is not None else len(preds)) and preds
+    assert doc["task_arithmetic_best"]["model"] in names
+    saved = json.loads((out / "results" / "frank_toy.json").read_text())
+    assert saved["models"] == doc["models"]
+    for png in ("frank_toy_visual_share.png", *(f"frank_toy_{v}_coefficients.png" for v in VARIANTS)):
+        assert (out / "results" / png).stat().st_size > 1000
+
+
+def _closed_form(share: list[float], norm: str, n_v: list[float], n_r: list[float]) -> list[float]:
+    """lambda_V of Eq. 15 with the prior of METHODS.md 1.7, computed independently of mllm.merge."""
+    layers = np.arange(1, len(share) + 1)
+    slope = np.polyfit(layers, np.log(share), 1)[0]  # ln a_l = ln C - alpha l
+    raw = np.exp(slope * (layers - 1))  # e^{-alpha (l - 1)}
+    w_v = raw / raw.sum() if norm == "sum" else raw
+    return [float(w * a / (w * a + (1 - w) * b)) for w, a, b in zip(w_v, n_v, n_r, strict=True)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_frank_coefficients_are_the_closed_form(toy: tuple[Path, dict], variant: str) -> None:
+    out, doc = toy
+    coef = json.loads((out / "merges" / variant / "model" / "frank_coefficients.json").read_text())
+    rows = coef["layers"]
+    n_v, n_r = [r["norm_sq_V"] for r in rows], [r["norm_sq_R"] for r in rows]
+    if variant == "frank_noprior":
+        expected = [a / (a + b) for a, b in zip(n_v, n_r, strict=True)]  # Eq. 13
+    else:
+        share = json.loads((out / "probe" / "probe.json").read_text())["visual_share"]
+        expected = _closed_form(share, "max" if variant == "frank_max" else "sum", n_v, n_r)
+    assert [r["lambda_V"] for r in rows] == pytest.approx(expected, rel=1e-6)
+    assert [r["lambda_V"] + r["lambda_R"] for r in rows] == pytest.approx([1.0] * len(rows))
+    # the saved norms are the checkpoints' per-block ||tau||^2 (computed by the report from the files)
+    assert n_v == pytest.approx([r["norm_sq_V"] for r in doc["layers"]], rel=1e-5)
+    assert n_r == pytest.approx([r["norm_sq_R"] for r in doc["layers"]], rel=1e-5)
+    assert all(v > 0 for v in n_v + n_r)  # both fine-tunes moved every block
+    # the merged block is theta_0 + lambda_V tau_V + lambda_R tau_R with those coefficients
+    base = load_file(str(out / "base" / "model" / "model.safetensors"))
+    v = load_file(str(out / "mllm" / "model" / "model.safetensors"))
+    r = load_file(str(out / "reasoner" / "model" / "model.safetensors"))
+    merged = load_file(str(out / "merges" / variant / "model" / "model.safetensors"))
+    for layer, row in enumerate(rows):
+        name = f"model.layers.{layer}.mlp.down_proj.weight"
+        b = base[name]
+        want = b + row["lambda_V"] * (v["llm." + name] - b) + row["lambda_R"] * (r[name] - b)
+        torch.testing.assert_close(merged["llm." + name], want, rtol=1e-5, atol=1e-6)
+    # outside the blocks everything is theta_V's (vision tower, projector, embeddings = theta_0's)
+    for name in ("projector.layers.0.weight", "llm.lm_head.weight", "llm.model.norm.weight"):
+        assert torch.equal(merged[name], v[name])
+    # tied embeddings and the final norm stayed frozen in both fine-tunes
+    assert torch.equal(v["llm.lm_head.weight"], base["model.embed_tokens.weight"])
+    assert torch.equal(v["llm.model.norm.weight"], base["model.norm.weight"])
+    assert torch.equal(r["model.norm.weight"], base["model.norm.weight"])
+
+
+def test_rerun_reuses_every_stage(toy: tuple[Path, dict]) -> None:
+    out, doc = toy
+    again = run(fast_config(), out)
+    assert all(s["cached"] for s in again["stage_seconds"].values())
+    assert again["models"] == doc["models"]
+    assert not math.isnan(again["wall_seconds"])
