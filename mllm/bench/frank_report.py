@@ -115,26 +115,6 @@ def task_vector_layers(base: Path, mllm: Path, reasoner: Path, num_layers: int) 
     return rows
 
 
-def plot_probe(share: list[float], alpha: float, c: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layers = list(range(1, len(share) + 1))
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(layers, share, marker="o", label="visual share $a_l$ (probe)")
-    ax.plot(layers, [c * math.exp(-alpha * x) for x in layers], linestyle="--",
-            label=rf"fit $C e^{{-\alpha l}}$, $\alpha$={alpha:.3f}")
-    ax.set_xlabel("decoder layer l")
-    ax.set_ylabel("attention share on image tokens")
-    ax.set_title("theta_V: text-query attention on visual tokens")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def _mean(row: dict[str, Any]) -> float:
     vals = [row[k] for k in ("shapesworld_vqa", "grounding", "arithmetic", "compositional") if row[k] is not None]
     return sum(vals) / len(vals) if vals else 0.0
@@ -191,7 +171,7 @@ def report(cfg: Any, out: Path, models: dict[str, tuple[Path, str]], scores: dic
         results.mkdir(parents=True, exist_ok=True)
         for name in ("frank_toy.json", "frank_toy.md"):
             shutil.copy2(out / name, results / name)
-        shutil.copy2(out / "probe" / "visual_share.png", results / "frank_toy_visual_share.png")
+        shutil.copy2(out / "probe" / "probe.png", results / "frank_toy_visual_share.png")
         for variant in FRANK_VARIANTS:
             shutil.copy2(models[variant][0] / "frank_coefficients.png", results / f"frank_toy_{variant}_coefficients.png")
     return doc

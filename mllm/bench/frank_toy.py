@@ -47,26 +47,26 @@ PROBE_QUESTION = "How many objects are there?"
 class FrankToyConfig:
     seed: int = 0
     llm: dict[str, Any] = field(default_factory=lambda: {
-        "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 6, "num_attention_heads": 4,
-        "num_key_value_heads": 4, "max_position_embeddings": 256, "tie_word_embeddings": True})
+        "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 4, "max_position_embeddings": 192, "tie_word_embeddings": True})
     encoder: dict[str, Any] = field(default_factory=lambda: {
         "name": "timm_vit", "model_name": "vit_tiny_patch16_224", "image_size": 64, "patch_size": 16,
-        "embed_dim": 128, "depth": 4, "num_heads": 4, "layers": [-1]})
+        "embed_dim": 64, "depth": 2, "num_heads": 4, "layers": [-1]})
     base_steps: int = 1500
-    base_lr: float = 1e-3
-    base_scenes: int = 4000  # ShapesWorld scenes whose Q/A become pre-training text
-    base_arithmetic: int = 12000  # one-step facts, and as many direct-answer problems
-    reasoner_steps: int = 800
-    reasoner_lr: float = 5e-4
-    mllm_steps: int = 1500
-    mllm_lr: float = 5e-4
+    base_lr: float = 2e-3
+    base_scenes: int = 2000  # ShapesWorld scenes whose Q/A become pre-training text
+    base_arithmetic: int = 6000  # one-step facts, and as many direct-answer problems
+    reasoner_steps: int = 600
+    reasoner_lr: float = 1e-3
+    mllm_steps: int = 1200
+    mllm_lr: float = 1e-3
     train_images: int = 20000
-    batch_size: int = 64
+    batch_size: int = 32
     max_length: int = 192
-    eval_scenes: int = 100  # ShapesWorld test scenes (about 6 questions each) and compositional questions
-    eval_arithmetic: int = 200
+    eval_scenes: int = 50  # ShapesWorld test scenes (about 6 questions each) and compositional questions
+    eval_arithmetic: int = 100
     eval_batch_size: int = 64
-    probe_images: int = 64
+    probe_images: int = 32
     ta_lambdas: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 1.0])
     ties_density: float = 0.2
     lines_alpha: float = 0.5
@@ -201,20 +201,15 @@ def build_reasoner(cfg: FrankToyConfig, base: Path, folder: Path) -> None:
 
 
 def build_probe(cfg: FrankToyConfig, mllm: Path, folder: Path) -> None:
-    from mllm.bench.toy_parts import visual_share
-    from mllm.merge.methods.frank import fit_decay
+    from mllm.bench.toy_parts import probe_batches
+    from mllm.merge.probe import run_probe
     from mllm.model import MLLM
 
     model = MLLM.from_pretrained(mllm)
     val = ShapesWorld(data_config(cfg)).split("val")
-    share = visual_share(model, [val[i]["image"] for i in range(cfg.probe_images)], PROBE_QUESTION)
-    alpha, c = fit_decay(share)
-    atomic_write_text(folder / "probe.json", json.dumps({
-        "visual_share": share, "alpha": alpha, "C": c, "images": cfg.probe_images, "question": PROBE_QUESTION,
-        "queries": "text tokens after the image", "split": "val"}, indent=2))
-    from mllm.bench.frank_report import plot_probe
-
-    plot_probe(share, alpha, c, folder / "visual_share.png")
+    images = [val[i]["image"] for i in range(cfg.probe_images)]
+    run_probe(model, probe_batches(model, images, PROBE_QUESTION), folder,
+              source=f"ShapesWorld val, {cfg.probe_images} images, question {PROBE_QUESTION!r}")
 
 
 def build_merge(spec: dict[str, Any], mllm: Path, folder: Path) -> None:

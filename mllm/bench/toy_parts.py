@@ -11,14 +11,14 @@
   differ only where the methods differ.
 * :class:`TextGenerator` -- the eval runner's generator protocol for an LLM on text prompts (the
   arithmetic task, for the reasoner and for every MLLM's language model).
-* :func:`visual_share` -- per decoder layer, the share of attention that text queries after the
-  image put on visual tokens (METHODS.md 1.7 step 2), from eager attention probabilities.
+* :func:`probe_batches` -- the probe set (ShapesWorld images + one question) for
+  :func:`mllm.merge.probe.run_probe`, which measures the per-layer visual attention share.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,35 +150,14 @@ class TextGenerator:
         return [t.strip() for t in tok.batch_decode(out[:, width:], skip_special_tokens=True)]
 
 
-@torch.no_grad()
-def visual_share(model: Any, images: Sequence[Image.Image], question: str, batch_size: int = 16) -> list[float]:
-    """a_l = mean over images, heads and text queries after the image of vis / (vis + txt) (METHODS.md
-    1.7 step 2): vis = attention mass on image-token keys, txt = on the other attended keys."""
+def probe_batches(model: Any, images: Sequence[Image.Image], question: str,
+                  batch_size: int = 16) -> Iterator[dict[str, torch.Tensor]]:
+    """Probe batches for :func:`mllm.merge.probe.run_probe`: every image with the same question."""
     from train.data.templates import encode_prompt
 
-    model.eval()
-    model.llm.set_attn_implementation("eager")  # sdpa returns no attention probabilities
-    try:
-        sums: torch.Tensor | None = None
-        count = 0
-        for start in range(0, len(images), batch_size):
-            chunk = list(images[start:start + batch_size])
-            row = encode_prompt(model.tokenizer, question, model.template, model.cfg.image_token, model.num_image_tokens)
-            ids = torch.tensor([row] * len(chunk))
-            mask = torch.ones_like(ids)
-            pixels = torch.stack([model.preprocess(im) for im in chunk])
-            out = model.llm(inputs_embeds=model.embed(ids, pixels), attention_mask=mask, output_attentions=True)
-            image = ids[0] == model.image_token_id
-            after = torch.arange(len(row)) > int(image.nonzero().max())  # text queries that can see the image
-            per_layer = []
-            for probs in out.attentions:  # [B, H, T, T]
-                q = probs[:, :, after]
-                vis, txt = q[..., image].sum(-1), q[..., ~image].sum(-1)
-                per_layer.append((vis / (vis + txt)).mean(dim=(1, 2)).sum())
-            layer_sums = torch.stack(per_layer)
-            sums = layer_sums if sums is None else sums + layer_sums
-            count += len(chunk)
-        assert sums is not None
-        return [float(v) for v in sums / count]
-    finally:
-        model.llm.set_attn_implementation("sdpa")
+    row = encode_prompt(model.tokenizer, question, model.template, model.cfg.image_token, model.num_image_tokens)
+    for start in range(0, len(images), batch_size):
+        chunk = list(images[start:start + batch_size])
+        ids = torch.tensor([row] * len(chunk))
+        yield {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+               "pixel_values": torch.stack([model.preprocess(im) for im in chunk])}
