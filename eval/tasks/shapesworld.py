@@ -14,8 +14,8 @@ from dataclasses import asdict
 from typing import Any
 
 from eval.metrics import box_iou, grounding_hit, normalize_vqa_answer, parse_box
-from eval.tasks.base import IMAGE_MARKER, BaseTask, EvalDataError, EvalSample, mean_score, per_type
-from train.data.shapesworld import GROUNDING_TYPE, ShapesWorld, ShapesWorldConfig
+from eval.tasks.base import BaseTask, EvalDataError, EvalSample, mean_score, per_type
+from train.data.shapesworld import GROUNDING_TYPE, ShapesWorld, ShapesWorldConfig, first_turn
 
 CONVENTION = "0-1000"
 
@@ -26,13 +26,14 @@ class ShapesWorldTask(BaseTask):
     config_cls = ShapesWorldConfig
     name = "shapesworld"
     prompt_version = "shapesworld-v1"
-    prompt = IMAGE_MARKER + "\n{question}"
 
     def __init__(
         self, cfg: ShapesWorldConfig, split: str = "test", data: Sequence[dict[str, Any]] | None = None
     ) -> None:
         self.cfg, self.split = cfg, split
         self._data = data
+        # The training form of a first user turn (train/data/shapesworld.py first_turn).
+        self.prompt = first_turn("{question}", cfg.image_first)
 
     def samples(self) -> Iterator[EvalSample]:
         data = self._data if self._data is not None else ShapesWorld(self.cfg).split(self.split)

@@ -237,3 +237,18 @@ def test_every_question_type_opens_some_training_conversations() -> None:
     first = Counter(split[i]["items"][0]["type"] for i in range(400))
     assert set(first) == {"colour", "shape", "count", "exists", "relpos", "grounding"}
     assert max(first.values()) < 0.4 * 400
+
+
+def test_image_position_follows_config_in_training_and_eval() -> None:
+    from eval.tasks.shapesworld import ShapesWorldTask
+    from train.data.shapesworld import ShapesWorld, ShapesWorldConfig
+
+    for image_first, expected in ((True, "<image>\n{q}"), (False, "{q}\n<image>")):
+        cfg = ShapesWorldConfig(image_first=image_first, train_images=3, test_images=2)
+        sample = ShapesWorld(cfg).split("train")[0]
+        first = sample["conversations"][0]["value"]
+        assert first == expected.format(q=sample["items"][0]["question"])
+        assert all("<image>" not in t["value"] for t in sample["conversations"][1:])
+        task = ShapesWorldTask(cfg, split="test")
+        item = next(iter(task.samples()))
+        assert task.build_prompt(item) == expected.format(q=item.question)

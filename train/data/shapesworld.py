@@ -71,6 +71,7 @@ class ShapesWorldConfig:
     test_images: int = 500
     questions_per_image: int = 4  # training turns per sample
     grounding_fraction: float = 0.25  # expected share of grounding turns in training conversations
+    image_first: bool = True  # "<image>\n{question}" (LLaVA's usual first turn) or "{question}\n<image>"
 
     def __post_init__(self) -> None:
         if self.seed < 0:
@@ -277,10 +278,19 @@ def _eval_items(objects: list[_Object], rng: np.random.Generator) -> list[dict[s
     return [it for it in items if it is not None]
 
 
-def _conversation(items: list[dict[str, Any]]) -> list[dict[str, str]]:
+def first_turn(question: str, image_first: bool) -> str:
+    """The first user turn: the image marker before the question, or after it (both LLaVA-valid).
+
+    With the image after the question a causal LLM reads the visual tokens already knowing the
+    question, so each visual token can test itself against it.
+    """
+    return f"<image>\n{question}" if image_first else f"{question}\n<image>"
+
+
+def _conversation(items: list[dict[str, Any]], image_first: bool = True) -> list[dict[str, str]]:
     turns = []
     for k, item in enumerate(items):
-        turns.append({"from": "human", "value": ("<image>\n" if k == 0 else "") + item["question"]})
+        turns.append({"from": "human", "value": first_turn(item["question"], image_first) if k == 0 else item["question"]})
         turns.append({"from": "gpt", "value": item["answer"]})
     return turns
 
@@ -306,7 +316,7 @@ class ShapesWorldSplit(Sequence[dict[str, Any]]):
         rng = np.random.default_rng([self.cfg.seed, self.split_id, i])
         image, objects = _scene(self.cfg, rng)
         items = _training_items(self.cfg, objects, rng) if self.name == "train" else _eval_items(objects, rng)
-        return {"id": f"{self.name}-{i:06d}", "image": image, "conversations": _conversation(items),
+        return {"id": f"{self.name}-{i:06d}", "image": image, "conversations": _conversation(items, self.cfg.image_first),
                 "items": items, "objects": [o.as_dict() for o in objects]}
 
 
