@@ -8,18 +8,23 @@ Steps of :func:`run_merge`:
    tensor is read and before anything is written.
 3. For two-pass methods (FRANK), pass 1 streams the merged tensors through ``collect`` and sums the
    numbers per decoder layer; ``finalize`` turns them into the ``info.stats`` of pass 2.
-4. Pass 2, in the reference model's tensor order: read the inputs of one tensor, merge (fp32),
+4. Pass 2, in the reference model's tensor order: read the inputs of one tensor -- for elementwise
+   methods one block of about BLOCK_ELEMS elements (rows along dim 0) at a time --, merge in fp32,
    refuse a non-finite result, cast to the output dtype and stream it into the current shard.
 5. Side files (config.json with the output dtype, generation config, tokenizer from the reference or
    ``tokenizer_source``), a README card holding the recipe, ``mllm_merge.yaml``, and the method's
    artefacts are written; the temp folder is renamed to ``out_dir`` only now.
 
-Memory bound: one tensor name is in flight at a time, so the peak is about
-``(n_inputs + k) x largest tensor`` in fp32, where n_inputs counts the merged models plus the base
-and k <= 3 is the method's working copies (the TIES/DARE-TIES stack of n weighted deltas counts in
-n_inputs). The writer streams each tensor straight into its shard (header first: every output shape
-is known in advance), so no shard is buffered -- below the usual ``n_models x largest + one shard``.
-Readers use ``pread``, not a memory map, so the input files' pages do not accumulate in the RSS.
+Memory bound (above the ~0.5 GiB that importing torch costs): one tensor name is in flight at a time.
+Elementwise methods (all but WIDEN) hold ``(n_inputs + 3)`` fp32 copies of one block (n_inputs =
+merged models + base; a block is 1 MiB in fp32), plus, for TIES-style magnitude trimming, a ``prepare``
+step that holds one model's tensor and the base's as read plus one fp32 copy of the largest tensor.
+WIDEN merges whole tensors (column norms span all rows): about 3 n_inputs fp32 copies of the largest
+tensor. The writer streams each block straight into its shard (the header goes first: every output
+shape is known in advance), so no shard is buffered -- all below the usual ``n_models x largest
+tensor + one shard``. Each read maps the file only for the life of the tensor it returns, and freed
+heap pages are returned to the OS after every large tensor, so the RSS tracks the tensors in use.
+Measured: benchmarks/bench_merge.py.
 """
 
 from __future__ import annotations

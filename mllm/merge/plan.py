@@ -89,7 +89,7 @@ class MergePlan:
 
     @property
     def inputs(self) -> tuple[ModelEntry, ...]:
-        """Models whose tensors a merge reads: the merged models, then the base if the method uses it."""
+        """Models whose tensors a merge reads: the merged models, then the base (if any)."""
         return self.models + ((self.base,) if self.base is not None else ())
 
     def canonical(self, name: str) -> str:
