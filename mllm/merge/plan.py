@@ -21,7 +21,7 @@ Accepted keys (mergekit's names where mergekit has them)::
     exclude: ['embed_tokens', 'lm_head']  # ...and none of these; the rest is copied from the reference
     layer_pattern: '^model\\.layers\\.(\\d+)\\.'   # decoder-layer index, matched on mapped names
     seed: 0                             # DARE masks: seeded per (seed, tensor name)
-    out_shard_size: 5GB
+    shard_size: 5GB                     # bytes per output shard (KB/MB/GB decimal, KiB/MiB/GiB binary)
 
 :func:`plan_tensors` then checks, from the safetensors headers and config.json files only, that the
 models are of one architecture family and that every tensor to merge exists in every input with the
@@ -57,9 +57,9 @@ NAME_MAP_PRESETS: dict[str, dict[str, str]] = {
 DEFAULT_LAYER_PATTERN = r"^model\.layers\.(\d+)\."
 _TOP_KEYS = (
     "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
-    "reference_model", "name_map", "include", "exclude", "layer_pattern", "seed", "out_shard_size",
+    "reference_model", "name_map", "include", "exclude", "layer_pattern", "seed", "shard_size",
 )
-_SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+_SIZE_UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}  # powers of 1000 (or of 1024 with "iB")
 
 
 @dataclass(frozen=True)
@@ -190,12 +190,14 @@ def _regex(value: Any, where: str) -> re.Pattern[str]:
 
 
 def _size(value: Any, where: str) -> int:
+    """Bytes from an int or a string such as 500MB, 5GB, 2GiB (not mergekit's parameter counts)."""
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGTB]?)B?\s*", str(value).upper())
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(i?)B)?\s*", str(value))  # no bare "B": mergekit means params
     if not m or float(m.group(1)) <= 0:
-        raise MergeError(f"{where}: expected a size such as 5GB or 500MB, got {value!r}")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+        raise MergeError(f"{where}: expected a size in bytes such as 5GB, 500MB or 2GiB, got {value!r}")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** _SIZE_UNITS[m.group(2) or ""])
 
 
 def _params(cls: type, raw: Any, where: str, per_model: bool) -> dict[str, Any]:
@@ -312,7 +314,7 @@ def load_plan(path: str | Path) -> MergePlan:
         tokenizer_source=Path(tok).expanduser() if tok else None,
         name_map=tuple((_regex(k, f"{src}: name_map"), str(v)) for k, v in name_map.items()),
         include=lists["include"], exclude=lists["exclude"], layer_pattern=layer_pattern, seed=seed,
-        shard_bytes=_size(data.get("out_shard_size", "5GB"), f"{src}: out_shard_size"),
+        shard_bytes=_size(data.get("shard_size", "5GB"), f"{src}: shard_size"),
     )
     plan.params_for(None)  # required parameters and __post_init__ checks, before any I/O
     return plan

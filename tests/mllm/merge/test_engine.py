@@ -53,7 +53,7 @@ def test_output_loads_with_transformers_and_has_every_tensor(tmp_path: Path, ckp
     from transformers import AutoModelForCausalLM
 
     cfg = _config(llamas, "ties", **PARITY["ties"])
-    cfg.update(dtype="bfloat16", out_shard_size="20KB")
+    cfg.update(dtype="bfloat16", shard_size="20KB")
     out = run_merge(ckpt.write_yaml(tmp_path / "m.yaml", cfg), tmp_path / "out")
     index = json.loads((out / INDEX_FILE).read_text())
     assert len(set(index["weight_map"].values())) > 1
@@ -132,7 +132,7 @@ def test_failure_midway_leaves_no_output(tmp_path: Path, ckpt, llamas, monkeypat
 
     monkeypatch.setattr(Ties, "merge", staticmethod(failing))
     cfg = _config(llamas, "ties", **PARITY["ties"])
-    cfg["out_shard_size"] = "10KB"  # several shards are already on disk when it fails
+    cfg["shard_size"] = "10KB"  # several shards are already on disk when it fails
     with pytest.raises(RuntimeError, match="injected"):
         run_merge(ckpt.write_yaml(tmp_path / "m.yaml", cfg), tmp_path / "out")
     assert len(calls) == 5 and sorted(p.name for p in tmp_path.iterdir()) == ["m.yaml"]

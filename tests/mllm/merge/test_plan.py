@@ -59,7 +59,8 @@ def test_base_listed_among_models_is_not_a_task_vector(tmp_path: Path, ckpt, lla
     ({"base_model": None}, "base_model: required by merge_method ties"),
     ({"name_map": "qwen_vl"}, "name_map: unknown preset 'qwen_vl'"),
     ({"layer_pattern": "layers"}, "needs one capture group"),
-    ({"out_shard_size": "lots"}, "expected a size"),
+    ({"shard_size": "lots"}, "expected a size in bytes"),
+    ({"shard_size": "5B"}, "expected a size in bytes"),  # mergekit's "5B" counts parameters: refused
 ])
 def test_bad_yaml_values_name_file_and_field(tmp_path: Path, ckpt, llamas, edit: dict, message: str) -> None:
     path = _ties(ckpt, tmp_path, llamas, **edit)
