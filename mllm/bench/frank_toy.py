@@ -71,7 +71,7 @@ class FrankToyConfig:
     ties_density: float = 0.2
     lines_alpha: float = 0.5
     lines_beta: float = 0.5
-    threads: int = 2
+    threads: int = 1  # torch intra-op threads: tiny ops gain nothing from more, and spin-waits hurt on a busy CPU
 
     @property
     def num_layers(self) -> int:
