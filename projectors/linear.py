@@ -11,27 +11,23 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from projectors.mlp import PerTokenProjector
+
 
 @dataclass
 class LinearProjectorConfig:
     bias: bool = True
 
 
-class LinearProjector(nn.Module):
+class LinearProjector(PerTokenProjector):
     """``[B, N, in_dim] -> [B, N, out_dim]`` with one ``nn.Linear``."""
 
     config_cls = LinearProjectorConfig
+    cfg: LinearProjectorConfig
 
     def __init__(self, cfg: LinearProjectorConfig, in_dim: int, out_dim: int) -> None:
-        super().__init__()
-        if in_dim <= 0 or out_dim <= 0:
-            raise ValueError(f"linear projector: in_dim and out_dim must be positive, got {in_dim}, {out_dim}")
-        self.cfg = cfg
-        self.in_dim, self.out_dim = in_dim, out_dim
+        super().__init__(cfg, in_dim, out_dim, "linear projector")
         self.proj = nn.Linear(in_dim, out_dim, bias=cfg.bias)
-
-    def num_output_tokens(self, num_tokens: int) -> int:
-        return num_tokens
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.proj(tokens)

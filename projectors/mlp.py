@@ -9,7 +9,9 @@ For the default ``depth = 2`` this is ``H_v = W_2 GELU(W_1 Z_v + b_1) + b_2`` (L
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,24 +26,56 @@ class MLPProjectorConfig:
             raise ValueError(f"depth: expected an integer >= 1, got {self.depth}")
 
 
-class MLPProjector(nn.Module):
+class PerTokenProjector(nn.Module):
+    """Set-up shared by the projectors that map every token on its own: ``[B, N, in_dim] -> [B, N, out_dim]``."""
+
+    def __init__(self, cfg: Any, in_dim: int, out_dim: int, what: str) -> None:
+        super().__init__()
+        if in_dim <= 0 or out_dim <= 0:
+            raise ValueError(f"{what}: in_dim and out_dim must be positive, got {in_dim}, {out_dim}")
+        self.cfg = cfg
+        self.in_dim, self.out_dim = in_dim, out_dim
+
+    def num_output_tokens(self, num_tokens: int) -> int:
+        return num_tokens
+
+
+class MLPProjector(PerTokenProjector):
     """``[B, N, in_dim] -> [B, N, out_dim]``: ``depth`` Linear layers with exact GELU between them."""
 
     config_cls = MLPProjectorConfig
+    cfg: MLPProjectorConfig
 
     def __init__(self, cfg: MLPProjectorConfig, in_dim: int, out_dim: int) -> None:
-        super().__init__()
-        if in_dim <= 0 or out_dim <= 0:
-            raise ValueError(f"mlp projector: in_dim and out_dim must be positive, got {in_dim}, {out_dim}")
-        self.cfg = cfg
-        self.in_dim, self.out_dim = in_dim, out_dim
+        super().__init__(cfg, in_dim, out_dim, "mlp projector")
         modules: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
         for _ in range(cfg.depth - 1):
             modules += [nn.GELU(), nn.Linear(out_dim, out_dim)]
         self.layers = nn.Sequential(*modules)
 
-    def num_output_tokens(self, num_tokens: int) -> int:
-        return num_tokens
-
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.layers(tokens)
+
+
+def square_side(num_tokens: int, what: str, hint: str = "") -> int:
+    """The side ``s`` of the ``s x s`` patch grid that ``num_tokens`` raster-order tokens form."""
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ValueError(f"{what}: {num_tokens} tokens are not a square patch grid{hint}")
+    return side
+
+
+class GridPoolMLPProjector(nn.Module):
+    """Set-up shared by the projectors that pool the square patch grid, then apply a ``cfg.depth`` MLP."""
+
+    def __init__(self, cfg: Any, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.mlp = MLPProjector(MLPProjectorConfig(depth=cfg.depth), in_dim, out_dim)
+
+    @staticmethod
+    def feature_map(tokens: torch.Tensor, side: int) -> torch.Tensor:
+        """``[B, s*s, D]`` raster-order tokens as the ``[B, D, s, s]`` map the pooling layers take."""
+        batch, _, dim = tokens.shape
+        return tokens.transpose(1, 2).reshape(batch, dim, side, side)

@@ -11,14 +11,12 @@ every input resolution.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from projectors.mlp import MLPProjector, MLPProjectorConfig
+from projectors.mlp import GridPoolMLPProjector, square_side
 
 
 @dataclass
@@ -31,23 +29,16 @@ class PoolAdapterConfig:
             raise ValueError(f"kernel: expected a positive integer, got {self.kernel}")
 
 
-class PoolAdapterProjector(nn.Module):
+class PoolAdapterProjector(GridPoolMLPProjector):
     """``[B, s*s, in_dim] -> [B, (s/kernel)^2, out_dim]``: ``kernel x kernel`` average pooling, then an MLP."""
 
     config_cls = PoolAdapterConfig
-
-    def __init__(self, cfg: PoolAdapterConfig, in_dim: int, out_dim: int) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.in_dim, self.out_dim = in_dim, out_dim
-        self.mlp = MLPProjector(MLPProjectorConfig(depth=cfg.depth), in_dim, out_dim)
+    cfg: PoolAdapterConfig
 
     def _side(self, num_tokens: int) -> int:
         """The pooled grid side ``p = s / kernel``."""
-        side = math.isqrt(num_tokens)
+        side = square_side(num_tokens, "pool_adapter", " (drop prefix tokens)")
         k = self.cfg.kernel
-        if side * side != num_tokens:
-            raise ValueError(f"pool_adapter: {num_tokens} tokens are not a square patch grid (drop prefix tokens)")
         if side % k:
             raise ValueError(f"pool_adapter.kernel: {k} does not divide the {side}x{side} patch grid")
         return side // k
@@ -63,8 +54,7 @@ class PoolAdapterProjector(nn.Module):
         return side, side
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        batch, num, dim = tokens.shape
-        side = self._side(num) * self.cfg.kernel
-        fmap = tokens.transpose(1, 2).reshape(batch, dim, side, side)
+        _, num, _ = tokens.shape
+        fmap = self.feature_map(tokens, self._side(num) * self.cfg.kernel)
         pooled = F.avg_pool2d(fmap, self.cfg.kernel).flatten(2).transpose(1, 2)
         return self.mlp(pooled)

@@ -13,15 +13,13 @@ Default levels (1, 2, 4) give 21 tokens: one global summary plus progressively f
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from projectors.mlp import MLPProjector, MLPProjectorConfig
+from projectors.mlp import GridPoolMLPProjector, square_side
 
 
 @dataclass
@@ -35,21 +33,14 @@ class PyramidPoolConfig:
             raise ValueError(f"levels: expected positive bin counts, got {self.levels}")
 
 
-class PyramidPoolProjector(nn.Module):
+class PyramidPoolProjector(GridPoolMLPProjector):
     """``[B, s*s, in_dim] -> [B, sum(l^2), out_dim]``."""
 
     config_cls = PyramidPoolConfig
-
-    def __init__(self, cfg: PyramidPoolConfig, in_dim: int, out_dim: int) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.in_dim, self.out_dim = in_dim, out_dim
-        self.mlp = MLPProjector(MLPProjectorConfig(depth=cfg.depth), in_dim, out_dim)
+    cfg: PyramidPoolConfig
 
     def _side(self, num_tokens: int) -> int:
-        side = math.isqrt(num_tokens)
-        if side * side != num_tokens:
-            raise ValueError(f"pyramid projector: {num_tokens} tokens are not a square patch grid")
+        side = square_side(num_tokens, "pyramid projector")
         if max(self.cfg.levels) > side:
             raise ValueError(f"pyramid.levels: {max(self.cfg.levels)} bins exceed the {side}x{side} patch grid")
         return side
@@ -59,9 +50,8 @@ class PyramidPoolProjector(nn.Module):
         return sum(level * level for level in self.cfg.levels)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        batch, num, dim = tokens.shape
-        side = self._side(num)
-        fmap = tokens.transpose(1, 2).reshape(batch, dim, side, side)
+        _, num, _ = tokens.shape
+        fmap = self.feature_map(tokens, self._side(num))
         pool = F.adaptive_avg_pool2d if self.cfg.pool == "avg" else F.adaptive_max_pool2d
         levels = [pool(fmap, level).flatten(2) for level in self.cfg.levels]
         return self.mlp(torch.cat(levels, dim=2).transpose(1, 2))

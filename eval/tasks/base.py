@@ -18,7 +18,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from PIL import Image
 
@@ -130,6 +130,11 @@ def group_by(records: Iterable[Mapping[str, Any]], key: Any) -> dict[str, list[M
     return dict(groups)
 
 
+def per_meta(records: Iterable[Mapping[str, Any]], key: str) -> dict[str, float | None]:
+    """``{value: mean score}`` over the records grouped by ``record["meta"][key]``, values sorted."""
+    return {t: mean_score(rs) for t, rs in sorted(group_by(records, lambda r: r["meta"][key]).items())}
+
+
 def per_type(records: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """``{"per_type": {type: mean score}, "n_per_type": {type: count}}``, types sorted by name."""
     groups = group_by(records, lambda r: r["type"])
@@ -196,6 +201,14 @@ def image_file(folder: Path, name: str, where: str) -> Path:
     return path
 
 
+def read_json_object(path: Path, shape: str) -> Mapping[str, Any]:
+    """A JSON file holding one object; ``shape`` (e.g. ``"{pid: problem}"``) names it in the error."""
+    data = read_json(path)
+    if not isinstance(data, Mapping):
+        raise EvalDataError(f"{path}: expected a JSON object {shape}")
+    return data
+
+
 def list_field(data: Any, key: str, path: str | Path) -> list[Any]:
     """``data[key]`` of a loaded JSON file, which must be a list."""
     if not isinstance(data, Mapping) or not isinstance(data.get(key), list):
@@ -222,14 +235,21 @@ def file_revision(path: str | Path) -> dict[str, Any]:
     return {"file": path.name, "bytes": path.stat().st_size, "sha256": digest.hexdigest()[:16]}
 
 
-class FileTask(BaseTask):
+ConfigT = TypeVar("ConfigT", bound=FileTaskConfig)
+
+
+class FileTask(BaseTask, Generic[ConfigT]):
     """A benchmark read from files: ``cfg`` is a :class:`FileTaskConfig` (sub)class instance."""
 
-    def __init__(self, cfg: FileTaskConfig) -> None:
+    def __init__(self, cfg: ConfigT) -> None:
         if "{question}" not in cfg.prompt:
             raise EvalDataError(f"{self.name}.prompt: the template must contain '{{question}}', got {cfg.prompt!r}")
-        self.cfg = cfg
+        self.cfg: ConfigT = cfg
         self.prompt = cfg.prompt
+
+    def image_folder(self, default: Path) -> Path:
+        """The task's image folder: ``cfg.images``, else ``default``; must exist."""
+        return image_dir(self.cfg.images, default, self.name)
 
     def data_files(self) -> list[str]:
         """The files whose revision goes into the protocol record."""

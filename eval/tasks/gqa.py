@@ -15,30 +15,25 @@ from typing import Any
 
 from eval.metrics import exact_match
 from eval.tasks.base import (
-    EvalDataError,
     EvalSample,
     FileTask,
     FileTaskConfig,
     field_of,
-    group_by,
-    image_dir,
     image_file,
-    mean_score,
-    read_json,
+    per_meta,
+    read_json_object,
 )
 
 
-class GQATask(FileTask):
+class GQATask(FileTask[FileTaskConfig]):
     config_cls = FileTaskConfig
     name = "gqa"
     prompt_version = "llava-1.5"
 
     def samples(self) -> Iterator[EvalSample]:
         path = Path(self.cfg.data)
-        questions = read_json(path)
-        if not isinstance(questions, Mapping):
-            raise EvalDataError(f"{path}: expected a JSON object {{question_id: question}}")
-        folder = image_dir(self.cfg.images, path.parent, "gqa")
+        questions = read_json_object(path, "{question_id: question}")
+        folder = self.image_folder(path.parent)
         for qid, q in questions.items():
             where = f"{path}: [{qid!r}]"
             types = field_of(q, "types", Mapping, where)
@@ -58,11 +53,7 @@ class GQATask(FileTask):
         return exact_match(parsed, sample.reference)
 
     def aggregate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
-        by_semantic = group_by(records, lambda r: r["meta"]["semantic"])
-        return {
-            **super().aggregate(records),
-            "per_semantic_type": {t: mean_score(rs) for t, rs in sorted(by_semantic.items())},
-        }
+        return {**super().aggregate(records), "per_semantic_type": per_meta(records, "semantic")}
 
     def protocol_extra(self) -> dict[str, Any]:
         return {"answer_processing": "rstrip('.').lower(), exact match", "per_type": "types.structural"}

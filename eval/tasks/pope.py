@@ -22,7 +22,6 @@ from eval.tasks.base import (
     FileTaskConfig,
     field_of,
     group_by,
-    image_dir,
     image_file,
     read_jsonl,
 )
@@ -35,7 +34,7 @@ def _split_of(path: Path) -> str:
     return path.stem.split("_pope_", 1)[1] if "_pope_" in path.stem else path.stem
 
 
-class POPETask(FileTask):
+class POPETask(FileTask[FileTaskConfig]):
     config_cls = FileTaskConfig
     name = "pope"
     prompt_version = "llava-1.5"
@@ -54,7 +53,7 @@ class POPETask(FileTask):
 
     def samples(self) -> Iterator[EvalSample]:
         files = self._files()
-        folder = image_dir(self.cfg.images, files[0].parent, "pope")
+        folder = self.image_folder(files[0].parent)
         for path in files:
             for i, row in enumerate(read_jsonl(path)):
                 where = f"{path}: line {i + 1}"

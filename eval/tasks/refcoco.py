@@ -31,7 +31,6 @@ from eval.tasks.base import (
     FileTask,
     FileTaskConfig,
     field_of,
-    image_dir,
     image_file,
     mean_score,
     per_type,
@@ -71,19 +70,15 @@ def read_rows(path: Path) -> list[Any]:
     return rows
 
 
-class RefCOCOTask(FileTask):
+class RefCOCOTask(FileTask[RefCOCOConfig]):
     config_cls = RefCOCOConfig
     name = "refcoco"
     prompt_version = "llava-1.5"
 
-    def __init__(self, cfg: RefCOCOConfig) -> None:
-        super().__init__(cfg)
-        self.cfg: RefCOCOConfig = cfg
-
     @cached_property
     def _folder(self) -> Path:
         """The image folder, looked up only when a record names an image file (not embedded bytes)."""
-        return image_dir(self.cfg.images, Path(self.cfg.data).parent, self.name)
+        return self.image_folder(Path(self.cfg.data).parent)
 
     def _image(self, row: Mapping[str, Any], where: str) -> Path | bytes:
         value = row.get(self.cfg.image_key)

@@ -24,9 +24,9 @@ from eval.tasks.base import (
     FileTask,
     FileTaskConfig,
     field_of,
-    image_dir,
     image_file,
     read_json,
+    read_json_object,
 )
 
 SINGLE_PRED = "Answer with the option's letter from the given choices directly."
@@ -39,14 +39,10 @@ class ScienceQAConfig(FileTaskConfig):
     pid_splits: str | None = None  # pid_splits.json; None = use each problem's "split" field
 
 
-class ScienceQAImgTask(FileTask):
+class ScienceQAImgTask(FileTask[ScienceQAConfig]):
     config_cls = ScienceQAConfig
     name = "scienceqa_img"
     prompt_version = "llava-1.5"
-
-    def __init__(self, cfg: ScienceQAConfig) -> None:
-        super().__init__(cfg)
-        self.cfg: ScienceQAConfig = cfg
 
     def data_files(self) -> list[str]:
         return [self.cfg.data, *([self.cfg.pid_splits] if self.cfg.pid_splits else [])]
@@ -64,10 +60,8 @@ class ScienceQAImgTask(FileTask):
 
     def samples(self) -> Iterator[EvalSample]:
         path = Path(self.cfg.data)
-        problems = read_json(path)
-        if not isinstance(problems, Mapping):
-            raise EvalDataError(f"{path}: expected a JSON object {{pid: problem}}")
-        folder = image_dir(self.cfg.images, path.parent / "images" / self.cfg.split, "scienceqa_img")
+        problems = read_json_object(path, "{pid: problem}")
+        folder = self.image_folder(path.parent / "images" / self.cfg.split)
         for pid in self._pids(problems, path):
             p, where = problems[pid], f"{path}: [{pid!r}]"
             image = field_of(p, "image", (str, type(None)), where)

@@ -23,7 +23,6 @@ from eval.tasks.base import (
     FileTask,
     FileTaskConfig,
     field_of,
-    image_dir,
     image_file,
     list_field,
     read_json,
@@ -37,14 +36,13 @@ class TextVQAConfig(FileTaskConfig):
     ocr_prompt: str = IMAGE_MARKER + "\n{question}\nReference OCR token: {ocr}\n" + LLAVA_SHORT_ANSWER
 
 
-class TextVQATask(FileTask):
+class TextVQATask(FileTask[TextVQAConfig]):
     config_cls = TextVQAConfig
     name = "textvqa"
     prompt_version = "llava-1.5"
 
     def __init__(self, cfg: TextVQAConfig) -> None:
         super().__init__(cfg)
-        self.cfg: TextVQAConfig = cfg
         if cfg.ocr:
             if "{ocr}" not in cfg.ocr_prompt or "{question}" not in cfg.ocr_prompt:
                 raise EvalDataError(f"textvqa.ocr_prompt: needs '{{question}}' and '{{ocr}}', got {cfg.ocr_prompt!r}")
@@ -65,7 +63,7 @@ class TextVQATask(FileTask):
         path = Path(self.cfg.data)
         rows = list_field(read_json(path), "data", path)
         ocr = self._ocr_tokens() if self.cfg.ocr else None
-        folder = image_dir(self.cfg.images, path.parent / "train_images", "textvqa")
+        folder = self.image_folder(path.parent / "train_images")
         for i, row in enumerate(rows):
             where = f"{path}: data[{i}]"
             image_id = field_of(row, "image_id", str, where)

@@ -24,11 +24,9 @@ from eval.tasks.base import (
     FileTask,
     FileTaskConfig,
     field_of,
-    group_by,
-    image_dir,
     image_file,
     list_field,
-    mean_score,
+    per_meta,
     read_json,
 )
 
@@ -38,7 +36,7 @@ class VQAv2Config(FileTaskConfig):
     annotations: str | None = None  # the annotations JSON (required: it holds the human answers)
 
 
-class VQAv2Task(FileTask):
+class VQAv2Task(FileTask[VQAv2Config]):
     config_cls = VQAv2Config
     name = "vqav2"
     prompt_version = "llava-1.5"
@@ -47,7 +45,6 @@ class VQAv2Task(FileTask):
         super().__init__(cfg)
         if not cfg.annotations:
             raise EvalDataError("vqav2.annotations: the annotations JSON (human answers) is required")
-        self.cfg: VQAv2Config = cfg
 
     def data_files(self) -> list[str]:
         return [self.cfg.data, str(self.cfg.annotations)]
@@ -65,7 +62,7 @@ class VQAv2Task(FileTask):
                 field_of(ann, "answer_type", str, where),
                 field_of(ann, "question_type", str, where),
             )
-        folder = image_dir(self.cfg.images, qpath.parent, "vqav2")
+        folder = self.image_folder(qpath.parent)
         for i, q in enumerate(list_field(questions, "questions", qpath)):
             where = f"{qpath}: questions[{i}]"
             qid = field_of(q, "question_id", int, where)
@@ -89,11 +86,8 @@ class VQAv2Task(FileTask):
         return vqa_accuracy(parsed, sample.reference)
 
     def aggregate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
-        by_qtype = group_by(records, lambda r: r["meta"]["question_type"])
-        return {
-            **super().aggregate(records),  # accuracy, per_type = per answer type, n
-            "per_question_type": {t: mean_score(rs) for t, rs in sorted(by_qtype.items())},
-        }
+        # accuracy, per_type = per answer type, n
+        return {**super().aggregate(records), "per_question_type": per_meta(records, "question_type")}
 
     def protocol_extra(self) -> dict[str, Any]:
         return {"answer_processing": "EvalAIAnswerProcessor, then vqaEval.py", "per_type": "answer_type"}
