@@ -54,6 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="evaluate the first N samples only")
     ev.add_argument("--resume", action="store_true", help="keep finished samples of an interrupted run")
 
+    merge = sub.add_parser("merge", help="merge models from a mergekit-style YAML (streaming, training-free)")
+    merge.add_argument("config", help="merge YAML (models, merge_method, base_model, parameters, dtype, ...)")
+    merge.add_argument("--out", required=True, help="output folder (written atomically)")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    merge.add_argument("--threads", type=int, default=1, help="torch threads for the merge arithmetic")
+
+    probe = sub.add_parser("probe", help="per-layer attention mass on visual tokens (FRANK's prior)")
+    probe.add_argument("checkpoint", help="an mllm checkpoint folder (RUN/model)")
+    probe.add_argument("--data", default="shapesworld",
+                       help="'shapesworld' (the run's generator, val split) or a LLaVA JSON/JSONL file")
+    probe.add_argument("--images", default=None, help="image root of a LLaVA JSON file")
+    probe.add_argument("--limit", type=int, default=256, help="probe samples (FRANK used ~1k images)")
+    probe.add_argument("--batch-size", type=int, default=16)
+    probe.add_argument("--out", required=True, help="folder for probe.json and probe.png")
+
     conv = sub.add_parser("convert", help="import / export transformers LlavaForConditionalGeneration folders")
     way = conv.add_mutually_exclusive_group(required=True)
     way.add_argument("--from-hf", metavar="LLAVA_DIR", help="a transformers Llava folder to import as our checkpoint")
@@ -88,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
             from mllm.bench.frank_toy import main as frank_toy
 
             return frank_toy(args.args)
+        elif args.command == "merge":
+            from mllm.merge import run_merge
+
+            run_merge(args.config, args.out, overwrite=args.overwrite, progress=True, threads=args.threads)
+        elif args.command == "probe":
+            run.probe(Path(args.checkpoint), args.data, Path(args.out), images=args.images,
+                      limit=args.limit, batch_size=args.batch_size)
         elif args.command == "convert":
             from mllm import hf
 

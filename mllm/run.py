@@ -234,3 +234,38 @@ def demo(recipe: str, out_dir: Path, overrides: list[str]) -> dict[str, Any]:
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     print(json.dumps({k: v for k, v in metrics.items() if k != "per_type"}, indent=2))
     return metrics
+
+
+def probe(
+    checkpoint: Path, data: str, out_dir: Path, images: str | None = None, limit: int = 256, batch_size: int = 16
+) -> dict[str, Any]:
+    """``mllm probe``: per-layer visual attention share of a checkpoint over a probe set (FRANK §1.7).
+
+    ``data`` is ``shapesworld`` (the val split of the run's own generator settings) or a LLaVA JSON file.
+    """
+    from mllm.config import ConfigError
+    from mllm.merge.probe import run_probe
+    from mllm.model import MLLM
+    from train.data.collate import Collator
+
+    if not (checkpoint / "mllm_config.yaml").is_file():
+        raise FileNotFoundError(f"{checkpoint}: not a checkpoint folder (no mllm_config.yaml); pass RUN/model")
+    if data == "shapesworld":
+        run_cfg = checkpoint.parent / "config.yaml"
+        if not run_cfg.is_file():
+            raise ConfigError(f"{run_cfg}: --data shapesworld needs the run config saved next to the checkpoint")
+        from train.data.shapesworld import ShapesWorld
+
+        samples: Any = ShapesWorld(load_config(str(run_cfg)).data).split("val")
+    else:
+        from train.data.llava import LlavaDataConfig, load_llava
+
+        samples = load_llava(LlavaDataConfig(path=data, image_root=images, limit=limit))
+    model = MLLM.from_pretrained(checkpoint).eval()
+    collate = Collator(model.tokenizer, model.template, model.cfg.image_token, model.num_image_tokens,
+                       model.preprocess, model.cfg.max_length)
+    n = min(limit, len(samples))
+    batches = (collate([samples[i] for i in range(start, min(start + batch_size, n))])
+               for start in range(0, n, batch_size))
+    return run_probe(model, batches, out_dir, source=f"{data} ({n} samples)")
+
