@@ -60,6 +60,7 @@ class FrankToyConfig:
     reasoner_lr: float = 1e-3
     mllm_steps: int = 1200
     mllm_lr: float = 1e-3
+    mllm_llm_lr: float | None = None  # the LLM's learning rate in theta_V's training (None: mllm_lr)
     train_images: int = 20000
     batch_size: int = 32
     max_length: int = 192
@@ -136,7 +137,8 @@ def mllm_run_config(cfg: FrankToyConfig, base: Path) -> RunConfig:
                   "llm": {"path": str(base), "attn_implementation": "sdpa"}, "template": "plain",
                   "max_length": cfg.max_length},
         "data": dataclasses.asdict(data_config(cfg)),
-        "train": {**train_config(cfg, cfg.mllm_steps, cfg.mllm_lr), "trainable": ["encoder", "projector", "llm"]},
+        "train": {**train_config(cfg, cfg.mllm_steps, cfg.mllm_lr), "trainable": ["encoder", "projector", "llm"],
+                  "lr_groups": {} if cfg.mllm_llm_lr is None else {"llm": cfg.mllm_llm_lr}},
     }, where="frank_toy.mllm")
 
 
@@ -242,7 +244,7 @@ def run(cfg: FrankToyConfig, out: Path, results: Path | None = None) -> dict[str
                               lambda f: build_reasoner(cfg, base, f))
     reasoner = reasoner / "model"
     mllm, hv = stages.run("mllm", {"base": hb, "encoder": cfg.encoder, "steps": cfg.mllm_steps, "lr": cfg.mllm_lr,
-                                   "images": cfg.train_images},
+                                   "llm_lr": cfg.mllm_llm_lr, "images": cfg.train_images},
                           lambda f: train_mllm_stage(cfg, base, f))
     mllm = mllm / "model"
     probe, hp = stages.run("probe", {"mllm": hv, "images": cfg.probe_images, "q": PROBE_QUESTION},
