@@ -56,7 +56,7 @@ def _closed_form(share: list[float], norm: str, n_v: list[float], n_r: list[floa
     layers = np.arange(1, len(share) + 1)
     slope = np.polyfit(layers, np.log(share), 1)[0]  # ln a_l = ln C - alpha l
     raw = np.exp(slope * (layers - 1))  # e^{-alpha (l - 1)}
-    w_v = raw / raw.sum() if norm == "sum" else raw
+    w_v = raw / (raw.sum() if norm == "sum" else raw.max())
     return [float(w * a / (w * a + (1 - w) * b)) for w, a, b in zip(w_v, n_v, n_r, strict=True)]
 
 

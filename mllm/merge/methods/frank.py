@@ -70,11 +70,16 @@ def fit_decay(share: Sequence[float]) -> tuple[float, float]:
 
 
 def prior_weights(alpha: float, num_layers: int, norm: Literal["sum", "max"]) -> list[float]:
-    """w_V(l) for l = 1..L (section 1.7 step 4)."""
-    # e^{-alpha (l-1)}: the max form; the constant e^{alpha} cancels in the sum form
+    """w_V(l) for l = 1..L (section 1.7 step 4).
+
+    ``sum``: e^{-alpha l} / sum_j e^{-alpha j} (as printed). ``max``: e^{-alpha l} / max_j e^{-alpha j},
+    which is e^{-alpha (l-1)} for a decaying share (alpha >= 0) and stays <= 1 when the share rises with
+    depth (alpha < 0), so w_R = 1 - w_V never goes negative.
+    """
+    # the common factor e^{-alpha} cancels in both normalisations
     raw = [math.exp(-alpha * (k - 1)) for k in range(1, num_layers + 1)]
-    total = sum(raw)
-    return [r / total for r in raw] if norm == "sum" else raw
+    scale = sum(raw) if norm == "sum" else max(raw)
+    return [r / scale for r in raw]
 
 
 def coefficients(norm_v: float, norm_r: float, w_v: float, w_r: float) -> tuple[float, float]:

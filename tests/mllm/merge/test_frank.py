@@ -46,6 +46,8 @@ def test_eq15_with_fixed_decay_prior_sum_and_max_normalisation() -> None:
     alpha = math.log(2.0)  # e^{-alpha (l-1)} = 1, 1/2 -> sum-normalised 2/3, 1/3
     assert prior_weights(alpha, 2, "sum") == pytest.approx([2 / 3, 1 / 3])
     assert prior_weights(alpha, 2, "max") == pytest.approx([1.0, 0.5])
+    # a share rising with depth (alpha < 0): max-normalised weights peak at 1 on the last layer, never above
+    assert prior_weights(-alpha, 3, "max") == pytest.approx([0.25, 0.5, 1.0])
     stats = _layer_pass(FrankParams(alpha=alpha))
     # layer 0: w_V = 2/3: (2/3 * 9) / (2/3 * 9 + 1/3 * 4) = 6 / (6 + 4/3)
     assert stats["lambda"][0][0] == pytest.approx(6 / (6 + 4 / 3))
