@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mllm.merge.methods.base import MergeMethod, TensorInfo, fp32, per_model
-from mllm.merge.methods.task_arithmetic import Sparsifier, TaskArithmeticParams, delta_threshold, merged_delta
+from mllm.merge.methods.base import TensorInfo, fp32, per_model
+from mllm.merge.methods.task_arithmetic import Sparsifier, TaskArithmetic, TaskArithmeticParams, merged_delta
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,7 +30,10 @@ class LinesParams(TaskArithmeticParams):
     consensus: bool = False
 
 
-class Lines(MergeMethod):
+class Lines(TaskArithmetic):
+    """Task arithmetic (its magnitude-threshold ``prepare`` included) with a per-block scale; the
+    sparsifier and sign consensus are parameters here, not fixed by the class."""
+
     name = "lines"
     config_cls = LinesParams
 
@@ -42,14 +45,8 @@ class Lines(MergeMethod):
         return params.alpha + params.beta * info.layer / max(info.num_layers - 1, 1)
 
     @classmethod
-    def needs_prepare(cls, params: LinesParams) -> bool:
+    def needs_prepare(cls, params: LinesParams) -> bool:  # type: ignore[override]
         return params.sparsifier == "magnitude"
-
-    @classmethod
-    def prepare(cls, tensor: torch.Tensor, base: torch.Tensor | None, params: LinesParams,
-                info: TensorInfo, model_id: str) -> float:
-        assert base is not None
-        return delta_threshold(tensor, base, params.density[model_id])
 
     @classmethod
     def merge(cls, tensors: dict[str, torch.Tensor], base: torch.Tensor | None, params: LinesParams,
