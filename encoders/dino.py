@@ -22,6 +22,7 @@ from PIL import Image
 from torch import nn
 
 from encoders.base import EncoderError, VisionEncoder, freeze, resolve_layers
+from encoders.conv_stem import ConvStemEmbed
 
 
 @dataclass
@@ -35,6 +36,7 @@ class TimmViTConfig:
     layers: list[int] = field(default_factory=lambda: [-1])  # blocks to tap; negative = from the end
     drop_prefix: bool = True  # drop CLS / register tokens, keep only patch tokens
     norm: bool = False  # apply the final LayerNorm to tapped layers
+    stem: str = "patch"  # patch (one linear patchify) | conv (Xiao et al. 2021 conv stem, random init only)
     weights: str | None = None  # local .safetensors / .pth / .bin file (timm or original DINOv2 keys)
     frozen: bool = False
 
@@ -43,6 +45,10 @@ class TimmViTConfig:
             raise ValueError(f"image_size: expected a positive integer, got {self.image_size}")
         if not self.layers:
             raise ValueError("layers: tap at least one block")
+        if self.stem not in ("patch", "conv"):
+            raise ValueError(f"stem: expected patch or conv, got {self.stem!r}")
+        if self.stem == "conv" and self.weights is not None:
+            raise ValueError("stem: a conv stem has no pretrained weights; use stem: patch with weights")
 
 
 class TimmViTEncoder(VisionEncoder):
@@ -62,6 +68,8 @@ class TimmViTEncoder(VisionEncoder):
             if getattr(cfg, key) is not None
         }
         try:
+            if cfg.stem == "conv":
+                overrides["embed_layer"] = ConvStemEmbed
             model = timm.create_model(
                 cfg.model_name, pretrained=False, num_classes=0, img_size=cfg.image_size, **overrides
             )

@@ -189,13 +189,21 @@ class ModelConfig:
     projector: ProjectorPart
     llm: LLMConfig = field(default_factory=LLMConfig)
     tokenizer: str | None = None  # local tokenizer folder; None = the one trained for the data
+    # the trained tokenizer's numbers: digits (a token per digit) | whole (a token per number: a box
+    # is four coordinate tokens, train/data/tokenizer.py); ignored with a tokenizer folder
+    tokenizer_numbers: str = "digits"
     image_token: str = "<image>"
     template: str = "plain"  # prompt template name (train/data/templates.py)
     max_length: int = 192  # tokens per training sample after image expansion
     splice: bool = True  # visual tokens spliced at <image>; false = the sequence holds text only
     injectors: list[InjectorPart] = field(default_factory=list)  # LLM-side fusion, hooked in this order
+    loss_reduction: str = "token"  # token (mean over answer tokens) | sample (mean of per-sample means), mllm/loss.py
 
     def __post_init__(self) -> None:
+        if self.loss_reduction not in ("token", "sample"):
+            raise ValueError(f"loss_reduction: expected token or sample, got {self.loss_reduction!r}")
+        if self.tokenizer_numbers not in ("digits", "whole"):
+            raise ValueError(f"tokenizer_numbers: expected digits or whole, got {self.tokenizer_numbers!r}")
         fused_parts(self.encoder, "model.encoder")  # a fused encoder's towers/fusion are checked at load
 
 

@@ -4,7 +4,8 @@ One forward (LLaVA, Liu et al. 2023, Eq. 1-2): ``Z_v = concat_l E_l(x)`` over th
 layers (channels), ``H_v = P(Z_v)``; the collated ``input_ids`` already hold ``num_image_tokens``
 copies of the image token per image, so the text embeddings ``H_t = Emb(input_ids)`` have ``H_v``
 scattered into exactly those positions, and the LLM (held, not subclassed) runs on
-``inputs_embeds``. The loss is the LLM's own next-token cross-entropy over ``labels != -100``.
+``inputs_embeds``. The loss is the next-token cross-entropy over ``labels != -100``, reduced per
+token (the LLM's own loss) or per sample (``model.loss_reduction``, :mod:`mllm.loss`).
 Text-only rows (``has_image`` false) hold no image tokens and get no image.
 
 Injectors (``model.injectors``, :mod:`mllm.injection`) hook the LLM's decoder layers and read a
@@ -44,6 +45,7 @@ from mllm.injection.base import (
     inject,
     visual_grid,
 )
+from mllm.loss import sample_mean_loss
 from mllm.registry import ENCODER_FUSIONS, ENCODERS, INJECTORS, PROJECTORS
 from train.data.templates import IGNORE_INDEX, encode_prompt, get_template, image_token_id
 
@@ -251,8 +253,12 @@ class MLLM(nn.Module):
         """The LLM's ``CausalLMOutputWithPast``; ``.loss`` is shifted cross-entropy over ``labels``
         (plus the injectors' auxiliary losses in training)."""
         embeds, ctx = self._inputs(input_ids, attention_mask, pixel_values, has_image, labels)
+        per_sample = labels is not None and self.cfg.loss_reduction == "sample"
         with inject(self.injectors, ctx):
-            out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+            out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask,
+                           labels=None if per_sample else labels, **kwargs)
+            if per_sample:
+                out.loss = sample_mean_loss(out.logits, labels, IGNORE_INDEX)
             aux = [loss for injector in self.injectors if (loss := injector.aux_loss()) is not None]
         if labels is not None and aux:
             out.loss = out.loss + sum(aux)

@@ -37,7 +37,8 @@ def build_tokenizer_for(cfg: RunConfig, train_data: Any = None) -> Any:
         raise ConfigError("model.tokenizer: a streamed train_data cannot be scanned for a vocabulary; give a tokenizer folder")
     template = get_template("plain" if cfg.model.template == "auto" else cfg.model.template)
     data_texts = train_data.vocabulary_texts() if train_data is not None else []
-    return build_tokenizer([*ShapesWorld(cfg.data).vocabulary_texts(), *template.vocabulary_texts(), *data_texts])
+    texts = [*ShapesWorld(cfg.data).vocabulary_texts(), *template.vocabulary_texts(), *data_texts]
+    return build_tokenizer(texts, numbers=cfg.model.tokenizer_numbers)
 
 
 def build_model(cfg: RunConfig, tokenizer: Any) -> Any:

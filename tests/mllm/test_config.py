@@ -101,6 +101,12 @@ def test_unknown_part_name_lists_valid_ones(tmp_path: Path) -> None:
         load_config("tiny", ["model.projector={name: mlpp}"])
 
 
+def test_tokenizer_numbers_is_checked() -> None:
+    assert load_config("tiny", ["model.tokenizer_numbers=digits"]).model.tokenizer_numbers == "digits"
+    with pytest.raises(ConfigError, match="tiny.yaml.model: tokenizer_numbers: expected digits or whole, got .bytes."):
+        load_config("tiny", ["model.tokenizer_numbers=bytes"])
+
+
 def test_unknown_recipe_and_missing_file() -> None:
     with pytest.raises(ConfigError, match="unknown recipe 'nope'; expected one of: .*tiny"):
         load_config("nope")

@@ -102,6 +102,19 @@ def test_loss_is_shifted_cross_entropy_over_the_label_mask(model: MLLM) -> None:
     torch.testing.assert_close(out.loss, expected)
 
 
+def test_sample_reduction_weighs_every_conversation_alike(model: MLLM) -> None:
+    batch = _batch(model)  # row a: 2 labels ("red </s>"), row b: 4 labels (two answers)
+    model.cfg.loss_reduction = "sample"
+    try:
+        with torch.no_grad():
+            out = model(**batch)
+    finally:
+        model.cfg.loss_reduction = "token"
+    labels = batch["labels"][:, 1:]
+    per_row = [F.cross_entropy(out.logits[i, :-1], labels[i], ignore_index=IGNORE_INDEX) for i in range(2)]
+    torch.testing.assert_close(out.loss, (per_row[0] + per_row[1]) / 2)
+
+
 def test_loss_backpropagates_to_every_group(model: MLLM) -> None:
     model.zero_grad()
     model(**_batch(model)).loss.backward()

@@ -89,8 +89,36 @@ def test_right_padding() -> None:
     assert out["input_ids"][1][1:] == [0] * 5 and out["attention_mask"][1] == [1] + [0] * 5
 
 
+@cache
+def whole_tokenizer() -> PreTrainedTokenizerFast:
+    return build_tokenizer(WORLD.vocabulary_texts(), numbers="whole")
+
+
+def test_whole_numbers_make_a_box_four_coordinate_tokens() -> None:
+    tok = whole_tokenizer()
+    assert tok.tokenize("[123, 45, 678, 1000]") == ["[", "123", ",", "▁45", ",", "▁678", ",", "▁1000", "]"]
+    assert tok.tokenize("How many circles are there? 3") == ["How", "▁many", "▁circles", "▁are", "▁there", "?", "▁3"]
+    # every coordinate a box can hold, first after "[" and after ", "
+    assert all(len(tok.tokenize(f"[{n}, {n}, 0, 0]")) == 9 for n in range(1001))
+    assert tok.unk_token_id not in tok("[0, 1000, 7, 999]")["input_ids"]
+    # words are the same pieces as in digit mode; only the numbers differ
+    digit_vocab, whole_vocab = set(tokenizer().get_vocab()), set(tok.get_vocab())
+    assert digit_vocab <= whole_vocab
+    assert {p.lstrip("▁") for p in whole_vocab - digit_vocab} == {str(n) for n in range(1001)}  # "▁7" too
+
+
+def test_whole_numbers_round_trip_every_generated_text() -> None:
+    tok = whole_tokenizer()
+    for text in texts():
+        ids = tok(text)["input_ids"]
+        assert tok.unk_token_id not in ids, text
+        assert tok.decode(ids) == text
+
+
 def test_bad_input() -> None:
     with pytest.raises(TypeError, match="strings"):
         build_tokenizer(["red", 3])
     with pytest.raises(ValueError, match="no word"):
         build_tokenizer(["<image>", ""])
+    with pytest.raises(ValueError, match="numbers: expected one of"):
+        build_tokenizer(["red"], numbers="bytes")

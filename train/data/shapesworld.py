@@ -341,9 +341,10 @@ class ShapesWorld:
                               *(Q_EXISTS.format(article=art, colour=colour, shape=shape) for art in ("a", "an")),
                               Q_LEFT_RIGHT.format(a=full, b=full), Q_ABOVE_BELOW.format(a=full, b=full),
                               Q_WHERE.format(ref=full)]
-        answers = [*COLOURS, *SHAPES, *DIRECTIONS, "yes", "no", *(str(n) for n in range(10))]
+        # every 0-1000 coordinate, so a whole-number tokenizer knows each box value as one token
+        answers = [*COLOURS, *SHAPES, *DIRECTIONS, "yes", "no", *(str(n) for n in range(1001))]
         words = sorted({w for t in texts + answers for w in t.replace("?", " ").replace("\n", " ").split()})
-        return texts + answers + [" ".join(words), "\n".join(words)]
+        return texts + answers + [" " + " ".join(words), "\n".join(words)]  # each word after a space, and first
 
     def write_llava(self, split: str, out_dir: str | os.PathLike[str], limit: int | None = None) -> Path:
         """Write ``out_dir/images/<id>.png`` and ``out_dir/<split>.json`` (LLaVA conversation format).

@@ -1,0 +1,40 @@
+"""A convolutional stem for timm ViTs: "Early Convolutions Help Transformers See Better".
+
+Xiao et al. (2021) replace the ViT's patchify — one ``p x p`` stride-``p`` convolution — by a stack of
+``log2 p`` 3x3 stride-2 convolutions, each followed by BatchNorm and ReLU, and a final 1x1
+convolution to the embedding width: ``E(x) = W_1x1 * ReLU(BN(W_k * ... ReLU(BN(W_1 * x))))``. The
+token grid is the same (one token per ``p x p`` patch), but the stem sees overlapping 3x3
+neighbourhoods with the translation equivariance of a CNN, which the paper shows makes optimisation
+faster and less sensitive to the learning rate. Widths double from ``embed_dim / 2^(k-1)`` up to
+``embed_dim`` (their ViT-B/16 stem: 64, 128, 256, 512, then 768).
+
+It is a drop-in ``embed_layer`` for timm's ``VisionTransformer``: timm's own :class:`PatchEmbed`
+keeps the sizes, flattening and checks; only its projection is replaced.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from timm.layers import PatchEmbed
+from torch import nn
+
+from encoders.base import EncoderError
+
+
+class ConvStemEmbed(PatchEmbed):
+    """timm ``PatchEmbed`` whose ``proj`` is the 3x3 stride-2 conv stack plus a 1x1 projection."""
+
+    def __init__(self, patch_size: int = 16, embed_dim: int = 768, in_chans: int = 3, **kwargs: Any) -> None:
+        super().__init__(patch_size=patch_size, embed_dim=embed_dim, in_chans=in_chans, **kwargs)
+        side = self.patch_size[0]
+        if self.patch_size[0] != self.patch_size[1] or side < 2 or side & (side - 1):
+            raise EncoderError(f"stem: a conv stem needs a square power-of-two patch size, got {self.patch_size}")
+        depth = side.bit_length() - 1  # log2 p stride-2 convolutions
+        widths = [max(8, embed_dim >> (depth - 1 - i)) for i in range(depth)]
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip([in_chans, *widths[:-1]], widths, strict=True):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.ReLU(inplace=True)]
+        layers.append(nn.Conv2d(widths[-1], embed_dim, 1))
+        self.proj = nn.Sequential(*layers)

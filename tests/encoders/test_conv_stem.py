@@ -1,0 +1,61 @@
+"""Conv stem (Xiao et al. 2021) in a timm ViT: layer widths, token grid, shift equivariance, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from encoders.base import EncoderError
+from encoders.conv_stem import ConvStemEmbed
+from encoders.dino import TimmViTConfig, TimmViTEncoder
+
+
+def _enc(**kw: object) -> TimmViTEncoder:
+    cfg = dict(image_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2, stem="conv")
+    return TimmViTEncoder(TimmViTConfig(**{**cfg, **kw})).eval()
+
+
+def test_stem_layers_and_token_grid() -> None:
+    enc = _enc()
+    stem = enc.model.patch_embed
+    assert isinstance(stem, ConvStemEmbed) and stem.grid_size == (4, 4) and stem.num_patches == 16
+    convs = [m for m in stem.proj if isinstance(m, nn.Conv2d)]
+    # log2(16) = 4 stride-2 3x3 convs, widths doubling up to embed_dim, then a 1x1 projection
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (3, 8, (3, 3), (2, 2)), (8, 8, (3, 3), (2, 2)), (8, 16, (3, 3), (2, 2)), (16, 32, (3, 3), (2, 2)),
+        (32, 32, (1, 1), (1, 1)),
+    ]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in stem.proj) == 4
+    out = enc(torch.randn(3, 3, 64, 64))
+    assert out[1].shape == (3, 16, 32)
+
+
+def test_stem_is_equivariant_to_shifts_by_one_patch() -> None:
+    """A shift by the total stride (16 px) moves each interior token by one grid cell, unchanged:
+    tokens (1, 1) and (1, 2) of a 4x4 grid see 31-px fields that never reach the zero padding."""
+    torch.manual_seed(0)
+    stem = _enc().model.patch_embed.proj.eval()
+    x = torch.zeros(1, 3, 64, 64)
+    x[:, :, 18:30, 20:27] = torch.randn(3, 12, 7)
+    shifted = torch.roll(x, shifts=16, dims=3)  # the rolled-in columns are zeros
+    with torch.no_grad():
+        a, b = stem(x), stem(shifted)
+    torch.testing.assert_close(b[..., 1, 2], a[..., 1, 1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(b[..., 2, 2], a[..., 2, 1], atol=1e-5, rtol=0)
+    assert not torch.allclose(a[..., 1, 1], a[..., 1, 2], atol=1e-3)
+
+
+def test_gradients_reach_the_stem() -> None:
+    enc = _enc().train()
+    enc(torch.randn(4, 3, 64, 64))[1].square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.model.patch_embed.parameters())
+
+
+def test_stem_errors() -> None:
+    with pytest.raises(EncoderError, match="power-of-two patch size"):
+        _enc(image_size=56, patch_size=14)
+    with pytest.raises(ValueError, match="stem: expected patch or conv"):
+        TimmViTConfig(stem="resnet")
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        TimmViTConfig(stem="conv", weights="vit.safetensors")
