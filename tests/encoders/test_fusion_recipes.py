@@ -22,6 +22,8 @@ def test_recipe_builds_and_runs(name: str, build_encoder: Callable[[EncoderPart]
     for key in ("data", "train", "eval"):
         assert to_dict(getattr(cfg, key)) == to_dict(getattr(tiny, key)), key
     assert to_dict(cfg.model.llm) == to_dict(tiny.model.llm)
+    for key in ("tokenizer_numbers", "loss_reduction"):
+        assert getattr(cfg.model, key) == getattr(tiny.model, key), key
     encoder = build_encoder(cfg.model.encoder)
     assert isinstance(encoder, FusedEncoder)
     assert (encoder.num_patches, encoder.grid_size, encoder.embed_dim) == (16, (4, 4), RECIPES[name])
