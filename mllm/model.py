@@ -403,6 +403,11 @@ class MLLM(nn.Module):
             getattr(self, name).requires_grad_(name in groups)
         if "fusion" in groups:
             fusion.requires_grad_(True)
+        # an encoder no group trains is frozen like a `frozen: true` tower: it stays in eval mode, so
+        # its batch-norm statistics (conv stem) do not drift while the projector / LLM train
+        trains_encoder = "encoder" in groups or "fusion" in groups
+        self.encoder.frozen = bool(getattr(self.cfg.encoder.cfg, "frozen", False)) or not trains_encoder
+        self.encoder.train(self.training)
         if "llm" in groups and self.has_lora:
             for pname, param in self.llm.named_parameters():
                 param.requires_grad_("lora_" in pname)

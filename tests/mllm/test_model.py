@@ -268,3 +268,16 @@ def test_llm_config_errors(word_tokenizer: Any, tmp_path: Path) -> None:
     cfg.llm.dtype = "float33"
     with pytest.raises(ModelError, match="model.llm.dtype"):
         MLLM(cfg, word_tokenizer)
+
+
+def test_an_encoder_no_group_trains_keeps_its_batch_norm_statistics(word_tokenizer: Any) -> None:
+    torch.manual_seed(0)
+    model = MLLM(_cfg("llama", stem="conv"), word_tokenizer)
+    bn = model.encoder.model.patch_embed.proj[1]
+    for groups, drifts in ((["projector", "llm"], False), (["encoder", "projector", "llm"], True)):
+        model.set_trainable(groups)
+        model.train()
+        before = bn.running_mean.clone()
+        model(**_batch(model))
+        assert model.encoder.training is drifts
+        assert (not torch.equal(bn.running_mean, before)) is drifts, groups
