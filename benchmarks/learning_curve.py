@@ -3,11 +3,12 @@
     python benchmarks/learning_curve.py STEPS [--every 100] [KEY=VALUE ...]   # overrides of the tiny recipe
 
 A quick probe for tuning the ``make demo`` default (issue 2), cheaper than full runs with periodic
-generation: the recipe trains with its own optimizer settings (AdamW groups, warmup + cosine over
-``STEPS``, clipping) on the train split, and every ``--every`` steps it scores a fixed batch of 384
-one-question conversations drawn from scenes no training sample uses (seed + 999). A sample counts
-as right when every answer token but the closing EOS is the argmax of the teacher-forced logits —
-for a box, all four coordinate tokens exactly, stricter than Acc@0.5. One JSON line per point:
+generation: the recipe trains with the trainer's own optimizer (``build_optimizer``: AdamW groups,
+warmup + cosine over ``STEPS``) and clipping on the train split, and every ``--every`` steps it scores
+a fixed batch of 384 one-question conversations drawn from scenes no training sample uses
+(seed + 999). A sample counts as right when every answer token but the closing EOS is the argmax of
+the teacher-forced logits — for a box, all four coordinate tokens exactly, stricter than Acc@0.5.
+One JSON line per point:
 ``{"step", "seconds", "loss", "accuracy": {type: float}}``. Not part of the tests.
 """
 
@@ -26,7 +27,7 @@ from mllm import run
 from mllm.config import load_config
 from train.data.shapesworld import ShapesWorld
 from train.data.templates import IGNORE_INDEX
-from train.trainer import lr_lambda, param_groups
+from train.trainer import build_optimizer
 
 VAL_SAMPLES = 384
 
@@ -48,7 +49,7 @@ def main() -> None:
     parser.add_argument("steps", type=int)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the tiny recipe")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides may come before or after --every
     cfg = load_config("tiny", args.overrides)
     train_cfg = dataclasses.replace(cfg.train, steps=args.steps)
     torch.manual_seed(train_cfg.seed)
@@ -56,12 +57,10 @@ def main() -> None:
     model = run.build_model(cfg, tokenizer)
     collate = run.make_collator(model, cfg)
     train = ShapesWorld(cfg.data).split("train")
-    val_world = ShapesWorld(dataclasses.replace(cfg.data, seed=cfg.data.seed + 999, questions_per_image=1))
-    val = [val_world.split("train")[i] for i in range(VAL_SAMPLES)]
+    held_out = ShapesWorld(dataclasses.replace(cfg.data, seed=cfg.data.seed + 999, questions_per_image=1)).split("train")
+    val = [held_out[i] for i in range(VAL_SAMPLES)]
     val_batch, val_types = collate(val), [s["items"][0]["type"] for s in val]
-    optimizer = torch.optim.AdamW(param_groups(model, train_cfg), lr=train_cfg.lr, betas=tuple(train_cfg.betas),
-                                  weight_decay=train_cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, train_cfg))
+    optimizer, schedule = build_optimizer(model, train_cfg)
     size, t0 = train_cfg.batch_size, time.perf_counter()
     for step in range(1, args.steps + 1):
         loss = model(**collate([train[(step - 1) * size + j] for j in range(size)])).loss

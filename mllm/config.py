@@ -21,6 +21,7 @@ from typing import Any, Union
 import yaml
 
 from eval.runner import EvalConfig
+from mllm.loss import LOSS_REDUCTIONS
 from train.data.llava import LlavaDataConfig
 from train.data.shapesworld import ShapesWorldConfig
 from train.trainer import TrainConfig
@@ -200,7 +201,7 @@ class ModelConfig:
     loss_reduction: str = "token"  # token (mean over answer tokens) | sample (mean of per-sample means), mllm/loss.py
 
     def __post_init__(self) -> None:
-        if self.loss_reduction not in ("token", "sample"):
+        if self.loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction: expected token or sample, got {self.loss_reduction!r}")
         if self.tokenizer_numbers not in ("digits", "whole"):
             raise ValueError(f"tokenizer_numbers: expected digits or whole, got {self.tokenizer_numbers!r}")

@@ -244,7 +244,6 @@ def probe(
 
     ``data`` is ``shapesworld`` (the val split of the run's own generator settings) or a LLaVA JSON file.
     """
-    from mllm.config import ConfigError
     from mllm.merge.probe import run_probe
     from mllm.model import MLLM
     from train.data.collate import Collator
@@ -269,4 +268,3 @@ def probe(
     batches = (collate([samples[i] for i in range(start, min(start + batch_size, n))])
                for start in range(0, n, batch_size))
     return run_probe(model, batches, out_dir, source=f"{data} ({n} samples)")
-

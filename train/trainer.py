@@ -144,6 +144,12 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     ]
 
 
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over :func:`param_groups` and its warmup + cosine schedule (:func:`lr_lambda`), stepped once per step."""
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, cfg))
+
+
 def _complete_checkpoints(root: Path) -> list[Path]:
     """Checkpoint folders that finished writing (the rename is the commit point), oldest first."""
     if not root.is_dir():
@@ -213,8 +219,7 @@ class Trainer:
         self.dataset, self.collate_fn, self.lengths = dataset, collate_fn, lengths
         self.num_params = sum(p.numel() for p in model.parameters())  # before any sharding
         self.peak = peak_flops(self.accelerator.device, cfg.peak_tflops)
-        optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, cfg))
+        optimizer, scheduler = build_optimizer(model, cfg)
         ds_plugin = self.accelerator.state.deepspeed_plugin
         if ds_plugin is not None:  # no prepared data loader tells DeepSpeed the micro-batch: say it
             ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
