@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from eval.tasks.base import EvalSample, Task
+from train.atomic import atomic_write
 
 PREDICTIONS = "predictions.jsonl"
 
@@ -133,20 +133,6 @@ def _drop_torn_tail(path: Path) -> None:
 
 def existing_predictions(out_dir: Path) -> list[Path]:
     return sorted(out_dir.glob("predictions*.jsonl"))
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file beside ``path`` and rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _check_protocol(out_dir: Path, protocol: dict[str, Any], resume: bool) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import types
 import typing
 from collections.abc import Mapping
@@ -22,8 +21,10 @@ import yaml
 
 from eval.runner import EvalConfig
 from mllm.loss import LOSS_REDUCTIONS
+from train.atomic import atomic_write
 from train.data.llava import LlavaDataConfig
 from train.data.shapesworld import ShapesWorldConfig
+from train.data.tokenizer import NUMBER_MODES
 from train.trainer import TrainConfig
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -202,9 +203,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.loss_reduction not in LOSS_REDUCTIONS:
-            raise ValueError(f"loss_reduction: expected token or sample, got {self.loss_reduction!r}")
-        if self.tokenizer_numbers not in ("digits", "whole"):
-            raise ValueError(f"tokenizer_numbers: expected digits or whole, got {self.tokenizer_numbers!r}")
+            raise ValueError(f"loss_reduction: expected one of {list(LOSS_REDUCTIONS)}, got {self.loss_reduction!r}")
+        if self.tokenizer_numbers not in NUMBER_MODES:
+            raise ValueError(f"tokenizer_numbers: expected one of {list(NUMBER_MODES)}, got {self.tokenizer_numbers!r}")
         fused_parts(self.encoder, "model.encoder")  # a fused encoder's towers/fusion are checked at load
 
 
@@ -303,22 +304,8 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunCon
         raise ConfigError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from err
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write a text file via a temp file + rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_config(cfg: Any, directory: str | os.PathLike[str], stem: str = "config") -> None:
     """Write the resolved config as YAML and JSON into ``directory``."""
     data = to_dict(cfg)
-    atomic_write_text(Path(directory) / f"{stem}.yaml", yaml.safe_dump(data, sort_keys=False))
-    atomic_write_text(Path(directory) / f"{stem}.json", json.dumps(data, indent=2))
+    atomic_write(Path(directory) / f"{stem}.yaml", yaml.safe_dump(data, sort_keys=False))
+    atomic_write(Path(directory) / f"{stem}.json", json.dumps(data, indent=2))

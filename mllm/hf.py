@@ -43,9 +43,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +54,7 @@ from encoders.hf import HFVisionEncoder, build_image_processor, processed_size
 from mllm.config import ConfigError, ModelConfig, from_dict
 from mllm.model import MLLM, ModelError
 from projectors.mlp import MLPProjector
+from train.atomic import atomic_folder
 from train.data.templates import TemplateError
 
 ENCODER = "hf_vision"  # the registry name of the one encoder Llava can hold
@@ -125,19 +123,6 @@ def _check_plain_head(llm: nn.Module, where: str) -> None:
 def _check_target(out: Path) -> None:
     if out.exists():
         raise HFInteropError(f"--out {out}: already exists; give a new folder (nothing is overwritten)")
-
-
-def _write_folder(target: Path, fill: Callable[[Path], None]) -> Path:
-    """Fill a temp folder beside ``target``, then rename it to ``target``; nothing is left on failure."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        fill(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
 
 
 def _arch(config: Any, drop: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -257,11 +242,10 @@ def export_llava(ckpt_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
         num_additional_image_tokens=prefix,
     )
 
-    def fill(tmp: Path) -> None:
+    with atomic_folder(out) as tmp:
         llava.save_pretrained(tmp)  # transformers' own writer: its weight names, shards and generation config
         processor.save_pretrained(tmp)
-
-    return _write_folder(out, fill)
+    return out
 
 
 def _llava_config(model: MLLM, where: str) -> tuple[Any, int]:

@@ -24,8 +24,6 @@ import dataclasses
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +45,7 @@ from mllm.injection.base import (
 )
 from mllm.loss import sample_mean_loss
 from mllm.registry import ENCODER_FUSIONS, ENCODERS, INJECTORS, PROJECTORS
+from train.atomic import atomic_folder
 from train.data.templates import IGNORE_INDEX, encode_prompt, get_template, image_token_id
 
 log = logging.getLogger("mllm")
@@ -437,25 +436,12 @@ class MLLM(nn.Module):
         if self.has_lora:
             log.info("merging the LoRA adapters into the LLM weights before saving (peft merge_and_unload)")
             self.merge_lora()
-        target = Path(directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-        try:
+        with atomic_folder(directory, replace=True) as tmp:
             save_model(self, str(tmp / WEIGHTS_FILE))  # drops tied duplicates (lm_head = embeddings)
             (tmp / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
             self.llm.config.save_pretrained(tmp / LLM_DIR)
             self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-            old = None
-            if target.exists():
-                old = target.parent / f".{target.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
-                os.replace(target, old)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return target
+        return Path(directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike[str]) -> MLLM:

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mllm.config import ConfigError, RunConfig, atomic_write_text, load_config, save_config
+from mllm.config import ConfigError, RunConfig, load_config, save_config
+from train.atomic import atomic_write
 
 log = logging.getLogger("mllm")
 
@@ -129,7 +130,7 @@ def train(
     model.save_pretrained(out_dir / "model")  # LoRA adapters are merged into the weights here
     if evaluate:
         result["eval"] = evaluate_model(model, cfg, out_dir / "eval")
-    atomic_write_text(out_dir / "train_summary.json", json.dumps(result, indent=2))
+    atomic_write(out_dir / "train_summary.json", json.dumps(result, indent=2))
     return result
 
 
@@ -232,7 +233,7 @@ def demo(recipe: str, out_dir: Path, overrides: list[str]) -> dict[str, Any]:
     )
     metrics["train_seconds"] = result["train_seconds"]
     metrics["wall_seconds"] = time.perf_counter() - t0
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     print(json.dumps({k: v for k, v in metrics.items() if k != "per_type"}, indent=2))
     return metrics
 

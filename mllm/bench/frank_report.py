@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from mllm.config import atomic_write_text, to_dict
+from mllm.config import to_dict
+from train.atomic import atomic_write
 
 FRANK_VARIANTS = ("frank", "frank_max", "frank_noprior")
 TEXT_ONLY = ("reasoner",)
@@ -165,8 +166,8 @@ def report(cfg: Any, out: Path, models: dict[str, tuple[Path, str]], scores: dic
                                "linear (0.5/0.5 of the models) equals task arithmetic with lambda 0.5 here",
                                "arithmetic is asked text-only (each MLLM's language model, no image)"]},
     }
-    atomic_write_text(out / "frank_toy.json", json.dumps(doc, indent=2))
-    atomic_write_text(out / "frank_toy.md", markdown(doc))
+    atomic_write(out / "frank_toy.json", json.dumps(doc, indent=2))
+    atomic_write(out / "frank_toy.md", markdown(doc))
     if results is not None:
         results.mkdir(parents=True, exist_ok=True)
         for name in ("frank_toy.json", "frank_toy.md"):

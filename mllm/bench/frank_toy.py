@@ -31,7 +31,8 @@ from typing import Any
 
 import yaml
 
-from mllm.config import RunConfig, atomic_write_text, from_dict, to_dict
+from mllm.config import RunConfig, from_dict, to_dict
+from train.atomic import atomic_write
 from train.data.arithmetic import Arithmetic, ArithmeticConfig
 from train.data.shapesworld import ShapesWorld, ShapesWorldConfig
 from train.trainer import TrainConfig
@@ -115,7 +116,7 @@ class Stages:
         log.info("stage %s ...", name)
         fn(folder)
         seconds = time.perf_counter() - t0
-        atomic_write_text(marker, json.dumps({"hash": h, "key": key, "seconds": seconds}, indent=2, default=str))
+        atomic_write(marker, json.dumps({"hash": h, "key": key, "seconds": seconds}, indent=2, default=str))
         self.seconds[name] = {"seconds": seconds, "cached": False}
         return folder, h
 

@@ -108,6 +108,7 @@ def visual_attention_share(model: Any, batches: Iterable[Mapping[str, torch.Tens
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    """Temp file + rename. ``train/atomic.py`` holds the project's writers, but merging never imports ``train/``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as fh:

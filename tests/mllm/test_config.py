@@ -103,8 +103,10 @@ def test_unknown_part_name_lists_valid_ones(tmp_path: Path) -> None:
 
 def test_tokenizer_numbers_is_checked() -> None:
     assert load_config("tiny", ["model.tokenizer_numbers=digits"]).model.tokenizer_numbers == "digits"
-    with pytest.raises(ConfigError, match="tiny.yaml.model: tokenizer_numbers: expected digits or whole, got .bytes."):
+    with pytest.raises(ConfigError, match=r"tiny.yaml.model: tokenizer_numbers: expected one of \['digits', 'whole'\], got .bytes."):
         load_config("tiny", ["model.tokenizer_numbers=bytes"])
+    with pytest.raises(ConfigError, match=r"tiny.yaml.model: loss_reduction: expected one of \['token', 'sample'\], got .row."):
+        load_config("tiny", ["model.loss_reduction=row"])
 
 
 def test_unknown_recipe_and_missing_file() -> None:

@@ -13,6 +13,7 @@ edges, i.e. last pixel + 1).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections import Counter
@@ -23,6 +24,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from train.atomic import atomic_write
 
 VQA_TYPES = ("colour", "shape", "count", "exists", "relpos")
 GROUNDING_TYPE = "grounding"
@@ -359,15 +362,11 @@ class ShapesWorld:
         records = []
         for i in range(n):
             sample = samples[i]
-            rel = f"images/{sample['id']}.png"
-            tmp = out / f"{rel}.tmp"
-            sample["image"].save(tmp, format="PNG")
-            os.replace(tmp, out / rel)
+            rel, png = f"images/{sample['id']}.png", io.BytesIO()
+            sample["image"].save(png, format="PNG")
+            atomic_write(out / rel, png.getvalue())
             records.append({"id": sample["id"], "image": rel, "conversations": sample["conversations"]})
-        path, tmp = out / f"{split}.json", out / f".{split}.json.tmp"
-        tmp.write_text(json.dumps(records, indent=1))
-        os.replace(tmp, path)
-        return path
+        return atomic_write(out / f"{split}.json", json.dumps(records, indent=1))
 
 
 def split_items(samples: Sequence[dict[str, Any]], limit: int | None = None) -> list[dict[str, Any]]:

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, decoders, models
 from tokenizers import pre_tokenizers as pre
-from transformers import PreTrainedTokenizerFast
+
+if TYPE_CHECKING:  # imported where used: the config reads NUMBER_MODES without loading transformers
+    from transformers import PreTrainedTokenizerFast
 
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, IMAGE)
@@ -49,6 +52,8 @@ def build_tokenizer(texts: Iterable[str], numbers: str = "digits") -> PreTrained
     ``numbers``: ``digits`` (one token per digit) or ``whole`` (one token per number, "▁"-prefixed
     after a space); with ``whole`` the texts must spell every number the model will meet.
     """
+    from transformers import PreTrainedTokenizerFast
+
     if numbers not in NUMBER_MODES:
         raise ValueError(f"numbers: expected one of {list(NUMBER_MODES)}, got {numbers!r}")
     pre_tokenizer = _pre_tokenizer(numbers)
