@@ -5,7 +5,7 @@ layers (channels), ``H_v = P(Z_v)``; the collated ``input_ids`` already hold ``n
 copies of the image token per image, so the text embeddings ``H_t = Emb(input_ids)`` have ``H_v``
 scattered into exactly those positions, and the LLM (held, not subclassed) runs on
 ``inputs_embeds``. The loss is the next-token cross-entropy over ``labels != -100``, reduced per
-token (the LLM's own loss) or per sample (``model.loss_reduction``, :mod:`mllm.loss`).
+token (as the LLM's own loss) or per sample (``model.loss_reduction``, :mod:`mllm.loss`).
 Text-only rows (``has_image`` false) hold no image tokens and get no image.
 
 Injectors (``model.injectors``, :mod:`mllm.injection`) hook the LLM's decoder layers and read a
@@ -43,7 +43,7 @@ from mllm.injection.base import (
     inject,
     visual_grid,
 )
-from mllm.loss import sample_mean_loss
+from mllm.loss import causal_lm_loss, supervised_positions
 from mllm.registry import ENCODER_FUSIONS, ENCODERS, INJECTORS, PROJECTORS
 from train.atomic import atomic_folder
 from train.data.templates import IGNORE_INDEX, encode_prompt, get_template, image_token_id
@@ -249,15 +249,20 @@ class MLLM(nn.Module):
         has_image: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
-        """The LLM's ``CausalLMOutputWithPast``; ``.loss`` is shifted cross-entropy over ``labels``
-        (plus the injectors' auxiliary losses in training)."""
+        """The LLM's ``CausalLMOutputWithPast``; ``.loss`` is the shifted cross-entropy over ``labels``
+        (:mod:`mllm.loss`, reduced per ``model.loss_reduction``; plus the injectors' auxiliary losses in training).
+
+        In training mode with labels the logits are computed only at the positions the loss reads (their
+        union over the batch, the LLM's ``logits_to_keep``): ``.logits`` is then ``[B, K, V]``, with ``K``
+        the length of :func:`mllm.loss.supervised_positions`. Otherwise it covers every position."""
         embeds, ctx = self._inputs(input_ids, attention_mask, pixel_values, has_image, labels)
-        per_sample = labels is not None and self.cfg.loss_reduction == "sample"
+        keep = supervised_positions(labels, IGNORE_INDEX) if labels is not None and self.training else None
+        if keep is not None:
+            kwargs["logits_to_keep"] = keep
         with inject(self.injectors, ctx):
-            out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask,
-                           labels=None if per_sample else labels, **kwargs)
-            if per_sample:
-                out.loss = sample_mean_loss(out.logits, labels, IGNORE_INDEX)
+            out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+            if labels is not None:
+                out.loss = causal_lm_loss(out.logits, labels, self.cfg.loss_reduction, keep, IGNORE_INDEX)
             aux = [loss for injector in self.injectors if (loss := injector.aux_loss()) is not None]
         if labels is not None and aux:
             out.loss = out.loss + sum(aux)

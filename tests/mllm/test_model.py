@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mllm.config import ModelConfig, from_dict
+from mllm.loss import supervised_positions
 from mllm.model import MLLM, ModelError
 from train.data.collate import Collator
 from train.data.templates import IGNORE_INDEX, encode_prompt
@@ -113,6 +114,24 @@ def test_sample_reduction_weighs_every_conversation_alike(model: MLLM) -> None:
     labels = batch["labels"][:, 1:]
     per_row = [F.cross_entropy(out.logits[i, :-1], labels[i], ignore_index=IGNORE_INDEX) for i in range(2)]
     torch.testing.assert_close(out.loss, (per_row[0] + per_row[1]) / 2)
+
+
+@pytest.mark.parametrize("reduction", ["token", "sample"])
+def test_training_forward_computes_logits_only_where_supervised(model: MLLM, reduction: str) -> None:
+    batch = _batch(model)
+    keep = supervised_positions(batch["labels"])
+    model.cfg.loss_reduction, was_training = reduction, model.training
+    try:
+        with torch.no_grad():
+            full = model.eval()(**batch)
+            trimmed = model.train()(**batch)  # no dropout or batch norm in this model: the modes agree
+    finally:
+        model.cfg.loss_reduction = "token"
+        model.train(was_training)
+    assert 0 < len(keep) < batch["input_ids"].shape[1] - 1  # prompt and image positions are skipped
+    assert trimmed.logits.shape == (2, len(keep), full.logits.shape[-1])
+    torch.testing.assert_close(trimmed.logits, full.logits[:, keep])
+    torch.testing.assert_close(trimmed.loss, full.loss)
 
 
 def test_loss_backpropagates_to_every_group(model: MLLM) -> None:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from mllm.injection.base import InjectionSpec, VisualContext
 from mllm.injection.pyramid import PyramidConfig, PyramidInjector, cell_of, pool_grid
+from mllm.loss import supervised_positions
 from mllm.model import MLLM, ModelError
 
 CASES = [("llama", "sdpa"), ("qwen2", "sdpa"), ("llama", "eager")]
@@ -146,7 +147,8 @@ def test_training_adds_the_routing_loss_and_trains_the_routers(kit: Any, word_to
     out = model(**batch)
     counts = injector.last_visual_tokens
     assert all(n >= 4 for n in counts[1] + counts[2])  # training draws respect min_tokens
-    ce = F.cross_entropy(out.logits[0, :-1], batch["labels"][0, 1:], ignore_index=-100)
+    keep = supervised_positions(batch["labels"])  # training mode: logits at the supervised positions only
+    ce = F.cross_entropy(out.logits[0], batch["labels"][0, keep + 1], ignore_index=-100)
     probs = torch.stack(decisions).detach()  # one decision per pooling stage
     assert probs.shape == (2, 3)
     score = (probs.argmax(-1) * probs.max(-1).values).mean()
