@@ -293,10 +293,43 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
+def merge_recipe(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` over ``base``: mappings merge key by key; lists and scalars replace. A part mapping
+    whose ``name`` differs from the base's is another part (say ``fused`` for ``timm_vit``), so it
+    replaces the base's mapping whole instead of inheriting keys that part does not have."""
+    out = dict(base)
+    for key, value in child.items():
+        old = out.get(key)
+        same_part = isinstance(old, dict) and isinstance(value, dict) and value.get("name", old.get("name")) == old.get("name")
+        out[key] = merge_recipe(old, value) if same_part else value  # type: ignore[arg-type]
+    return out
+
+
+def read_recipe(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe file's mapping with its ``base:`` chain resolved (:func:`merge_recipe`).
+
+    ``base: tiny`` (a shipped recipe name, or a YAML path relative to this file) makes the recipe the
+    base's configuration plus what it writes itself, so an ablation recipe states only its difference
+    and follows every later change of the base.
+    """
+    chain = (*chain, path.resolve())
+    data = read_yaml(path)
+    if "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a recipe name or a YAML path, got {base!r}")
+    relative = path.parent / base
+    base_path = resolve_recipe(str(relative) if relative.suffix in (".yaml", ".yml") else base)
+    if base_path.resolve() in chain:
+        raise ConfigError(f"{path}: base: {base} leads back to {base_path} (a cycle of bases)")
+    return merge_recipe(read_recipe(base_path, chain), data)
+
+
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunConfig:
-    """Load a recipe name or YAML path into a validated :class:`RunConfig`."""
+    """Load a recipe name or YAML path (with its ``base:`` chain) into a validated :class:`RunConfig`."""
     path = resolve_recipe(name_or_path)
-    data = apply_overrides(read_yaml(path), overrides or [])
+    data = apply_overrides(read_recipe(path), overrides or [])
     try:
         return from_dict(RunConfig, data, where=str(path))
     except ConfigError as err:

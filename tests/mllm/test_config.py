@@ -109,6 +109,35 @@ def test_tokenizer_numbers_is_checked() -> None:
         load_config("tiny", ["model.loss_reduction=row"])
 
 
+def test_recipe_inherits_its_base(tmp_path: Path) -> None:
+    (tmp_path / "wide.yaml").write_text("base: tiny\nmodel:\n  llm:\n    arch:\n      hidden_size: 192\ntrain:\n  lr: 1.0e-3\n")
+    (tmp_path / "fused.yaml").write_text(
+        "base: wide.yaml\nmodel:\n  projector: {name: linear}\n  encoder:\n    name: fused\n"
+        "    towers: [{name: timm_vit, model_name: vit_tiny_patch16_224, image_size: 64, patch_size: 16}]\n"
+        "    fusion: {name: concat}\n"
+    )
+    tiny, wide = to_dict(load_config("tiny")), to_dict(load_config(str(tmp_path / "wide.yaml")))
+    assert wide["model"]["llm"]["arch"] == {**tiny["model"]["llm"]["arch"], "hidden_size": 192}  # merged key by key
+    assert wide["train"] == {**tiny["train"], "lr": 1e-3} and wide["data"] == tiny["data"]
+    fused = load_config(str(tmp_path / "fused.yaml"))  # a base given as a path, relative to the recipe
+    assert fused.model.llm.arch["hidden_size"] == 192 and fused.train.lr == 1e-3
+    assert fused.model.encoder.name == "fused"  # another part replaces tiny's encoder mapping whole
+    assert not hasattr(fused.model.encoder.cfg, "stem") and fused.model.projector.name == "linear"
+
+
+def test_bad_recipe_bases(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"b.yaml: base: a.yaml leads back to .*a.yaml \(a cycle of bases\)"):
+        load_config(str(tmp_path / "a.yaml"))
+    (tmp_path / "c.yaml").write_text("base: [tiny]\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: base: expected a recipe name or a YAML path, got \['tiny'\]"):
+        load_config(str(tmp_path / "c.yaml"))
+    (tmp_path / "d.yaml").write_text("base: tinyy\n")
+    with pytest.raises(ConfigError, match="unknown recipe 'tinyy'"):
+        load_config(str(tmp_path / "d.yaml"))
+
+
 def test_unknown_recipe_and_missing_file() -> None:
     with pytest.raises(ConfigError, match="unknown recipe 'nope'; expected one of: .*tiny"):
         load_config("nope")
