@@ -5,7 +5,8 @@ blocks, the ``swap: true`` expert (e.g. language) the bottom ``bottom`` and top 
 them, ``transition`` blocks on each side interpolate linearly; with donor weight w(l):
 
     theta(l) = w(l) theta_swap(l) + (1 - w(l)) theta_kept(l)
-    w = 1 in the swapped zones, w = 1 - k/(transition + 1) for the k-th transition block (k = 1..),
+    w = 1 in the swapped zones, w = 1 - k/(transition + 1) for the k-th transition block (k = 1..)
+    after a swapped zone that exists (``bottom`` or ``top`` > 0: no zone, no transition beside it),
     w = 0 in the middle.
 
 Embeddings, final norm and lm_head come from the kept expert (``outside: kept``) or the swapped one
@@ -43,7 +44,9 @@ def donor_weight(layer: int | None, num_layers: int, p: LayerSwapParams) -> floa
     from_top = num_layers - 1 - layer
     if layer < p.bottom or from_top < p.top:
         return 1.0
-    k = min(layer - p.bottom, from_top - p.top) + 1  # 1 = first block after a swapped zone
+    # 1 = first block after a swapped zone; an empty zone (0 blocks) has no transition beside it
+    after = [d + 1 for d, zone in ((layer - p.bottom, p.bottom), (from_top - p.top, p.top)) if zone > 0]
+    k = min(after, default=p.transition + 1)
     return 1.0 - k / (p.transition + 1) if k <= p.transition else 0.0
 
 
@@ -59,10 +62,11 @@ class LayerSwap(MergeMethod):
         swapped = [m for m in model_ids if params.swap[m]]
         if len(swapped) != 1:
             raise MergeError(f"layer_swap: exactly one model needs parameters.swap: true, got {len(swapped)}")
-        if params.bottom + params.top + 2 * params.transition > num_layers:
+        zones = (params.bottom > 0) + (params.top > 0)
+        if params.bottom + params.top + zones * params.transition > num_layers:
             raise MergeError(
-                f"layer_swap: bottom + top + 2*transition = "
-                f"{params.bottom + params.top + 2 * params.transition} exceeds the {num_layers} decoder layers"
+                f"layer_swap: bottom + top + transition per swapped zone = "
+                f"{params.bottom + params.top + zones * params.transition} exceeds the {num_layers} decoder layers"
             )
 
     @classmethod

@@ -16,6 +16,7 @@ from mllm.merge.methods.lines import Lines, LinesParams
 from mllm.merge.methods.task_arithmetic import TaskArithmetic, TaskArithmeticParams
 from mllm.merge.methods.ties import Ties, TiesParams
 from mllm.merge.methods.widen import Widen, WidenParams
+from mllm.merge.tensors import MergeError
 from mllm.registry import MERGE_METHODS
 
 T = torch.tensor
@@ -116,6 +117,17 @@ def test_layer_swap_zones_and_transition() -> None:
     lang, math_ = T([10.0]), T([2.0])
     out = [LayerSwap.merge({"lang": lang, "math": math_}, None, p, TensorInfo("x", layer, 6)).item() for layer in range(6)]
     assert out == [10.0, 6.0, 2.0, 2.0, 6.0, 10.0]
+
+
+def test_layer_swap_transition_only_beside_a_swapped_zone() -> None:
+    bottom_only = LayerSwapParams(swap={"lang": True, "math": False}, bottom=2, top=0, transition=2)
+    assert [donor_weight(layer, 6, bottom_only) for layer in range(6)] == pytest.approx([1.0, 1.0, 2 / 3, 1 / 3, 0.0, 0.0])
+    top_only = LayerSwapParams(swap={"lang": True, "math": False}, bottom=0, top=1, transition=1)
+    assert [donor_weight(layer, 4, top_only) for layer in range(4)] == [0.0, 0.0, 0.5, 1.0]
+    LayerSwap.validate(bottom_only, ["lang", "math"], 4)  # 2 + 0 + one transition of 2 fits 4 blocks
+    with pytest.raises(MergeError, match="transition per swapped zone = 5 exceeds the 4 decoder layers"):
+        LayerSwap.validate(LayerSwapParams(swap={"lang": True, "math": False}, bottom=2, top=1, transition=1),
+                           ["lang", "math"], 4)
 
 
 def test_widen_vector_params_softmax_and_calibration() -> None:
