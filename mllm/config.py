@@ -21,6 +21,7 @@ import yaml
 
 from eval.runner import EvalConfig
 from mllm.loss import LOSS_REDUCTIONS
+from mllm.numbers import NUMBER_INITS
 from train.atomic import atomic_write
 from train.data.llava import LlavaDataConfig
 from train.data.shapesworld import ShapesWorldConfig
@@ -200,10 +201,15 @@ class ModelConfig:
     splice: bool = True  # visual tokens spliced at <image>; false = the sequence holds text only
     injectors: list[InjectorPart] = field(default_factory=list)  # LLM-side fusion, hooked in this order
     loss_reduction: str = "token"  # token (mean over answer tokens) | sample (mean of per-sample means), mllm/loss.py
+    # random | sincos: number tokens of a randomly initialised LLM start at a sinusoidal encoding of their value
+    # (mllm/numbers.py), so nearby coordinates start nearby
+    number_init: str = "random"
 
     def __post_init__(self) -> None:
         if self.loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction: expected one of {list(LOSS_REDUCTIONS)}, got {self.loss_reduction!r}")
+        if self.number_init not in NUMBER_INITS:
+            raise ValueError(f"number_init: expected one of {list(NUMBER_INITS)}, got {self.number_init!r}")
         if self.tokenizer_numbers not in NUMBER_MODES:
             raise ValueError(f"tokenizer_numbers: expected one of {list(NUMBER_MODES)}, got {self.tokenizer_numbers!r}")
         fused_parts(self.encoder, "model.encoder")  # a fused encoder's towers/fusion are checked at load

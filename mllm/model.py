@@ -44,6 +44,7 @@ from mllm.injection.base import (
     visual_grid,
 )
 from mllm.loss import causal_lm_loss, supervised_positions
+from mllm.numbers import init_number_embeddings
 from mllm.registry import ENCODER_FUSIONS, ENCODERS, INJECTORS, PROJECTORS
 from train.atomic import atomic_folder
 from train.data.templates import IGNORE_INDEX, encode_prompt, get_template, image_token_id
@@ -141,6 +142,9 @@ class MLLM(nn.Module):
             raise ModelError("tokenizer: a pad and an eos token are needed (padding and generation stop)")
         self.encoder = build_encoder(cfg.encoder)
         self.llm = build_llm(cfg.llm, tokenizer, llm_config)
+        if cfg.number_init == "sincos" and llm_config is None and cfg.llm.path is None:  # a random init only
+            std = float(getattr(self.llm.config.get_text_config(), "initializer_range", 0.02))
+            init_number_embeddings(self.llm.get_input_embeddings(), tokenizer, std)
         needs = [(f"model.injectors[{i}] ({p.name})", INJECTORS.get(p.name).needs) for i, p in enumerate(cfg.injectors)]
         try:
             check_needs(needs, cfg.splice)
