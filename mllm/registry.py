@@ -126,6 +126,8 @@ EVAL_TASKS.register("pope", "eval.tasks.pope:POPETask")
 EVAL_TASKS.register("refcoco", "eval.tasks.refcoco:RefCOCOTask")
 EVAL_TASKS.register("refcoco+", "eval.tasks.refcoco:RefCOCOPlusTask")
 EVAL_TASKS.register("refcocog", "eval.tasks.refcoco:RefCOCOgTask")
+EVAL_TASKS.register("arithmetic", "eval.tasks.arithmetic:ArithmeticTask")  # FRANK toy: text-only skill
+EVAL_TASKS.register("compositional", "eval.tasks.compositional:CompositionalTask")  # FRANK toy: count + arithmetic
 
 ALL_REGISTRIES: dict[str, Registry[Any]] = {
     "encoder": ENCODERS,

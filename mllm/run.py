@@ -181,8 +181,10 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """``mllm eval``: a saved checkpoint on one registered task, resumable, written to ``out_dir``.
 
-    ShapesWorld takes its generator settings from the run config saved beside the checkpoint; every
-    other task reads the benchmark's public files (``data``, ``images``) plus ``--opt key=value``.
+    A generated task (ShapesWorld, arithmetic, compositional) builds its config from ``--opt key=value``
+    over the ShapesWorld settings of the run config saved beside the checkpoint (see
+    :func:`_generated_task_config`); every other task reads the benchmark's public files (``data``,
+    ``images``) plus ``--opt key=value``.
     """
     from eval.runner import EvalConfig, run_task
     from mllm.config import ConfigError, apply_overrides, from_dict
@@ -192,13 +194,11 @@ def evaluate_checkpoint(
     if not (checkpoint / "mllm_config.yaml").is_file():
         raise FileNotFoundError(f"{checkpoint}: not a checkpoint folder (no mllm_config.yaml); pass RUN/model")
     opts = apply_overrides({}, options or [])
-    if task == "shapesworld":
-        run_cfg = checkpoint.parent / "config.yaml"
-        if not run_cfg.is_file():
-            raise ConfigError(f"{run_cfg}: shapesworld needs the run config saved next to the checkpoint")
-        built = EVAL_TASKS.build(task, load_config(str(run_cfg)).data, split=opts.pop("split", "test"))
-        if opts:
-            raise ConfigError(f"--opt {next(iter(opts))}: shapesworld takes only --opt split=...")
+    if EVAL_TASKS.get(task).generated:
+        if data is not None or images is not None:
+            raise ConfigError(f"--data/--images: task {task!r} generates its samples; set them with --opt key=value")
+        split = opts.pop("split", "test")
+        built = EVAL_TASKS.build(task, _generated_task_config(task, checkpoint, opts), split=split)
     else:
         if data is None:
             raise ConfigError(f"--data: task {task!r} needs the benchmark file (questions / annotations)")
@@ -212,6 +212,29 @@ def evaluate_checkpoint(
     model = MLLM.from_pretrained(checkpoint)
     model.eval()
     return run_task(model, built, cfg, out_dir, resume=resume)
+
+
+def _generated_task_config(task: str, checkpoint: Path, opts: dict[str, Any]) -> dict[str, Any]:
+    """A generated task's config mapping: ``opts`` over the ShapesWorld settings the run trained on
+    (``RUN/config.yaml``) where the task reads ShapesWorld — the whole config of ``shapesworld``, the
+    ``data`` field of ``compositional``; the text-only ``arithmetic`` takes ``opts`` alone."""
+    import dataclasses
+
+    from mllm.config import ConfigError, to_dict
+    from mllm.registry import EVAL_TASKS
+    from train.data.shapesworld import ShapesWorldConfig
+
+    cfg_cls = EVAL_TASKS.config_cls(task)
+    reads_scenes = cfg_cls is ShapesWorldConfig or "data" in {f.name for f in dataclasses.fields(cfg_cls)}
+    if not reads_scenes:
+        return opts
+    run_cfg = checkpoint.parent / "config.yaml"
+    if not run_cfg.is_file():
+        raise ConfigError(f"{run_cfg}: {task} needs the run config saved next to the checkpoint (its ShapesWorld settings)")
+    scenes = to_dict(load_config(str(run_cfg)).data)
+    if cfg_cls is ShapesWorldConfig:
+        return {**scenes, **opts}
+    return {**opts, "data": {**scenes, **opts.get("data", {})}}
 
 
 def demo(recipe: str, out_dir: Path, overrides: list[str]) -> dict[str, Any]:

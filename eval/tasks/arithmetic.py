@@ -27,6 +27,7 @@ class ArithmeticTask(BaseTask):
     config_cls = ArithmeticConfig
     name = "arithmetic"
     prompt_version = "arithmetic-v1"
+    generated = True
     prompt = "{question}"
 
     def __init__(self, cfg: ArithmeticConfig, split: str = "test") -> None:

@@ -84,6 +84,7 @@ class BaseTask:
     name = "base"
     prompt_version = "v1"
     prompt: str = IMAGE_MARKER + "\n{question}"
+    generated = False  # True: samples come from a seeded generator (its config), not from benchmark files
 
     def samples(self) -> Iterator[EvalSample]:
         raise NotImplementedError

@@ -60,6 +60,7 @@ class CompositionalTask(BaseTask):
     config_cls = CompositionalConfig
     name = "compositional"
     prompt_version = "compositional-v1"
+    generated = True
     prompt = IMAGE_MARKER + "\n{question}"
 
     def __init__(self, cfg: CompositionalConfig, split: str = "test") -> None:

@@ -26,6 +26,7 @@ class ShapesWorldTask(BaseTask):
     config_cls = ShapesWorldConfig
     name = "shapesworld"
     prompt_version = "shapesworld-v1"
+    generated = True
 
     def __init__(
         self, cfg: ShapesWorldConfig, split: str = "test", data: Sequence[dict[str, Any]] | None = None

@@ -27,12 +27,17 @@ SNAPSHOTS = {
                "man on left",
 }
 SNAPSHOTS["refcoco+"] = SNAPSHOTS["refcocog"] = SNAPSHOTS["refcoco"]
+SNAPSHOTS["arithmetic"] = "Compute 9 + 2 - 7"  # text only: no image marker
+SNAPSHOTS["compositional"] = "<image>\nHow many green objects are there? + 2"
+GENERATED = {"arithmetic": {}, "compositional": {}}  # default generator configs
 FIXTURE = {"refcoco+": "refcoco", "refcocog": "refcoco"}
 
 
 def _build(name: str, bench: Any, scenes: Any) -> Task:
     if name == "shapesworld":
         return EVAL_TASKS.build(name, ShapesWorldConfig(), split="test", data=scenes)
+    if name in GENERATED:
+        return EVAL_TASKS.build(name, GENERATED[name], split="test")
     return EVAL_TASKS.build(name, bench(FIXTURE.get(name, name)))
 
 
