@@ -20,12 +20,11 @@ Not part of the test run.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Callable
 
 import torch
-from injection_bench import PREFIX, TEXT, VISUAL, LLMShape, build_llm, timed
+from injection_bench import PREFIX, TEXT, VISUAL, LLMShape, bench_args, build_llm, timed
 
 from mllm.injection.base import InjectionSpec, VisualContext
 from mllm.injection.ffn_embed import FFNEmbedConfig, FFNEmbedInjector
@@ -35,13 +34,10 @@ ENCODER_DIM = 1024
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier on a shared CPU)")
-    parser.add_argument("--taps", type=int, default=4, help="encoder layers the fuser selects from")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = bench_args(
+        __doc__.split("\n")[0],
+        lambda p: p.add_argument("--taps", type=int, default=4, help="encoder layers the fuser selects from"),
+    )
 
     shape = LLMShape()
     llm = build_llm(shape)

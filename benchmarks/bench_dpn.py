@@ -20,12 +20,11 @@ of METHODS.md §3.6, ``n_v(l)`` read from the injector. Last line: JSON with ``f
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
 import torch.nn.functional as F
-from injection_bench import GRID, PREFIX, TEXT, VISUAL, LLMShape, build_llm, timed
+from injection_bench import GRID, PREFIX, TEXT, VISUAL, LLMShape, bench_args, build_llm, timed
 
 from mllm.injection.base import InjectionSpec, VisualContext
 from mllm.injection.pyramid import PyramidConfig, PyramidInjector
@@ -48,12 +47,7 @@ def pin(injector: PyramidInjector, expert: int | None) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier on a shared CPU)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = bench_args(__doc__.split("\n")[0])
 
     shape = LLMShape()
     llm = build_llm(shape)

@@ -3,6 +3,7 @@ geometry (576 visual tokens on a 24 x 24 grid), FLOPs bookkeeping (METHODS.md §
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,19 @@ class LLMShape:
         """One decoder block on ``n`` tokens, a multiply-add = 2 FLOPs: ``n (8 d^2 + 6 d d_ff) + 4 n^2 d``."""
         d = self.hidden
         return n * (8 * d * d + 6 * d * self.ffn) + 4 * n * n * d
+
+
+def bench_args(description: str, extra: Callable[[argparse.ArgumentParser], object] | None = None) -> argparse.Namespace:
+    """The benchmarks' shared flags (--repeats, --batch, --threads; ``extra`` adds more), threads applied."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier on a shared CPU)")
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def build_llm(shape: LLMShape) -> nn.Module:
