@@ -76,8 +76,10 @@ class Dist:
     def from_accelerate(cls) -> Dist:
         """The current accelerate process state (a single process when not launched)."""
         from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env
 
-        state = PartialState()
+        # As Accelerator does: without the flag a CPU-only launch (`accelerate launch --cpu`) would see one process.
+        state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
         return cls(state.process_index, state.num_processes, state.wait_for_everyone)
 
 
@@ -214,9 +216,10 @@ def _record(task: Task, index: int, sample: EvalSample, prompt: str, text: str) 
     }
 
 
-def gather(task: Task, cfg: EvalConfig, out_dir: Path, n_total: int) -> dict[str, Any]:
+def gather(task: Task, cfg: EvalConfig, out_dir: Path, n_total: int, processes: int = 1) -> dict[str, Any]:
     """Merge every predictions file (first record of an id wins), write ``predictions.jsonl`` in task
-    order, compute the metrics, write ``metrics.json`` and ``results.md``. Rank 0 only."""
+    order, compute the metrics (with the number of ``processes`` that generated them), write
+    ``metrics.json`` and ``results.md``. Rank 0 only."""
     files = existing_predictions(out_dir)
     by_id: dict[str, dict[str, Any]] = {}
     for path in files:
@@ -235,6 +238,7 @@ def gather(task: Task, cfg: EvalConfig, out_dir: Path, n_total: int) -> dict[str
     metrics = {
         "task": task.name, **task.aggregate(records),
         "protocol": {**run_protocol(task, cfg), "batch_size": cfg.batch_size, "limit": cfg.limit},
+        "processes": processes,
     }
     atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     atomic_write(out_dir / "results.md", format_table(metrics))
@@ -261,7 +265,7 @@ def run_task(
     dist.barrier()
     if not dist.is_main:
         return {}
-    metrics = gather(task, cfg, out_dir, shard.n_total)
+    metrics = gather(task, cfg, out_dir, shard.n_total, processes=dist.world)
     print(format_table(metrics))
     return metrics
 

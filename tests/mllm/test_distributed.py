@@ -84,3 +84,26 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
     assert one.keys() == two.keys()
     for name in one:
         assert (one[name] - two[name]).abs().max() < 1e-6, name
+
+
+def test_two_process_eval_matches_one_process(tmp_path: Path) -> None:
+    """``mllm eval`` under ``accelerate launch``: two processes take strided shards, rank 0 gathers them;
+    the predictions and metrics equal the one-process run's."""
+    run.train("tiny", tmp_path / "run", [*TINY, "data.test_images=5"], evaluate=False)
+    checkpoint = tmp_path / "run" / "model"
+    one = run.evaluate_checkpoint(checkpoint, "shapesworld", tmp_path / "one", batch_size=3, max_new_tokens=6)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "ddp.yaml"),
+           "--num_processes", "2", "--main_process_port", str(_free_port()),
+           "-m", "mllm.cli", "eval", str(checkpoint), "--task", "shapesworld", "--out", str(tmp_path / "two"),
+           "--batch-size", "3", "--max-new-tokens", "6"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    rows = [{r["id"]: r["prediction"] for r in map(json.loads, (tmp_path / d / "predictions.jsonl").read_text().splitlines())}
+            for d in ("one", "two")]
+    assert rows[1] == rows[0] and len(rows[0]) == one["n"]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert not list((tmp_path / "two").glob("predictions.rank*.jsonl"))  # the shards were merged into one file
+    assert {k: two[k] for k in ("vqa_accuracy", "grounding_accuracy", "per_type", "n")} == \
+           {k: one[k] for k in ("vqa_accuracy", "grounding_accuracy", "per_type", "n")}
