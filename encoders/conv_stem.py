@@ -5,8 +5,9 @@ Xiao et al. (2021) replace the ViT's patchify — one ``p x p`` stride-``p`` con
 convolution to the embedding width: ``E(x) = W_1x1 * ReLU(BN(W_k * ... ReLU(BN(W_1 * x))))``. The
 token grid is the same (one token per ``p x p`` patch), but the stem sees overlapping 3x3
 neighbourhoods with the translation equivariance of a CNN, which the paper shows makes optimisation
-faster and less sensitive to the learning rate. Widths double from ``embed_dim / 2^(k-1)`` up to
-``embed_dim`` (their ViT-B/16 stem: 64, 128, 256, 512, then 768).
+faster and less sensitive to the learning rate. Widths double per stage from ``first_width`` and
+stop growing at ``embed_dim``; the paper's ViT-B/16 stem is ``first_width = 64``: 64, 128, 256, 512,
+then the 1x1 to 768. Without ``first_width`` they double from ``embed_dim / 2^(k-1)`` up to ``embed_dim``.
 
 It is a drop-in ``embed_layer`` for timm's ``VisionTransformer``: timm's own :class:`PatchEmbed`
 keeps the sizes, flattening and checks; only its projection is replaced.
@@ -25,13 +26,20 @@ from encoders.base import EncoderError
 class ConvStemEmbed(PatchEmbed):
     """timm ``PatchEmbed`` whose ``proj`` is the 3x3 stride-2 conv stack plus a 1x1 projection."""
 
-    def __init__(self, patch_size: int = 16, embed_dim: int = 768, in_chans: int = 3, **kwargs: Any) -> None:
+    def __init__(
+        self, patch_size: int = 16, embed_dim: int = 768, in_chans: int = 3, first_width: int | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(patch_size=patch_size, embed_dim=embed_dim, in_chans=in_chans, **kwargs)
         side = self.patch_size[0]
         if self.patch_size[0] != self.patch_size[1] or side < 2 or side & (side - 1):
             raise EncoderError(f"stem: a conv stem needs a square power-of-two patch size, got {self.patch_size}")
         depth = side.bit_length() - 1  # log2 p stride-2 convolutions
-        widths = [max(8, embed_dim >> (depth - 1 - i)) for i in range(depth)]
+        if first_width is None:
+            widths = [max(8, embed_dim >> (depth - 1 - i)) for i in range(depth)]
+        elif first_width < 1:
+            raise EncoderError(f"stem_width: expected a positive number of channels, got {first_width}")
+        else:
+            widths = [min(embed_dim, first_width << i) for i in range(depth)]
         layers: list[nn.Module] = []
         for c_in, c_out in zip([in_chans, *widths[:-1]], widths, strict=True):
             layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out),

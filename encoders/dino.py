@@ -14,6 +14,7 @@ DINOv2 checkpoints are converted and position embeddings resampled to ``image_si
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ class TimmViTConfig:
     drop_prefix: bool = True  # drop CLS / register tokens, keep only patch tokens
     norm: bool = False  # apply the final LayerNorm to tapped layers
     stem: str = "patch"  # patch (one linear patchify) | conv (Xiao et al. 2021 conv stem, random init only)
+    stem_width: int | None = None  # conv stem: first conv's channels, doubling up to the width (paper's ViT-B: 64)
     weights: str | None = None  # local .safetensors / .pth / .bin file (timm or original DINOv2 keys)
     frozen: bool = False
 
@@ -47,6 +49,8 @@ class TimmViTConfig:
             raise ValueError("layers: tap at least one block")
         if self.stem not in ("patch", "conv"):
             raise ValueError(f"stem: expected patch or conv, got {self.stem!r}")
+        if self.stem_width is not None and self.stem != "conv":
+            raise ValueError(f"stem_width: sets the conv stem's channels; this encoder has stem: {self.stem}")
         if self.stem == "conv" and self.weights is not None:
             raise ValueError("stem: a conv stem has no pretrained weights; use stem: patch with weights")
 
@@ -69,7 +73,7 @@ class TimmViTEncoder(VisionEncoder):
         }
         try:
             if cfg.stem == "conv":
-                overrides["embed_layer"] = ConvStemEmbed
+                overrides["embed_layer"] = partial(ConvStemEmbed, first_width=cfg.stem_width)
             model = timm.create_model(
                 cfg.model_name, pretrained=False, num_classes=0, img_size=cfg.image_size, **overrides
             )

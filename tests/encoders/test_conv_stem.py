@@ -31,6 +31,15 @@ def test_stem_layers_and_token_grid() -> None:
     assert out[1].shape == (3, 16, 32)
 
 
+def test_stem_width_sets_the_first_conv_and_doubles_up_to_the_embedding() -> None:
+    convs = [m for m in _enc(embed_dim=128, stem_width=32).model.patch_embed.proj if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(3, 32), (32, 64), (64, 128), (128, 128), (128, 128)]
+    paper = ConvStemEmbed(img_size=224, patch_size=16, embed_dim=768, first_width=64)  # Xiao et al.'s ViT-B/16 stem
+    assert [m.out_channels for m in paper.proj if isinstance(m, nn.Conv2d)] == [64, 128, 256, 512, 768]
+    with pytest.raises(EncoderError, match="stem_width: expected a positive number of channels, got 0"):
+        _enc(stem_width=0)
+
+
 def test_stem_is_equivariant_to_shifts_by_one_patch() -> None:
     """A shift by the total stride (16 px) moves each interior token by one grid cell, unchanged:
     tokens (1, 1) and (1, 2) of a 4x4 grid see 31-px fields that never reach the zero padding."""
@@ -57,5 +66,7 @@ def test_stem_errors() -> None:
         _enc(image_size=56, patch_size=14)
     with pytest.raises(ValueError, match="stem: expected patch or conv"):
         TimmViTConfig(stem="resnet")
+    with pytest.raises(ValueError, match="stem_width: sets the conv stem's channels; this encoder has stem: patch"):
+        TimmViTConfig(stem_width=32)
     with pytest.raises(ValueError, match="no pretrained weights"):
         TimmViTConfig(stem="conv", weights="vit.safetensors")
