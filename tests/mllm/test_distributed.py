@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 # The patch stem: tiny.yaml's conv stem has BatchNorm, whose running statistics are per process under
 # DDP (each process normalises its own half batch), so they could not equal the one-process run's.
 TINY = [
-    "model.encoder.stem=patch", "model.encoder.image_size=32", "model.encoder.embed_dim=32", "model.encoder.depth=1", "model.encoder.num_heads=2",
+    "model.encoder.stem=patch", "model.encoder.stem_width=null", "model.encoder.image_size=32", "model.encoder.embed_dim=32", "model.encoder.depth=1", "model.encoder.num_heads=2",
     "model.llm.arch.hidden_size=32", "model.llm.arch.intermediate_size=64", "model.llm.arch.num_hidden_layers=1",
     "model.llm.arch.num_attention_heads=2", "model.llm.arch.num_key_value_heads=2", "model.max_length=96",
     "data.image_size=32", "data.grid=2", "data.max_objects=3", "data.train_images=24", "data.val_images=1",
