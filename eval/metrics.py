@@ -6,7 +6,9 @@
   ``acc = 1/n * sum_i min(1, #{j != i : a_j == pred} / 3)``.
 * TextVQA accuracy (LLaVA's ``m4c_evaluator.TextVQAAccuracyEvaluator``, from MMF/EvalAI): the same
   leave-one-out formula, with the EvalAI answer processor applied to the prediction *and* every answer.
-* GQA exact match (LLaVA ``convert_gqa_for_eval.py`` + GQA ``eval.py``), ScienceQA letter extraction
+* GQA (LLaVA ``convert_gqa_for_eval.py`` + GQA ``eval.py`` v1.2, gqadataset.org): exact match, the
+  binary/open split, validity and plausibility (``belongs``), consistency over entailed questions and the
+  chi-square answer-distribution score. ScienceQA letter extraction
   (LLaVA ``eval_science_qa.py``), POPE yes/no parsing and acc/precision/recall/F1/yes-ratio
   (LLaVA ``eval_pope.py``), box IoU and Acc@threshold (RefCOCO REC: a hit iff IoU >= 0.5).
 """
@@ -14,7 +16,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections import Counter, defaultdict
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from fractions import Fraction
 
 Box = tuple[float, float, float, float]
@@ -144,6 +147,66 @@ def exact_match(prediction: str, answer: str) -> float:
     """GQA accuracy of one prediction: LLaVA's ``text.rstrip('.').lower()`` (after the usual strip)
     compared verbatim with the official answer, as GQA's ``eval.py`` does (``prediction == gold``)."""
     return float(prediction.strip().rstrip(".").lower() == answer)
+
+
+# --- GQA eval.py (v1.2) beyond accuracy ------------------------------------------------------------
+# eval.py ``belongs``: a question whose detailed type names "Common" ("What do the two objects have in
+# common?") accepts any of these three answers as valid and plausible, whatever its choices entry says.
+GQA_COMMON_ANSWERS = ("color", "material", "shape")
+
+
+def gqa_answer_type(structural_type: str) -> str:
+    """eval.py: ``"open"`` when ``types.structural == "query"``, else ``"binary"`` (verify, logical,
+    choose, compare: the answer is yes/no or one of the named options)."""
+    return "open" if structural_type == "query" else "binary"
+
+
+def gqa_belongs(prediction: str, answers: Collection[str], detailed_type: str) -> bool:
+    """eval.py ``belongs``: the prediction is one of ``answers`` (the choices file's ``valid`` or
+    ``plausible`` list of the question), or of :data:`GQA_COMMON_ANSWERS` for a "Common" question."""
+    return prediction in (GQA_COMMON_ANSWERS if "Common" in detailed_type else answers)
+
+
+def gqa_consistency(entailed: Mapping[str, Sequence[str]], correct: Mapping[str, bool]) -> float | None:
+    """eval.py ``updateConsistency``, averaged: for each scored question q answered correctly whose
+    entailed questions E_q (q itself left out) are not empty, the accuracy over E_q; the mean over those q.
+
+    ``entailed`` maps each scored (balanced) question to its ``entailed`` ids; ``correct`` holds every
+    question, as entailed questions need not be balanced. None when no question qualifies (eval.py's
+    ``avg`` would give 0).
+    """
+    per_question = []
+    for qid, ids in entailed.items():
+        inferred = [e for e in ids if e != qid]
+        if correct[qid] and inferred:
+            per_question.append(sum(correct[e] for e in inferred) / len(inferred))
+    return sum(per_question) / len(per_question) if per_question else None
+
+
+def _chi_square(expected: Mapping[str, int], observed: Mapping[str, int]) -> float:
+    """eval.py ``chiSquare`` for one group: sum over the gold answers a of (O_a - E_a)^2 / E_a (predicted
+    answers that are never gold in the group add nothing)."""
+    return sum((observed.get(a, 0) - e) ** 2 / e for a, e in expected.items())
+
+
+def gqa_distribution(rows: Iterable[tuple[str | None, str, str]]) -> float | None:
+    """eval.py's distribution score (lower is better) from ``(groups.global, gold, prediction)`` rows.
+
+    Per global group, the chi-square of the predicted answer counts against the gold answer counts;
+    the mean over groups weighted by each group's number of questions, divided by 100 as eval.py does
+    (it prints this value unscaled: it is not a percentage). Questions whose group is None are left out.
+    None when no question has a group (eval.py would divide by zero).
+    """
+    gold: dict[str, Counter[str]] = defaultdict(Counter)
+    predicted: dict[str, Counter[str]] = defaultdict(Counter)
+    for group, answer, prediction in rows:
+        if group is not None:
+            gold[group][answer] += 1
+            predicted[group][prediction] += 1
+    total = sum(c.total() for c in gold.values())
+    if not total:
+        return None
+    return sum(_chi_square(gold[g], predicted[g]) * gold[g].total() for g in gold) / total / 100
 
 
 # --- boxes ---------------------------------------------------------------------------------------
