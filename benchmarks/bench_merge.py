@@ -1,13 +1,17 @@
 """Our streaming merge vs ``mergekit-yaml`` on the same YAML and the same ~1 GB random Llama models.
 
-    python benchmarks/bench_merge.py [--method ties] [--hidden 1536] [--layers 16] [--workdir DIR]
+    python benchmarks/bench_merge.py [--methods ties,linear,task_arithmetic,dare_ties]
+                                     [--hidden 1536] [--layers 16] [--workdir DIR]
 
 Builds (or reuses, in --workdir) a bf16 base model and two fine-tunes (base + small noise), writes one
-mergekit-style YAML, then runs each merger in its own child process and measures wall time and the
-child's peak RSS (the kernel's high-water mark, from ``os.wait4``). Prints a table, then as the last
-line a JSON object: ratio (our wall time / mergekit's), peak_rss_gib, mergekit_peak_rss_gib,
-largest_tensor_gib, and the raw figures. Goals (issue 6): ratio <= 0.5, peak RSS <= 2 x largest
-tensor + 1 GiB. Not part of the test run.
+mergekit-style YAML per method (``--method`` and ``--methods`` are one option: a comma-separated list
+of the methods both mergers have), then runs each merger in its own child process and measures wall
+time and the child's peak RSS (the kernel's high-water mark, from ``os.wait4``). Prints one table row
+per method and merger, then as the last line a JSON object: for TIES (or the first method when TIES
+is not run) ratio (our wall time / mergekit's), peak_rss_gib, mergekit_peak_rss_gib,
+largest_tensor_gib and the raw figures, as before; under "methods" the same figures per method.
+Goals (issue 6): ratio <= 0.5, peak RSS <= 2 x largest tensor + 1 GiB. Not part of the test run.
+DARE draws its masks from its own RNG in each merger, so only its time and memory compare.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ def build_models(root: Path, hidden: int, layers: int, vocab: int) -> dict[str, 
     from mllm.merge.tensors import ShardWriter, TensorSpec
 
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 64 * 64,
-                      num_hidden_layers=layers, num_attention_heads=hidden // 128, num_key_value_heads=hidden // 512,
+                      num_hidden_layers=layers, num_attention_heads=hidden // 128, num_key_value_heads=max(1, hidden // 512),
                       tie_word_embeddings=False, dtype="bfloat16", architectures=["LlamaForCausalLM"])
     with torch.device("meta"):
         shapes = {n: tuple(t.shape) for n, t in LlamaForCausalLM(cfg).state_dict().items()}
@@ -74,9 +78,73 @@ def run_child(cmd: list[str]) -> tuple[float, float]:
     return wall, usage.ru_maxrss * 1024 / GIB  # ru_maxrss is in KiB on Linux
 
 
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")  # the ones mergekit also has
+# per-model parameters; the shared ones are left to both mergers' defaults, which agree (normalize on
+# for TIES only, DARE's rescale on, lambda 1)
+MODEL_PARAMS: dict[str, dict[str, float]] = {
+    "linear": {"weight": 0.5},
+    "task_arithmetic": {"weight": 0.5},
+    "ties": {"weight": 0.5, "density": 0.5},
+    "dare_ties": {"weight": 0.5, "density": 0.5},
+}
+
+
+def method_list(text: str) -> list[str]:
+    """``ties`` or ``ties,linear``: the methods to run, in order, each once."""
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in METHODS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(METHODS)}; got {text!r}")
+    return names
+
+
+def write_config(root: Path, method: str, paths: dict[str, Path]) -> Path:
+    """The mergekit YAML both mergers read: experts a and b, base_model for all but linear."""
+    config: dict[str, object] = {"merge_method": method, "dtype": "bfloat16",
+                                 "models": [{"model": str(paths[k]), "parameters": MODEL_PARAMS[method]} for k in ("a", "b")]}
+    if method != "linear":
+        config["base_model"] = str(paths["base"])
+    path = root / f"merge_{method}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def bench_method(root: Path, method: str, paths: dict[str, Path], repeat: int, mergekit_threads: int | None
+                 ) -> dict[str, object]:
+    """Run both mergers ``repeat`` times on one method's YAML; min wall time, max peak RSS, max |diff|."""
+    from mllm.merge.tensors import ModelReader
+
+    cfg_path = write_config(root, method, paths)
+    outs = {k: root / f"out_{method}_{k}" for k in ("ours", "mergekit")}
+    ours_cmd = [sys.executable, "-c",
+                f"from mllm.merge import run_merge; run_merge({str(cfg_path)!r}, {str(outs['ours'])!r})"]
+    mk_cmd = [str(Path(sys.executable).with_name("mergekit-yaml")), str(cfg_path), str(outs["mergekit"]),
+              "--no-copy-tokenizer", "--no-write-model-card", "--quiet"]
+    if mergekit_threads:
+        mk_cmd += ["-j", str(mergekit_threads)]
+    runs: dict[str, list[tuple[float, float]]] = {"ours": [], "mergekit": []}
+    for i in range(repeat):  # alternate the order so drifting machine load hits both
+        for name in (("ours", "mergekit") if i % 2 == 0 else ("mergekit", "ours")):
+            shutil.rmtree(outs[name], ignore_errors=True)
+            runs[name].append(run_child(ours_cmd if name == "ours" else mk_cmd))
+    a, b = ModelReader(outs["ours"]), ModelReader(outs["mergekit"])
+    max_diff = max(float((a.get(n).float() - b.get(n).float()).abs().max()) for n in a.names())
+    for out in outs.values():  # the next method's outputs need the disk space
+        shutil.rmtree(out, ignore_errors=True)
+    ours_s, mk_s = min(w for w, _ in runs["ours"]), min(w for w, _ in runs["mergekit"])
+    return {
+        "ratio": round(ours_s / mk_s, 3), "peak_rss_gib": round(max(r for _, r in runs["ours"]), 3),
+        "mergekit_peak_rss_gib": round(max(r for _, r in runs["mergekit"]), 3),
+        "ours_s": round(ours_s, 2), "mergekit_s": round(mk_s, 2), "max_abs_diff": max_diff,
+        "ours_runs_s": [round(w, 1) for w, _ in runs["ours"]],
+        "mergekit_runs_s": [round(w, 1) for w, _ in runs["mergekit"]],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--method", default="ties", choices=["linear", "task_arithmetic", "ties", "dare_ties"])
+    ap.add_argument("--method", "--methods", dest="methods", type=method_list, default=["ties"],
+                    help=f"comma-separated, from {', '.join(METHODS)} (default: ties)")
     ap.add_argument("--hidden", type=int, default=1536)
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--vocab", type=int, default=32000)
@@ -88,54 +156,26 @@ def main() -> None:
     root = args.workdir or Path(tempfile.mkdtemp(prefix="bench_merge_"))
     root.mkdir(parents=True, exist_ok=True)
     paths = build_models(root, args.hidden, args.layers, args.vocab)
-    per_model = {"weight": 0.5} if args.method == "linear" else {"weight": 0.5, "density": 0.5}
-    if args.method == "task_arithmetic":
-        per_model = {"weight": 0.5}
-    config = {"merge_method": args.method, "dtype": "bfloat16",
-              "models": [{"model": str(paths[k]), "parameters": per_model} for k in ("a", "b")]}
-    if args.method != "linear":
-        config["base_model"] = str(paths["base"])
-    cfg_path = root / "merge.yaml"
-    cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
     from mllm.merge.tensors import ModelReader
 
     reader = ModelReader(paths["base"])
-    sizes = [reader.shape(n) for n in reader.names()]
-    elems = [torch.Size(s).numel() for s in sizes]
+    elems = [torch.Size(reader.shape(n)).numel() for n in reader.names()]
     model_gib, largest_gib = 2 * sum(elems) / GIB, 2 * max(elems) / GIB
 
-    outs = {k: root / f"out_{k}" for k in ("ours", "mergekit")}
-    for out in outs.values():
-        shutil.rmtree(out, ignore_errors=True)
-    ours_cmd = [sys.executable, "-c",
-                f"from mllm.merge import run_merge; run_merge({str(cfg_path)!r}, {str(outs['ours'])!r})"]
-    mk_cmd = [str(Path(sys.executable).with_name("mergekit-yaml")), str(cfg_path), str(outs["mergekit"]),
-              "--no-copy-tokenizer", "--no-write-model-card", "--quiet"]
-    if args.mergekit_threads:
-        mk_cmd += ["-j", str(args.mergekit_threads)]
-    runs: dict[str, list[tuple[float, float]]] = {"ours": [], "mergekit": []}
-    for i in range(args.repeat):  # alternate the order so drifting machine load hits both
-        for name in (("ours", "mergekit") if i % 2 == 0 else ("mergekit", "ours")):
-            shutil.rmtree(outs[name], ignore_errors=True)
-            runs[name].append(run_child(ours_cmd if name == "ours" else mk_cmd))
-    ours_s, mk_s = min(w for w, _ in runs["ours"]), min(w for w, _ in runs["mergekit"])
-    ours_rss, mk_rss = max(r for _, r in runs["ours"]), max(r for _, r in runs["mergekit"])
-
-    a, b = ModelReader(outs["ours"]), ModelReader(outs["mergekit"])
-    max_diff = max(float((a.get(n).float() - b.get(n).float()).abs().max()) for n in reader.names())
-    print(f"{'':10s}{'wall s (min of ' + str(args.repeat) + ')':>20s}{'peak RSS GiB':>15s}")
-    print(f"{'ours':10s}{ours_s:20.1f}{ours_rss:15.2f}")
-    print(f"{'mergekit':10s}{mk_s:20.1f}{mk_rss:15.2f}")
-    print(f"method {args.method}, 3 x {model_gib:.2f} GiB bf16 models, largest tensor {largest_gib:.3f} GiB, "
-          f"max |ours - mergekit| = {max_diff:.2e} (mergekit computes in bf16, ours in fp32)")
+    results = {m: bench_method(root, m, paths, args.repeat, args.mergekit_threads) for m in args.methods}
+    print(f"{'method':16s}{'merger':10s}{'wall s (min of ' + str(args.repeat) + ')':>20s}{'peak RSS GiB':>15s}"
+          f"{'max |ours - mk|':>17s}")
+    for m, r in results.items():
+        print(f"{m:16s}{'ours':10s}{r['ours_s']:20.1f}{r['peak_rss_gib']:15.2f}{r['max_abs_diff']:17.2e}")
+        print(f"{'':16s}{'mergekit':10s}{r['mergekit_s']:20.1f}{r['mergekit_peak_rss_gib']:15.2f}")
+    print(f"3 x {model_gib:.2f} GiB bf16 models, largest tensor {largest_gib:.3f} GiB (mergekit computes in "
+          f"bf16, ours in fp32; dare_ties' masks differ between the two)")
+    headline = "ties" if "ties" in results else args.methods[0]
     print(json.dumps({
-        "ratio": round(ours_s / mk_s, 3), "peak_rss_gib": round(ours_rss, 3),
-        "mergekit_peak_rss_gib": round(mk_rss, 3), "largest_tensor_gib": round(largest_gib, 4),
-        "ours_s": round(ours_s, 2), "mergekit_s": round(mk_s, 2), "model_gib": round(model_gib, 3),
-        "method": args.method, "rss_goal_gib": round(2 * largest_gib + 1, 3), "repeat": args.repeat,
-        "mergekit_threads": args.mergekit_threads, "ours_runs_s": [round(w, 1) for w, _ in runs["ours"]],
-        "mergekit_runs_s": [round(w, 1) for w, _ in runs["mergekit"]],
+        **results[headline], "largest_tensor_gib": round(largest_gib, 4), "model_gib": round(model_gib, 3),
+        "method": headline, "rss_goal_gib": round(2 * largest_gib + 1, 3), "repeat": args.repeat,
+        "mergekit_threads": args.mergekit_threads, "methods": results,
     }))
 
 

@@ -6,21 +6,23 @@ Steps of :func:`run_merge`:
 2. Readers open the safetensors headers of every input; ``plan_tensors`` checks architecture
    family, names and shapes of every tensor to merge, and parameters per tensor -- all before any
    tensor is read and before anything is written.
-3. For two-pass methods (FRANK), pass 1 streams the merged tensors through ``collect`` and sums the
-   numbers per decoder layer; ``finalize`` turns them into the ``info.stats`` of pass 2.
-4. Pass 2, in the reference model's tensor order: read the inputs of one tensor -- for elementwise
-   methods one block of about BLOCK_ELEMS elements (rows along dim 0) at a time --, merge in fp32,
-   refuse a non-finite result, cast to the output dtype and stream it into the current shard.
+3. For two-pass methods (FRANK; LiNeS with ``alpha: auto``), pass 1 streams the merged tensors block
+   by block through ``collect`` and sums the numbers per decoder layer; ``finalize`` turns them into
+   the ``info.stats`` of pass 2.
+4. Pass 2, in the reference model's tensor order: the whole-tensor statistics of one tensor (a scan
+   of its row blocks for WIDEN, ``prepare`` on whole tensors for TIES-style trimming), then its inputs
+   one block of about BLOCK_ELEMS elements (rows along dim 0) at a time: merge in fp32, refuse a
+   non-finite result, cast to the output dtype and stream it into the current shard.
 5. Side files (config.json with the output dtype, generation config, tokenizer from the reference or
    ``tokenizer_source``), a README card holding the recipe, ``mllm_merge.yaml``, and the method's
    artefacts are written; the temp folder is renamed to ``out_dir`` only now.
 
 Memory bound (above the ~0.5 GiB that importing torch costs): one tensor name is in flight at a time.
-Elementwise methods (all but WIDEN) hold ``(n_inputs + 3)`` fp32 copies of one block (n_inputs =
-merged models + base; a block is 1 MiB in fp32), plus, for TIES-style magnitude trimming, a ``prepare``
-step that holds one model's tensor and the base's as read plus one fp32 copy of the largest tensor.
-WIDEN merges whole tensors (column norms span all rows): about 3 n_inputs fp32 copies of the largest
-tensor. The writer streams each block straight into its shard (the header goes first: every output
+Every method holds ``(n_inputs + 3)`` fp32 copies of one block (n_inputs = merged models + base; a
+block is 1 MiB in fp32), plus, for TIES-style magnitude trimming, a ``prepare`` step that holds one
+model's tensor and the base's as read plus one fp32 copy of the largest tensor. WIDEN's scan adds
+``2 n_models + 1`` fp64 numbers per column of the tensor (per token for a transposed embedding).
+The writer streams each block straight into its shard (the header goes first: every output
 shape is known in advance), so no shard is buffered -- all below the usual ``n_models x largest
 tensor + one shard``. Each read maps the file only for the life of the tensor it returns, and freed
 heap pages are returned to the OS after every large tensor, so the RSS tracks the tensors in use.
@@ -42,6 +44,7 @@ from typing import Any
 
 import torch
 
+from mllm.merge.methods.base import TensorInfo
 from mllm.merge.plan import MergePlan, TensorJob, load_plan, plan_tensors
 from mllm.merge.tensors import (
     MergeError,
@@ -99,44 +102,73 @@ def _inputs(plan: MergePlan, job: TensorJob, readers: Mapping[str, ModelReader],
     return tensors, base
 
 
-def _blocks(plan: MergePlan, job: TensorJob) -> list[tuple[int, int] | None]:
-    return row_blocks(job.spec.shape) if plan.method.elementwise else [None]
+def _block_info(job: TensorJob, rows: tuple[int, int] | None, **fields: Any) -> TensorInfo:
+    return dataclasses.replace(job.info, row_start=rows[0] if rows else 0, **fields)
+
+
+def _prepare_whole(plan: MergePlan, job: TensorJob, readers: Mapping[str, ModelReader]) -> dict[str, Any]:
+    """``prepare`` on each model's whole tensor, one model at a time."""
+    base = readers[plan.base.id].get(job.sources[plan.base.id]) if plan.base is not None else None
+    prepared: dict[str, Any] = {}
+    for m in plan.models:
+        tensor = readers[m.id].get(job.sources[m.id])
+        prepared[m.id] = plan.method.prepare(tensor, base, job.params, job.info, m.id)
+        del tensor
+        release_memory()
+    return prepared
+
+
+def _scan(plan: MergePlan, job: TensorJob, readers: Mapping[str, ModelReader]) -> dict[str, Any]:
+    """The method's per-tensor scan: every row block through ``scan_block``, then ``scan_result``."""
+    state: dict[str, Any] = {}
+    for rows in row_blocks(job.spec.shape):
+        tensors, base = _inputs(plan, job, readers, rows)
+        plan.method.scan_block(state, tensors, base, job.params, _block_info(job, rows))
+    return plan.method.scan_result(state, job.params, job.info)
+
+
+def prepared_for(plan: MergePlan, job: TensorJob, readers: Mapping[str, ModelReader]) -> dict[str, Any]:
+    """``info.prepared`` of a merged tensor: its scan, or ``prepare`` when it is merged in several blocks
+    (a single block holds the whole tensor, from which ``merge`` takes the statistic itself)."""
+    if plan.method.needs_scan(job.params):
+        return _scan(plan, job, readers)
+    if len(row_blocks(job.spec.shape)) > 1 and plan.method.needs_prepare(job.params):
+        return _prepare_whole(plan, job, readers)
+    return {}
 
 
 def statistics_pass(plan: MergePlan, jobs: list[TensorJob], readers: Mapping[str, ModelReader],
-                    progress: bool = False) -> dict[str, Any]:
-    """Pass 1 of a two-pass method: per-group sums of ``collect`` (over row blocks), then ``finalize``."""
+                    progress: bool = False) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Pass 1 of a two-pass method: per-group sums of ``collect`` (over row blocks), then ``finalize``.
+
+    Returns the stats and, per tensor name, the ``info.prepared`` computed on the way, which pass 2
+    reuses rather than reading the whole tensors again.
+    """
     sums: dict[int | str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    prepared: dict[str, dict[str, Any]] = {}
     for job in _progress([j for j in jobs if j.params is not None], progress, "statistics"):
-        for rows in _blocks(plan, job):
+        prepared[job.spec.name] = prepared_for(plan, job, readers)
+        for rows in row_blocks(job.spec.shape):
             tensors, base = _inputs(plan, job, readers, rows)
-            info = dataclasses.replace(job.info, row_start=rows[0] if rows else 0)
+            info = _block_info(job, rows, prepared=prepared[job.spec.name])
             for key, value in plan.method.collect(tensors, base, job.params, info).items():
                 sums[job.info.group][key] += value
-    return plan.method.finalize(sums, plan.params_for(None), jobs[0].info.num_layers if jobs else 0)
+    stats = plan.method.finalize(sums, plan.params_for(None), jobs[0].info.num_layers if jobs else 0)
+    return stats, prepared
 
 
 def output_blocks(plan: MergePlan, job: TensorJob, readers: Mapping[str, ModelReader],
-                  stats: Mapping[str, Any]) -> Iterator[torch.Tensor]:
-    """The output tensor of one job as row blocks, in its output dtype."""
+                  stats: Mapping[str, Any], prepared: Mapping[str, Any] | None = None) -> Iterator[torch.Tensor]:
+    """The output tensor of one job as row blocks, in its output dtype (``prepared``: from pass 1)."""
     if job.params is None:
         for rows in row_blocks(job.spec.shape):
             yield readers[plan.reference.id].get(job.spec.name, rows).to(job.spec.dtype)
         return
-    blocks = _blocks(plan, job)
-    prepared: dict[str, Any] = {}
-    if len(blocks) > 1 and plan.method.needs_prepare(job.params):  # one whole model tensor at a time
-        base = readers[plan.base.id].get(job.sources[plan.base.id]) if plan.base is not None else None
-        for m in plan.models:
-            tensor = readers[m.id].get(job.sources[m.id])
-            prepared[m.id] = plan.method.prepare(tensor, base, job.params, job.info, m.id)
-            del tensor
-            release_memory()
-        del base
-    for rows in blocks:
+    if prepared is None:
+        prepared = prepared_for(plan, job, readers)
+    for rows in row_blocks(job.spec.shape):
         tensors, base = _inputs(plan, job, readers, rows)
-        info = dataclasses.replace(job.info, row_start=rows[0] if rows else 0, prepared=prepared, stats=stats)
-        out = plan.method.merge(tensors, base, job.params, info)
+        out = plan.method.merge(tensors, base, job.params, _block_info(job, rows, prepared=prepared, stats=stats))
         del tensors, base
         if not torch.isfinite(out.sum()):  # one reduction: any inf/nan entry makes the sum non-finite
             raise MergeError(f"{plan.source}: {plan.method.name} produced non-finite values in tensor {job.spec.name!r}")
@@ -194,10 +226,12 @@ def _run(plan: MergePlan, out: Path, overwrite: bool, progress: bool) -> Path:
     log.info("%s: %d tensors, %d merged, %d copied from %s", plan.method.name, len(jobs), merged,
              len(jobs) - merged, plan.reference.id)
     with atomic_output_dir(out, overwrite) as tmp:
-        stats = statistics_pass(plan, jobs, readers, progress) if plan.method.two_pass else {}
+        two_pass = any(plan.method.two_pass(j.params) for j in jobs if j.params is not None)
+        stats, prepared = statistics_pass(plan, jobs, readers, progress) if two_pass else ({}, {})
         with ShardWriter(tmp, [j.spec for j in jobs], plan.shard_bytes) as writer:
             for job in _progress(jobs, progress, plan.method.name):
-                writer.write(job.spec.name, output_blocks(plan, job, readers, stats))
+                blocks = output_blocks(plan, job, readers, stats, prepared.pop(job.spec.name, None))
+                writer.write(job.spec.name, blocks)
                 if math.prod(job.spec.shape) >= BLOCK_ELEMS:
                     release_memory()
             shards = writer.close()

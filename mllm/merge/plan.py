@@ -138,16 +138,28 @@ def _pick(value: Any, name: str | None) -> Any:
 
 
 # --- YAML -> plan -------------------------------------------------------------------------------
+def _expected(tp: Any) -> str:
+    """How an error message names type ``tp``."""
+    if typing.get_origin(tp) is typing.Literal:
+        return f"one of {list(typing.get_args(tp))}"
+    return getattr(tp, "__name__", str(tp))
+
+
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None and len(args) < len(typing.get_args(tp)):
             return None
-        return _coerce(args[0], value, where)
+        for arg in args:  # the first member that accepts the value (LiNeS' alpha: a number or 'auto')
+            try:
+                return _coerce(arg, value, where)
+            except MergeError:
+                continue
+        raise MergeError(f"{where}: expected {' or '.join(_expected(a) for a in args)}, got {value!r}")
     if origin is typing.Literal:
         if value not in typing.get_args(tp):
-            raise MergeError(f"{where}: expected one of {list(typing.get_args(tp))}, got {value!r}")
+            raise MergeError(f"{where}: expected {_expected(tp)}, got {value!r}")
         return value
     if origin is dict:  # per-model field: the value type of one model
         return _coerce(typing.get_args(tp)[1], value, where)
@@ -158,7 +170,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         str: isinstance(value, str),
     }[tp]
     if not ok:
-        raise MergeError(f"{where}: expected {tp.__name__}, got {value!r}")
+        raise MergeError(f"{where}: expected {_expected(tp)}, got {value!r}")
     return float(value) if tp is float else value
 
 
@@ -364,7 +376,7 @@ def plan_tensors(plan: MergePlan, readers: Mapping[str, ModelReader]) -> list[Te
         shape = ref.shape(n)
         sources = {m.id: _locate(readers[m.id], n, canon[n]) for m in plan.inputs}
         info = TensorInfo(n, layer_of[n], num_layers, tensor_seed(plan.seed, n),
-                          complete=all(s is not None for s in sources.values()))
+                          complete=all(s is not None for s in sources.values()), shape=shape)
         params = plan.params_for(n)
         floating = ref.dtype(n).is_floating_point
         merged = floating and plan.selected(n) and plan.method.selects(info, params)

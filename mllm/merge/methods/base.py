@@ -11,15 +11,22 @@ instance of the method's ``config_cls`` dataclass (per-model values are ``dict[m
 fields declared with :func:`per_model`), ``info`` the tensor's name, decoder-layer index and seed.
 Deltas are taken in fp32.
 
-Elementwise methods may be given row blocks of a large tensor (starting at row ``info.row_start``),
-which bounds memory by a block instead of the whole tensor; a whole-tensor statistic they need
-(TIES' magnitude threshold) comes from ``prepare``, run on one model's whole tensor at a time.
+``merge`` is given row blocks of a large tensor (starting at row ``info.row_start``), which bounds
+memory by a block instead of the whole tensor: row block [i:j] of the output may depend only on rows
+[i:j] of the inputs and on ``info.prepared``, the whole-tensor statistics computed before the first
+block, per model id. They come from one of two hooks:
 
-Methods that need whole-model statistics before merging (FRANK's per-layer ``||tau||^2``) set
-``two_pass = True``: the engine first streams every merged tensor through ``collect`` and sums the
-returned numbers per ``info.group`` (a decoder layer, or the tensor itself outside the layers), hands
-the sums to ``finalize``, and passes its result to ``merge`` as ``info.stats``; ``report`` may then
-write artefacts (JSON, plots) into the output folder.
+* ``prepare`` (when ``needs_prepare``), run on one model's whole tensor at a time, for statistics that
+  do not stream (TIES' magnitude threshold, a k-th largest value);
+* a scan (when ``needs_scan``): the engine streams the tensor's row blocks through ``scan_block``, which
+  accumulates into a dict that starts empty for every tensor, and hands it to ``scan_result`` (WIDEN's
+  per-column norms and dot products). Memory: one block plus the accumulator.
+
+Methods that need whole-model statistics before merging (FRANK's per-layer ``||tau||^2``, LiNeS' L1
+norms) return True from ``two_pass``: the engine first streams every merged tensor, block by block,
+through ``collect`` and sums the returned numbers per ``info.group`` (a decoder layer, or the tensor
+itself outside the layers), hands the sums to ``finalize``, and passes its result to ``merge`` as
+``info.stats``; ``report`` may then write artefacts (JSON, plots) into the output folder.
 """
 
 from __future__ import annotations
@@ -73,8 +80,9 @@ class TensorInfo:
     num_layers: int  # decoder layers in the model
     seed: int = 0  # stable per (plan seed, tensor name): sparsification masks are reproducible
     complete: bool = True  # every merged model (and the base, if used) holds this tensor
-    row_start: int = 0  # first row (dim 0) of the block being merged, for elementwise methods
-    prepared: Mapping[str, Any] = field(default_factory=dict)  # model id -> prepare() on the whole tensor
+    shape: tuple[int, ...] = ()  # the whole tensor's shape (a block may hold only some of its rows)
+    row_start: int = 0  # first row (dim 0) of the block being merged
+    prepared: Mapping[str, Any] = field(default_factory=dict)  # model id -> prepare() or scan_result() value
     stats: Mapping[str, Any] = field(default_factory=dict)  # finalize() output of a two-pass method
 
     @property
@@ -109,10 +117,6 @@ class MergeMethod:
     # Which model supplies output names, unmerged tensors, config and tokenizer when the YAML sets no
     # reference_model: the base model, or the first listed model (FRANK: the MLLM).
     reference: ClassVar[Literal["base", "first"]] = "base"
-    two_pass: ClassVar[bool] = False
-    # True: row block [i:j] of the output depends only on rows [i:j] of the inputs (and ``prepare``),
-    # so the engine may merge a large tensor block by block; False: whole tensors only (WIDEN).
-    elementwise: ClassVar[bool] = True
 
     @classmethod
     def selects(cls, info: TensorInfo, params: Any) -> bool:
@@ -122,6 +126,11 @@ class MergeMethod:
     @classmethod
     def validate(cls, params: Any, model_ids: list[str], num_layers: int) -> None:
         """Checks that need the model list or layer count; raise MergeError. Runs before any I/O."""
+
+    @classmethod
+    def two_pass(cls, params: Any) -> bool:
+        """Whether the merge needs the whole-model statistics pass (``collect`` / ``finalize``) first."""
+        return False
 
     @classmethod
     def needs_prepare(cls, params: Any) -> bool:
@@ -134,6 +143,21 @@ class MergeMethod:
         """A per-tensor, per-model statistic of the whole tensor (TIES: the magnitude threshold),
         passed to ``merge`` of every row block as ``info.prepared[model_id]``."""
         return None
+
+    @classmethod
+    def needs_scan(cls, params: Any) -> bool:
+        """Whether each merged tensor is scanned block by block (``scan_block``) before it is merged."""
+        return False
+
+    @classmethod
+    def scan_block(cls, state: dict[str, Any], tensors: dict[str, torch.Tensor], base: torch.Tensor | None,
+                   params: Any, info: TensorInfo) -> None:
+        """Accumulate one row block's statistics into ``state`` (empty at the tensor's first block)."""
+
+    @classmethod
+    def scan_result(cls, state: dict[str, Any], params: Any, info: TensorInfo) -> dict[str, Any]:
+        """The scanned statistics per model id, passed to ``merge`` of every row block as ``info.prepared``."""
+        return {}
 
     @classmethod
     def merge(cls, tensors: dict[str, torch.Tensor], base: torch.Tensor | None, params: Any,

@@ -112,7 +112,10 @@ class Frank(MergeMethod):
     min_models = 2
     max_models = 2
     reference = "first"
-    two_pass = True
+
+    @classmethod
+    def two_pass(cls, params: FrankParams) -> bool:
+        return True  # the per-layer ||tau||^2 of Eq. 13/15
 
     @classmethod
     def selects(cls, info: TensorInfo, params: FrankParams) -> bool:

@@ -12,12 +12,23 @@ per expert t against the base (all in fp32):
 
 Other tensors (norms, biases): significance |theta_t - theta_0| elementwise, the same softmax and
 calibration (mean over the tensor's elements), W = W_0 + sum_t S_t * tau_t. No global lambda.
+
+Streaming: everything a column needs is a sum over its entries -- ||W_0[:, j]||^2, ||W_t[:, j]||^2
+and the dot product W_t[:, j] . W_0[:, j], from which m_t = sqrt(.) and cos = dot / (m_t m_0) (0 for
+a zero column, whose direction is 0) -- so the engine's scan accumulates them (in fp64) over row
+blocks and ``scan_result`` turns them into the per-column weights; each row block is then merged
+with them. A transposed embedding's columns are stored rows, each complete within one block. For the
+other tensors the scan sums |tau_t| per expert for the mean. Memory: one block plus 2T + 1 numbers per
+column, instead of several fp32 copies of the whole tensor.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -45,41 +56,104 @@ def within_model_rank(x: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(ranks).scatter_(1, order, ranks)
 
 
-def importance(significance: torch.Tensor, ratio: float, calibration: float) -> torch.Tensor:
-    """Softmax over experts (dim 0), then calibration of above-average entries (mean over dim 1)."""
+def importance(significance: torch.Tensor, threshold: torch.Tensor, calibration: float) -> torch.Tensor:
+    """Softmax over experts (dim 0), then ``calibration`` where significance > threshold (step 3)."""
     scores = torch.softmax(significance, dim=0)
-    above = significance > significance.mean(dim=1, keepdim=True) * ratio
-    scores[above] = calibration
+    scores[significance > threshold] = calibration
     return scores
+
+
+def rank_scores(x: torch.Tensor, ratio: float, calibration: float) -> torch.Tensor:
+    """Steps 2-3 for one significance [T, n]: ranks, softmax, calibration above ratio x mean rank."""
+    ranks = within_model_rank(x)
+    return importance(ranks, ranks.mean(dim=1, keepdim=True) * ratio, calibration)
+
+
+def column_weights(sq0: torch.Tensor, sq: torch.Tensor, dot: torch.Tensor, ratio: float,
+                   calibration: float) -> torch.Tensor:
+    """weight_t[j] of step 4 [T, n] from the column sums ||W_0||^2 [n], ||W_t||^2 and W_t . W_0 [T, n]."""
+    m0, m = sq0.sqrt(), sq.sqrt()
+    norms = m * m0
+    cos = torch.where(norms > 0, dot / norms, 0.0)  # a zero column has direction 0: cos = 0 (dot/0 not taken)
+    return 0.5 * (rank_scores((m - m0).abs(), ratio, calibration) + rank_scores(1.0 - cos, ratio, calibration))
+
+
+def _accumulate(state: dict[str, Any], parts: dict[str, torch.Tensor], size: int, at: slice) -> None:
+    """Add ``parts`` (last axis: the block's entries of a length-``size`` statistic) into ``state``."""
+    for key, value in parts.items():
+        if key not in state:
+            state[key] = torch.zeros((*value.shape[:-1], size), dtype=torch.float64)
+        state[key][..., at] += value
 
 
 class Widen(MergeMethod):
     name = "widen"
     config_cls = WidenParams
-    elementwise = False  # column magnitudes span all rows
+
+    @classmethod
+    def needs_scan(cls, params: WidenParams) -> bool:
+        return True  # column norms and the elementwise mean span all rows
+
+    @staticmethod
+    def transposed(params: WidenParams, info: TensorInfo) -> bool:
+        """A token embedding: its columns (tokens) are the stored tensor's rows."""
+        return len(info.shape) == 2 and re.search(params.embedding_pattern, info.name) is not None
+
+    @classmethod
+    def scan_block(cls, state: dict[str, Any], tensors: dict[str, torch.Tensor], base: torch.Tensor | None,
+                   params: WidenParams, info: TensorInfo) -> None:
+        assert base is not None
+        w0 = base.to(torch.float64)
+        ws = [t.to(torch.float64) for t in tensors.values()]
+        state["models"] = list(tensors)
+        if len(info.shape) != 2:  # |tau_t| summed over the block, for the per-expert mean
+            state["abs_sum"] = state.get("abs_sum", 0.0) + torch.stack([(w - w0).abs().sum() for w in ws])
+            return
+        transposed = cls.transposed(params, info)
+        axis = 1 if transposed else 0  # the axis a column runs along
+        parts = {"sq0": (w0 * w0).sum(axis), "sq": torch.stack([(w * w).sum(axis) for w in ws]),
+                 "dot": torch.stack([(w * w0).sum(axis) for w in ws])}
+        # a transposed tensor's block holds whole columns, rows row_start.. of the stored tensor
+        at = slice(info.row_start, info.row_start + w0.shape[0]) if transposed else slice(None)
+        _accumulate(state, parts, info.shape[0] if transposed else info.shape[1], at)
+
+    @classmethod
+    def scan_result(cls, state: dict[str, Any], params: WidenParams, info: TensorInfo) -> dict[str, Any]:
+        """Per model: the column weights (matrices) or the calibration threshold ratio x mean |tau_t|."""
+        ratio, calib = params.above_average_value_ratio, params.score_calibration_value
+        if "sq0" in state:
+            weights = column_weights(state["sq0"], state["sq"], state["dot"], ratio, calib)
+            return dict(zip(state["models"], weights, strict=True))
+        means = state["abs_sum"] / math.prod(info.shape)
+        return {m: float(mean) * ratio for m, mean in zip(state["models"], means, strict=True)}
 
     @classmethod
     def merge(cls, tensors: dict[str, torch.Tensor], base: torch.Tensor | None, params: WidenParams,
               info: TensorInfo) -> torch.Tensor:
+        """W_0 + sum_t S_t tau_t over one row block, with S_t from ``info.prepared`` (the scan); called
+        on a whole tensor without it (direct use), the tensor is scanned as a single block first."""
         assert base is not None
-        transpose = re.search(params.embedding_pattern, info.name) is not None and base.dim() == 2
-        w0 = fp32(base).t() if transpose else fp32(base)
-        ws = [fp32(t).t() if transpose else fp32(t) for t in tensors.values()]
-        taus = torch.stack([w - w0 for w in ws])
-        ratio, calib = params.above_average_value_ratio, params.score_calibration_value
-        if w0.dim() == 2:
-            m0 = w0.norm(dim=0)
-            # An all-zero column (e.g. a padding token's embedding) gets direction 0, not NaN.
-            d0 = w0 / m0.clamp_min(1e-12)
-            dm = torch.stack([(w.norm(dim=0) - m0).abs() for w in ws])
-            dd = torch.stack([
-                1.0 - torch.cosine_similarity(w / w.norm(dim=0).clamp_min(1e-12), d0, dim=0) for w in ws
-            ])
-            weight = 0.5 * (importance(within_model_rank(dm), ratio, calib)
-                            + importance(within_model_rank(dd), ratio, calib))
-            merged = w0 + (taus * weight.unsqueeze(1)).sum(0)
-        else:
-            flat = taus.reshape(len(ws), -1)
-            scores = importance(flat.abs(), ratio, calib)
-            merged = w0 + (flat * scores).sum(0).reshape(w0.shape)
-        return merged.t() if transpose else merged
+        if not info.prepared:
+            whole = dataclasses.replace(info, shape=tuple(base.shape), row_start=0)
+            state: dict[str, Any] = {}
+            cls.scan_block(state, tensors, base, params, whole)
+            info = dataclasses.replace(whole, prepared=cls.scan_result(state, params, whole))
+        w0 = fp32(base)
+        taus = [fp32(t) - w0 for t in tensors.values()]
+        scores = cls._scores([info.prepared[m] for m in tensors], taus, params, info)
+        mixed = sum(s * tau for s, tau in zip(scores, taus, strict=True))
+        assert isinstance(mixed, torch.Tensor)
+        return w0 + mixed
+
+    @classmethod
+    def _scores(cls, prepared: list[Any], taus: list[torch.Tensor], params: WidenParams,
+                info: TensorInfo) -> list[torch.Tensor]:
+        """S_t for this block, broadcastable against tau_t, from each model's ``scan_result`` value."""
+        if len(info.shape) != 2:
+            significance = torch.stack([tau.abs() for tau in taus])
+            threshold = torch.tensor(prepared).reshape(-1, *([1] * taus[0].dim()))
+            return list(importance(significance, threshold, params.score_calibration_value))
+        if cls.transposed(params, info):  # weights per stored row
+            rows = slice(info.row_start, info.row_start + taus[0].shape[0])
+            return [w[rows].unsqueeze(1) for w in prepared]
+        return prepared
