@@ -22,6 +22,7 @@ import yaml
 from eval.runner import EvalConfig
 from mllm.loss import LOSS_REDUCTIONS
 from mllm.numbers import NUMBER_INITS
+from mllm.object_heads import ObjectHeadsConfig
 from train.atomic import atomic_write
 from train.data.llava import LlavaDataConfig
 from train.data.shapesworld import ShapesWorldConfig
@@ -204,6 +205,9 @@ class ModelConfig:
     # random | sincos: number tokens of a randomly initialised LLM start at a sinusoidal encoding of their value
     # (mllm/numbers.py), so nearby coordinates start nearby
     number_init: str = "random"
+    # auxiliary per-patch object classifiers + box regressor on the encoder (mllm/object_heads.py); ShapesWorld
+    # training with one encoder patch per grid cell only
+    object_heads: ObjectHeadsConfig | None = None
 
     def __post_init__(self) -> None:
         if self.loss_reduction not in LOSS_REDUCTIONS:
@@ -235,6 +239,11 @@ class RunConfig:
     train_data: LlavaDataConfig | None = None  # LLaVA JSON / datasets to train on instead (train/data/llava.py)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.object_heads is not None and self.train_data is not None:
+            raise ValueError("model.object_heads: its targets are ShapesWorld's per-cell objects; train_data "
+                             "(LLaVA JSON) has none, so drop one of them")
 
 
 # --- files -------------------------------------------------------------------------------------

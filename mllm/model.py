@@ -45,6 +45,7 @@ from mllm.injection.base import (
 )
 from mllm.loss import causal_lm_loss, supervised_positions
 from mllm.numbers import init_number_embeddings
+from mllm.object_heads import ObjectHeads
 from mllm.registry import ENCODER_FUSIONS, ENCODERS, INJECTORS, PROJECTORS
 from train.atomic import atomic_folder
 from train.data.templates import IGNORE_INDEX, encode_prompt, get_template, image_token_id
@@ -173,6 +174,13 @@ class MLLM(nn.Module):
             self.injectors = nn.ModuleList(build_injectors(cfg.injectors, spec, self.llm))
         except InjectionError as err:
             raise ModelError(str(err)) from err
+        self.object_heads: ObjectHeads | None = None
+        if cfg.object_heads is not None:
+            from train.data.cell_targets import CELL_ATTRIBUTES
+
+            tapped = self.encoder.layer_dims[self.encoder.layers[-1]]
+            classes = [len(values) + 1 for values in CELL_ATTRIBUTES.values()]
+            self.object_heads = ObjectHeads(tapped, classes, cfg.object_heads)
         if self.llm.get_input_embeddings().num_embeddings < len(tokenizer):
             raise ModelError(f"model.llm: vocabulary smaller than the tokenizer's {len(tokenizer)} tokens")
 
@@ -251,15 +259,20 @@ class MLLM(nn.Module):
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         has_image: torch.Tensor | None = None,
+        cell_classes: torch.Tensor | None = None,
+        cell_boxes: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
         """The LLM's ``CausalLMOutputWithPast``; ``.loss`` is the shifted cross-entropy over ``labels``
-        (:mod:`mllm.loss`, reduced per ``model.loss_reduction``; plus the injectors' auxiliary losses in training).
+        (:mod:`mllm.loss`, reduced per ``model.loss_reduction``; plus the injectors' auxiliary losses in training,
+        and in training with ``cell_classes`` / ``cell_boxes`` (one row per image) the object heads' loss).
 
         In training mode with labels the logits are computed only at the positions the loss reads (their
         union over the batch, the LLM's ``logits_to_keep``): ``.logits`` is then ``[B, K, V]``, with ``K``
         the length of :func:`mllm.loss.supervised_positions`. Otherwise it covers every position."""
-        embeds, ctx = self._inputs(input_ids, attention_mask, pixel_values, has_image, labels)
+        heads = (self.object_heads is not None and self.training and labels is not None and cell_classes is not None
+                 and not self.encoder.frozen)
+        embeds, ctx, feats = self._inputs(input_ids, attention_mask, pixel_values, has_image, labels, features=heads)
         keep = supervised_positions(labels, IGNORE_INDEX) if labels is not None and self.training else None
         if keep is not None:
             kwargs["logits_to_keep"] = keep
@@ -268,21 +281,29 @@ class MLLM(nn.Module):
             if labels is not None:
                 out.loss = causal_lm_loss(out.logits, labels, self.cfg.loss_reduction, keep, IGNORE_INDEX)
             aux = [loss for injector in self.injectors if (loss := injector.aux_loss()) is not None]
+        if heads and feats is not None:
+            assert self.object_heads is not None and cell_boxes is not None
+            aux.append(self.object_heads.loss(feats[self.encoder.layers[-1]], cell_classes, cell_boxes))
         if labels is not None and aux:
             out.loss = out.loss + sum(aux)
         return out
 
     def _inputs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None,
-        has_image: torch.Tensor | None, labels: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, VisualContext | None]:
-        """``inputs_embeds`` and, with injectors, the visual context of this call.
+        has_image: torch.Tensor | None, labels: torch.Tensor | None, features: bool = False,
+    ) -> tuple[torch.Tensor, VisualContext | None, dict[int, torch.Tensor] | None]:
+        """``inputs_embeds``, with injectors the visual context of this call, and the encoder features
+        when injectors or ``features`` need them (``None`` otherwise, and for a batch without images).
 
         The context's query tokens are the prompt: the attended tokens before the first supervised
         label (all attended tokens without labels), exactly what ``generate`` prefills.
         """
         if not self.injectors:
-            return self.embed(input_ids, pixel_values, has_image), None
+            if not features or pixel_values is None:
+                return self.embed(input_ids, pixel_values, has_image), None, None
+            feats = self.encoder_features(pixel_values)  # once, for the splice and the object heads
+            visual = self.project_layers(feats) if self._wants_tokens else None
+            return self.embed(input_ids, pixel_values, has_image, visual=visual), None, feats
         if pixel_values is None or (has_image is not None and not bool(has_image.all())):
             raise ModelError("model.injectors need one image per row; this batch has text-only rows")
         feats = self.encoder_features(pixel_values)
@@ -296,7 +317,7 @@ class MLLM(nn.Module):
             image_mask=(input_ids == self.image_token_id) if self.cfg.splice else None,
             tokens=tokens, layers=feats, project=self.projector,
         )
-        return embeds, ctx
+        return embeds, ctx, feats
 
     @torch.no_grad()
     def generate_ids(
@@ -315,7 +336,7 @@ class MLLM(nn.Module):
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
         attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
         pixel_values = torch.stack([self.preprocess(im) for im in images])
-        embeds, ctx = self._inputs(input_ids, attention_mask, pixel_values, None, None)
+        embeds, ctx, _ = self._inputs(input_ids, attention_mask, pixel_values, None, None)
         options = {"do_sample": False, "pad_token_id": pad, "eos_token_id": self.tokenizer.eos_token_id, **kwargs}
         # Given inputs_embeds and no input_ids, a decoder-only LM returns only the new tokens. The
         # visual context stays open for the whole call: prefill derives, cached decoding steps reuse.
@@ -415,6 +436,8 @@ class MLLM(nn.Module):
         # its batch-norm statistics (conv stem) do not drift while the projector / LLM train
         trains_encoder = "encoder" in groups or "fusion" in groups
         self.encoder.frozen = bool(getattr(self.cfg.encoder.cfg, "frozen", False)) or not trains_encoder
+        if self.object_heads is not None:  # they only teach the encoder: idle while it is frozen
+            self.object_heads.requires_grad_(trains_encoder and not self.encoder.frozen)
         self.encoder.train(self.training)
         if "llm" in groups and self.has_lora:
             for pname, param in self.llm.named_parameters():

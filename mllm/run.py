@@ -6,6 +6,7 @@ hands the model to the trainer (as a loss module) and to the eval runner (as a g
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -92,7 +93,17 @@ def make_collator(model: Any, cfg: RunConfig) -> Any:
     from train.data.collate import Collator
 
     m = cfg.model
-    return Collator(model.tokenizer, m.template, m.image_token, model.num_image_tokens, model.preprocess, m.max_length)
+    targets = None
+    if m.object_heads is not None:
+        from train.data.cell_targets import cell_targets
+
+        grid = cfg.data.grid
+        if tuple(model.encoder.grid_size) != (grid, grid):
+            raise ConfigError(f"model.object_heads: need one encoder patch per ShapesWorld cell, but the encoder's "
+                              f"patch grid is {tuple(model.encoder.grid_size)} and data.grid is {grid}")
+        targets = functools.partial(cell_targets, grid=grid)
+    return Collator(model.tokenizer, m.template, m.image_token, model.num_image_tokens, model.preprocess, m.max_length,
+                    cell_targets=targets)
 
 
 def train(

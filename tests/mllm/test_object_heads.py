@@ -1,0 +1,141 @@
+"""Object heads: the auxiliary per-patch loss, its targets, and how the model and the run use it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mllm import run
+from mllm.config import ConfigError, load_config
+from mllm.object_heads import ObjectHeads, ObjectHeadsConfig
+from train.data.cell_targets import CellTargetError, cell_targets
+from train.data.shapesworld import ShapesWorld
+
+SAMPLE = {
+    "id": "s0",
+    "objects": [
+        {"shape": "square", "colour": "blue", "size": "small", "box": [100, 200, 250, 400], "cell": [0, 0]},
+        {"shape": "cross", "colour": "orange", "size": "large", "box": [510, 520, 740, 760], "cell": [1, 1]},
+    ],
+}
+
+
+def test_cell_targets_by_hand() -> None:
+    classes, boxes = cell_targets(SAMPLE, grid=2)
+    # attribute order shape, colour, size; value i -> class i + 1; square = SHAPES[1], blue = 3rd colour
+    assert classes.tolist() == [[2, 3, 1], [0, 0, 0], [0, 0, 0], [4, 6, 2]]
+    torch.testing.assert_close(boxes, torch.tensor([[0.10, 0.20, 0.25, 0.40], [0, 0, 0, 0], [0, 0, 0, 0],
+                                                    [0.51, 0.52, 0.74, 0.76]]))
+
+
+def test_cell_targets_errors_name_the_sample() -> None:
+    with pytest.raises(CellTargetError, match="sample x1: no 'objects' list"):
+        cell_targets({"id": "x1", "conversations": []}, grid=2)
+    with pytest.raises(CellTargetError, match=r"sample s0: object cell \[1, 1\] outside the 1x1 grid"):
+        cell_targets(SAMPLE, grid=1)
+
+
+def _zero_heads(cfg: ObjectHeadsConfig) -> ObjectHeads:
+    heads = ObjectHeads(4, [3, 2], cfg)
+    for p in heads.parameters():
+        torch.nn.init.zeros_(p)
+    return heads
+
+
+def test_loss_by_hand() -> None:
+    # zero heads: uniform logits, so every cell's CE is ln(classes), whatever its class; the box prediction is 0
+    heads = _zero_heads(ObjectHeadsConfig(weight=2.0, box_weight=5.0, box_beta=0.1))
+    tokens = torch.randn(1, 2, 4)
+    classes = torch.tensor([[[1, 1], [0, 0]]])  # cell 0 holds an object, cell 1 is empty
+    boxes = torch.tensor([[[0.05, 0.2, 0.0, 1.0], [9.0, 9.0, 9.0, 9.0]]])  # the empty cell's box is never read
+    # smooth L1 (beta 0.1) of |d| = 0.05, 0.2, 0, 1: 0.5 * 0.05^2 / 0.1, 0.2 - 0.05, 0, 1 - 0.05; mean over 4
+    box = (0.0125 + 0.15 + 0.0 + 0.95) / 4
+    expected = 2.0 * (math.log(3) + math.log(2) + 5.0 * box)
+    assert heads.loss(tokens, classes, boxes).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_loss_without_objects_or_box_weight_is_the_classifiers_alone() -> None:
+    heads = _zero_heads(ObjectHeadsConfig(weight=1.0, box_weight=5.0))
+    tokens, empty = torch.randn(2, 3, 4), torch.zeros(2, 3, 2, dtype=torch.long)
+    assert heads.loss(tokens, empty, torch.ones(2, 3, 4)).item() == pytest.approx(math.log(3) + math.log(2))
+    heads = _zero_heads(ObjectHeadsConfig(box_weight=0.0))
+    full = torch.ones(2, 3, 2, dtype=torch.long)
+    assert heads.loss(tokens, full, torch.ones(2, 3, 4)).item() == pytest.approx(math.log(3) + math.log(2))
+
+
+def test_loss_refuses_targets_of_another_grid() -> None:
+    heads = _zero_heads(ObjectHeadsConfig())
+    with pytest.raises(ValueError, match=r"targets \(1, 3, 2\) do not match tokens \(1, 2\)"):
+        heads.loss(torch.randn(1, 2, 4), torch.zeros(1, 3, 2, dtype=torch.long), torch.zeros(1, 3, 4))
+
+
+@pytest.mark.parametrize("field,value", [("weight", 0.0), ("box_weight", -1.0), ("box_beta", 0.0)])
+def test_config_checks(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match="object_heads: expected weight > 0"):
+        ObjectHeadsConfig(**{field: value})
+
+
+TINY = ["model.encoder.depth=1", "model.llm.arch.num_hidden_layers=1", "model.object_heads.weight=0.5"]
+
+
+@pytest.fixture(scope="module")
+def tiny():  # noqa: ANN201
+    cfg = load_config("tiny", TINY)
+    torch.manual_seed(0)
+    model = run.build_model(cfg, run.build_tokenizer_for(cfg))
+    samples = [ShapesWorld(cfg.data).split("train")[i] for i in range(3)]
+    return cfg, model, run.make_collator(model, cfg)(samples), samples
+
+
+def test_training_loss_is_answer_loss_plus_heads_on_the_tapped_layer(tiny) -> None:  # noqa: ANN001
+    cfg, model, batch, samples = tiny
+    assert batch["cell_classes"].shape == (3, 16, 3) and batch["cell_boxes"].shape == (3, 16, 4)
+    expected_classes = torch.stack([cell_targets(s, cfg.data.grid)[0] for s in samples])
+    assert torch.equal(batch["cell_classes"], expected_classes)
+    model.train()
+    model.encoder.eval()  # batch-norm in eval mode: the separate encoder call below sees the same statistics
+    plain = {k: v for k, v in batch.items() if not k.startswith("cell_")}
+    answer = model(**plain).loss
+    feats = model.encoder_features(batch["pixel_values"])[model.encoder.layers[-1]]
+    heads = model.object_heads.loss(feats, batch["cell_classes"], batch["cell_boxes"])
+    total = model(**batch).loss
+    torch.testing.assert_close(total, answer + heads)
+    model.eval()
+    torch.testing.assert_close(model(**batch).loss, model(**plain).loss)  # inference ignores the targets
+
+
+def test_heads_teach_the_encoder_and_follow_its_freezing(tiny) -> None:  # noqa: ANN001
+    _, model, batch, _ = tiny
+    model.train()
+    model.zero_grad()
+    model.set_trainable(["encoder", "projector", "llm"])
+    model(**batch).loss.backward()
+    assert model.object_heads.box.weight.grad is not None and model.object_heads.box.weight.grad.abs().sum() > 0
+    model.zero_grad()
+    model.set_trainable(["projector", "llm"])  # a frozen encoder: the heads would teach nothing
+    assert not any(p.requires_grad for p in model.object_heads.parameters())
+    plain = {k: v for k, v in batch.items() if not k.startswith("cell_")}
+    torch.testing.assert_close(model(**batch).loss, model(**plain).loss)
+    model.set_trainable(["encoder", "projector", "llm"])
+
+
+def test_run_refuses_a_grid_mismatch_and_llava_data(tmp_path) -> None:  # noqa: ANN001
+    cfg = load_config("tiny", [*TINY, "data.grid=2", "data.max_objects=4"])
+    model = run.build_model(cfg, run.build_tokenizer_for(cfg))
+    with pytest.raises(ConfigError, match=r"patch grid is \(4, 4\) and data.grid is 2"):
+        run.make_collator(model, cfg)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("base: tiny\nmodel:\n  object_heads: {}\ntrain_data:\n  path: x.json\n")
+    with pytest.raises(ConfigError, match="object_heads: its targets are ShapesWorld.s per-cell objects; train_data"):
+        load_config(str(recipe))
+
+
+def test_saved_model_keeps_the_heads(tiny, tmp_path) -> None:  # noqa: ANN001
+    from mllm.model import MLLM
+
+    _, model, batch, _ = tiny
+    model.save_pretrained(tmp_path / "m")
+    loaded = MLLM.from_pretrained(tmp_path / "m")
+    torch.testing.assert_close(loaded.object_heads.box.weight, model.object_heads.box.weight)
