@@ -298,17 +298,16 @@ class MLLM(nn.Module):
         The context's query tokens are the prompt: the attended tokens before the first supervised
         label (all attended tokens without labels), exactly what ``generate`` prefills.
         """
-        if not self.injectors:
-            if not features or pixel_values is None:
-                return self.embed(input_ids, pixel_values, has_image), None, None
-            feats = self.encoder_features(pixel_values)  # once, for the splice and the object heads
-            visual = self.project_layers(feats) if self._wants_tokens else None
-            return self.embed(input_ids, pixel_values, has_image, visual=visual), None, feats
-        if pixel_values is None or (has_image is not None and not bool(has_image.all())):
+        if not self.injectors and (not features or pixel_values is None):
+            return self.embed(input_ids, pixel_values, has_image), None, None
+        if self.injectors and (pixel_values is None or (has_image is not None and not bool(has_image.all()))):
             raise ModelError("model.injectors need one image per row; this batch has text-only rows")
-        feats = self.encoder_features(pixel_values)
+        assert pixel_values is not None
+        feats = self.encoder_features(pixel_values)  # once, for the splice, the injectors and the object heads
         tokens = self.project_layers(feats) if self._wants_tokens else None
         embeds = self.embed(input_ids, pixel_values, has_image, visual=tokens)
+        if not self.injectors:
+            return embeds, None, feats
         query = attention_mask.bool()
         if labels is not None:
             query = query & ((labels != IGNORE_INDEX).long().cumsum(dim=1) == 0)
@@ -437,7 +436,7 @@ class MLLM(nn.Module):
         trains_encoder = "encoder" in groups or "fusion" in groups
         self.encoder.frozen = bool(getattr(self.cfg.encoder.cfg, "frozen", False)) or not trains_encoder
         if self.object_heads is not None:  # they only teach the encoder: idle while it is frozen
-            self.object_heads.requires_grad_(trains_encoder and not self.encoder.frozen)
+            self.object_heads.requires_grad_(not self.encoder.frozen)
         self.encoder.train(self.training)
         if "llm" in groups and self.has_lora:
             for pname, param in self.llm.named_parameters():
