@@ -166,6 +166,21 @@ def test_conversation_format_and_training_mix() -> None:
     assert min(vqa) > 0.6 * max(vqa)  # roughly uniform (relpos needs two nameable objects)
 
 
+def test_question_mix_weights_training_turns_only() -> None:
+    """{exists: 3, colour: 0}: exists takes 3/6 of the VQA turns (relpos and shape redraws aside), colour none;
+    the test split, which asks every type once, is byte-identical to the unweighted one."""
+    mixed = ShapesWorldConfig(seed=3, train_images=1500, test_images=20, questions_per_image=1,
+                              grounding_fraction=0.0, question_mix={"exists": 3, "colour": 0})
+    data = ShapesWorld(mixed).split("train")
+    kinds = Counter(data[i]["items"][0]["type"] for i in range(len(data)))
+    assert kinds["colour"] == 0 and kinds[GROUNDING_TYPE] == 0
+    assert abs(kinds["exists"] / len(data) - 3 / 6) < 0.04
+    assert abs(kinds["count"] / len(data) - 1 / 6) < 0.04
+    plain = ShapesWorldConfig(seed=3, test_images=20)
+    for a, b in zip(ShapesWorld(mixed).split("test"), ShapesWorld(plain).split("test"), strict=True):
+        assert a["items"] == b["items"] and png(a["image"]) == png(b["image"])
+
+
 def test_eval_samples_hold_every_type_once_when_possible() -> None:
     full = 0
     for s in samples("test"):
@@ -223,6 +238,9 @@ def test_bad_config_and_split_names() -> None:
         ShapesWorldConfig(grid=2, max_objects=5)
     with pytest.raises(ValueError, match="grounding_fraction"):
         ShapesWorldConfig(grounding_fraction=1.5)
+    for mix in ({"size": 1.0}, {"exists": -1.0}, {t: 0.0 for t in VQA_TYPES}):
+        with pytest.raises(ValueError, match="question_mix"):
+            ShapesWorldConfig(question_mix=mix)
     with pytest.raises(ValueError, match="expected one of"):
         ShapesWorld(CFG).split("dev")
 

@@ -18,7 +18,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,9 @@ class ShapesWorldConfig:
     test_images: int = 500
     questions_per_image: int = 4  # training turns per sample
     grounding_fraction: float = 0.25  # expected share of grounding turns in training conversations
+    # Relative weights of the VQA types in training turns, e.g. {relpos: 2}; types left out weigh 1,
+    # empty = uniform. The val/test splits always ask every type once per image.
+    question_mix: dict[str, float] = field(default_factory=dict)
     image_first: bool = True  # "<image>\n{question}" (LLaVA's usual first turn) or "{question}\n<image>"
 
     def __post_init__(self) -> None:
@@ -96,6 +99,16 @@ class ShapesWorldConfig:
             raise ValueError(f"questions_per_image: expected >= 1, got {self.questions_per_image}")
         if not 0.0 <= self.grounding_fraction <= 1.0:
             raise ValueError(f"grounding_fraction: expected a number in [0, 1], got {self.grounding_fraction}")
+        unknown = sorted(set(self.question_mix) - set(VQA_TYPES))
+        if unknown or any(not w >= 0 for w in self.question_mix.values()) or not sum(self._mix()) > 0:
+            raise ValueError(
+                f"question_mix: expected non-negative weights of {', '.join(VQA_TYPES)} with a positive sum, "
+                f"got {self.question_mix}"
+            )
+
+    def _mix(self) -> list[float]:
+        """The weight of each of :data:`VQA_TYPES` (1 where ``question_mix`` is silent)."""
+        return [float(self.question_mix.get(kind, 1.0)) for kind in VQA_TYPES]
 
 
 @dataclass(frozen=True)
@@ -173,6 +186,17 @@ def _reference(obj: _Object, objects: list[_Object], options: tuple[tuple[str, .
 
 def _pick(rng: np.random.Generator, options: Sequence[Any]) -> Any:
     return options[int(rng.integers(len(options)))]
+
+
+def _pick_kind(rng: np.random.Generator, cfg: ShapesWorldConfig, kinds: Sequence[str]) -> str:
+    """One of ``kinds`` (VQA types) drawn by ``cfg.question_mix``; an empty mix keeps the unweighted draw,
+    so the default data stays as it was. Falls back to uniform when every one of ``kinds`` weighs 0."""
+    if not cfg.question_mix:
+        return _pick(rng, kinds)
+    weights = np.asarray([w for kind, w in zip(VQA_TYPES, cfg._mix(), strict=True) if kind in kinds])
+    if not weights.sum() > 0:
+        return _pick(rng, kinds)
+    return kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
 
 
 def _item(kind: str, question: str, answer: str, box: list[int] | None = None) -> dict[str, Any]:
@@ -258,7 +282,7 @@ def _training_items(cfg: ShapesWorldConfig, objects: list[_Object], rng: np.rand
     """``questions_per_image`` distinct items; the grounding count is ``q * f`` rounded stochastically."""
     q = cfg.questions_per_image
     n_ground = int(q * cfg.grounding_fraction + rng.random())
-    kinds = [GROUNDING_TYPE] * n_ground + [_pick(rng, VQA_TYPES) for _ in range(q - n_ground)]
+    kinds = [GROUNDING_TYPE] * n_ground + [_pick_kind(rng, cfg, VQA_TYPES) for _ in range(q - n_ground)]
     items: list[dict[str, Any]] = []
     applicable = list(VQA_TYPES)  # count and exists always apply; the others need nameable objects
     for kind in kinds:
@@ -269,7 +293,7 @@ def _training_items(cfg: ShapesWorldConfig, objects: list[_Object], rng: np.rand
             elif item is not None and all(item["question"] != it["question"] for it in items):
                 items.append(item)
                 break
-            kind = _pick(rng, applicable)
+            kind = _pick_kind(rng, cfg, applicable)
     # Shuffled: eval asks every question as a first turn (right after the image), so every type
     # must be seen there in training too, not only the grounding turns drawn first above.
     return [items[i] for i in rng.permutation(len(items))]
