@@ -50,19 +50,25 @@ class FrankToyConfig:
     llm: dict[str, Any] = field(default_factory=lambda: {
         "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
         "num_key_value_heads": 4, "max_position_embeddings": 192, "tie_word_embeddings": True})
+    # theta_V's vision side is the `tiny` recipe's (conv stem, object heads): its LLM is theta_0's copy
     encoder: dict[str, Any] = field(default_factory=lambda: {
         "name": "timm_vit", "model_name": "vit_tiny_patch16_224", "image_size": 64, "patch_size": 16,
-        "embed_dim": 64, "depth": 2, "num_heads": 4, "layers": [-1]})
+        "embed_dim": 128, "depth": 4, "num_heads": 4, "layers": [-1], "stem": "conv", "stem_width": 32})
+    mllm_model: dict[str, Any] = field(default_factory=lambda: {  # theta_V's other model keys (mllm.config)
+        "object_heads": {"weight": 1.0}, "loss_reduction": "sample"})
+    mllm_data: dict[str, Any] = field(default_factory=lambda: {  # theta_V's training data (ShapesWorldConfig)
+        "questions_per_image": 1, "grounding_fraction": 0.25})
     base_steps: int = 1500
     base_lr: float = 2e-3
     base_scenes: int = 2000  # ShapesWorld scenes whose Q/A become pre-training text
     base_arithmetic: int = 6000  # one-step facts, and as many direct-answer problems
     reasoner_steps: int = 600
     reasoner_lr: float = 1e-3
-    mllm_steps: int = 1200
-    mllm_lr: float = 1e-3
+    mllm_steps: int = 3000
+    mllm_lr: float = 5e-4
+    mllm_batch_size: int = 64
     mllm_llm_lr: float | None = None  # the LLM's learning rate in theta_V's training (None: mllm_lr)
-    train_images: int = 20000
+    train_images: int = 500000  # generated on demand: every theta_V training sample is a fresh scene
     batch_size: int = 32
     max_length: int = 192
     eval_scenes: int = 50  # ShapesWorld test scenes (about 6 questions each) and compositional questions
@@ -88,7 +94,7 @@ def fast_config() -> FrankToyConfig:
         encoder={"name": "timm_vit", "model_name": "vit_tiny_patch16_224", "image_size": 64, "patch_size": 16,
                  "embed_dim": 32, "depth": 1, "num_heads": 2, "layers": [-1]},
         base_steps=6, base_scenes=16, base_arithmetic=64, reasoner_steps=4, mllm_steps=4, train_images=64,
-        batch_size=8, eval_scenes=3, eval_arithmetic=4, eval_batch_size=16, probe_images=4,
+        batch_size=8, mllm_batch_size=8, eval_scenes=3, eval_arithmetic=4, eval_batch_size=16, probe_images=4,
         ta_lambdas=[0.5, 1.0], threads=1,
     )
 
@@ -127,8 +133,9 @@ def data_config(cfg: FrankToyConfig) -> ShapesWorldConfig:
                              val_images=max(cfg.probe_images, 1), test_images=cfg.eval_scenes)
 
 
-def train_config(cfg: FrankToyConfig, steps: int, lr: float) -> dict[str, Any]:
-    return {"steps": steps, "batch_size": cfg.batch_size, "micro_batch_size": cfg.batch_size, "lr": lr,
+def train_config(cfg: FrankToyConfig, steps: int, lr: float, batch_size: int | None = None) -> dict[str, Any]:
+    batch_size = batch_size or cfg.batch_size
+    return {"steps": steps, "batch_size": batch_size, "micro_batch_size": batch_size, "lr": lr,
             "warmup_steps": max(1, steps // 20), "seed": cfg.seed, "log_every": max(1, steps // 10)}
 
 
@@ -136,9 +143,10 @@ def mllm_run_config(cfg: FrankToyConfig, base: Path) -> RunConfig:
     return from_dict(RunConfig, {
         "model": {"encoder": cfg.encoder, "projector": {"name": "mlp"}, "tokenizer": str(base),
                   "llm": {"path": str(base), "attn_implementation": "sdpa"}, "template": "plain",
-                  "max_length": cfg.max_length},
-        "data": dataclasses.asdict(data_config(cfg)),
-        "train": {**train_config(cfg, cfg.mllm_steps, cfg.mllm_lr), "trainable": ["encoder", "projector", "llm"],
+                  "max_length": cfg.max_length, **cfg.mllm_model},
+        "data": {**dataclasses.asdict(data_config(cfg)), **cfg.mllm_data},
+        "train": {**train_config(cfg, cfg.mllm_steps, cfg.mllm_lr, cfg.mllm_batch_size),
+                  "trainable": ["encoder", "projector", "llm"],
                   "lr_groups": {} if cfg.mllm_llm_lr is None else {"llm": cfg.mllm_llm_lr}},
     }, where="frank_toy.mllm")
 
@@ -245,7 +253,8 @@ def run(cfg: FrankToyConfig, out: Path, results: Path | None = None) -> dict[str
                               lambda f: build_reasoner(cfg, base, f))
     reasoner = reasoner / "model"
     mllm, hv = stages.run("mllm", {"base": hb, "encoder": cfg.encoder, "steps": cfg.mllm_steps, "lr": cfg.mllm_lr,
-                                   "llm_lr": cfg.mllm_llm_lr, "images": cfg.train_images},
+                                   "llm_lr": cfg.mllm_llm_lr, "images": cfg.train_images, "model": cfg.mllm_model,
+                                   "data": cfg.mllm_data, "batch": cfg.mllm_batch_size},
                           lambda f: train_mllm_stage(cfg, base, f))
     mllm = mllm / "model"
     probe, hp = stages.run("probe", {"mllm": hv, "images": cfg.probe_images, "q": PROBE_QUESTION},
