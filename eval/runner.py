@@ -3,7 +3,9 @@
 ``run_task(generator, task, cfg, out_dir, resume)`` writes into ``out_dir``:
 
 * ``predictions.jsonl`` — one record per sample, appended and flushed batch by batch, so an
-  interrupted run resumes where it stopped and never recomputes or loses a finished sample;
+  interrupted run resumes where it stopped and never recomputes or loses a finished sample (flushed
+  records survive the process; ``fsync`` every ``SYNC_EVERY_S`` seconds and at the end bounds what a
+  machine crash can take to that much work, which resume then recomputes);
 * ``protocol.json`` — prompt version and template, generation kwargs, coordinate convention, ...;
   resuming under a different protocol is refused;
 * ``metrics.json`` (atomic) — the task's metrics plus ``"protocol"``; ``results.md`` — the table.
@@ -12,12 +14,18 @@ Under ``accelerate launch`` each process takes a strided shard of the unfinished
 to its own ``predictions.rank{r}.jsonl``; rank 0 then gathers all files (shared file system),
 de-duplicates by sample id, writes ``predictions.jsonl`` and the metrics. One process = one shard:
 the same code path with no launcher.
+
+Batches do not run in dataset order but as :func:`schedule` groups them (samples of one type together,
+longest prompt first): a batch pads to its longest prompt and decodes until its longest answer ends, so
+mixing one-word answers with boxes makes the whole batch wait for the box. Every record carries its
+dataset ``index`` and the final ``predictions.jsonl`` is written in dataset order.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +38,8 @@ from eval.tasks.base import EvalSample, Task
 from train.atomic import atomic_write
 
 PREDICTIONS = "predictions.jsonl"
+SYNC_EVERY_S = 10.0  # fsync the predictions at most this often (and at the end); flushed every batch
+SCHEDULE = "by type, longest prompt first"  # the batch order of :func:`schedule`, recorded with the metrics
 
 
 class EvalError(RuntimeError):
@@ -176,33 +186,64 @@ def plan_shard(task: Task, cfg: EvalConfig, out_dir: Path, dist: Dist) -> Shard:
     return Shard(todo[dist.rank :: dist.world], predictions_path(out_dir, dist), n_total)
 
 
+Batch = list[tuple[int, EvalSample, str]]  # (position in the task's order, sample, prompt)
+
+
+def schedule(task: Task, samples: list[tuple[int, EvalSample]], batch_size: int) -> list[Batch]:
+    """The batches of ``samples`` in the order they run: as many as in dataset order, fuller of alike work.
+
+    A batched ``generate`` pads every prompt to the batch's longest and decodes until its longest answer
+    ends. Samples of one ``type`` share an answer format (a box, a yes/no, a count) and so about its
+    length, so each type forms a bucket, sorted longest prompt first (lmms-eval's order; prompt
+    characters stand in for tokens, which the runner does not see). Full batches are cut from each
+    bucket; the leftovers of all buckets, in the same order, fill the last batches. Left padding keeps
+    each row's greedy answer its one-by-one answer whichever rows share its batch, so the order changes
+    the speed, not the predictions.
+    """
+    buckets: dict[str, Batch] = {}
+    for index, sample in samples:  # buckets in first-seen order
+        buckets.setdefault(sample.type, []).append((index, sample, task.build_prompt(sample)))
+    full: list[Batch] = []
+    rest: Batch = []
+    for bucket in buckets.values():
+        bucket.sort(key=lambda item: -len(item[2]))  # stable: equal lengths keep dataset order
+        cut = len(bucket) - len(bucket) % batch_size
+        full += [bucket[i : i + batch_size] for i in range(0, cut, batch_size)]
+        rest += bucket[cut:]
+    return full + [rest[i : i + batch_size] for i in range(0, len(rest), batch_size)]
+
+
 def generate_shard(
     generator: Generator, task: Task, cfg: EvalConfig, shard: Shard, progress: bool = True
 ) -> int:
-    """Generate, parse and score the shard batch by batch, appending each batch to ``shard.path``.
-
-    Returns the number of ``generate`` calls made.
+    """Generate, parse and score the shard batch by batch (:func:`schedule`), appending each batch to
+    ``shard.path``. Returns the number of ``generate`` calls made.
     """
     kwargs = generation_kwargs(task, cfg)
     _drop_torn_tail(shard.path)
     calls = 0
     bar = tqdm(total=len(shard.samples), desc=task.name, unit="sample", disable=not progress)
     with shard.path.open("a", encoding="utf-8") as f:
-        for start in range(0, len(shard.samples), cfg.batch_size):
-            batch = shard.samples[start : start + cfg.batch_size]
-            prompts = [task.build_prompt(s) for _, s in batch]
-            outputs = generator.generate([s.load_image() for _, s in batch], prompts, **kwargs)
-            calls += 1
-            if len(outputs) != len(batch):
-                raise EvalError(f"generate returned {len(outputs)} texts for a batch of {len(batch)}")
-            lines = [
-                json.dumps(_record(task, index, sample, prompt, text), ensure_ascii=False)
-                for (index, sample), prompt, text in zip(batch, prompts, outputs, strict=True)
-            ]
-            f.write("\n".join(lines) + "\n")  # one write per batch, then make it durable
-            f.flush()
+        synced = time.monotonic()
+        try:
+            for batch in schedule(task, shard.samples, cfg.batch_size):
+                prompts = [prompt for _, _, prompt in batch]
+                outputs = generator.generate([s.load_image() for _, s, _ in batch], prompts, **kwargs)
+                calls += 1
+                if len(outputs) != len(batch):
+                    raise EvalError(f"generate returned {len(outputs)} texts for a batch of {len(batch)}")
+                lines = [
+                    json.dumps(_record(task, index, sample, prompt, text), ensure_ascii=False)
+                    for (index, sample, prompt), text in zip(batch, outputs, strict=True)
+                ]
+                f.write("\n".join(lines) + "\n")  # one write per batch: a crash tears at most the last record
+                f.flush()
+                if time.monotonic() - synced >= SYNC_EVERY_S:
+                    os.fsync(f.fileno())
+                    synced = time.monotonic()
+                bar.update(len(batch))
+        finally:
             os.fsync(f.fileno())
-            bar.update(len(batch))
     bar.close()
     return calls
 
@@ -237,7 +278,9 @@ def gather(task: Task, cfg: EvalConfig, out_dir: Path, n_total: int, processes: 
             path.unlink()
     metrics = {
         "task": task.name, **task.aggregate(records),
-        "protocol": {**run_protocol(task, cfg), "batch_size": cfg.batch_size, "limit": cfg.limit},
+        "protocol": {
+            **run_protocol(task, cfg), "batch_size": cfg.batch_size, "batch_order": SCHEDULE, "limit": cfg.limit,
+        },
         "processes": processes,
     }
     atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")

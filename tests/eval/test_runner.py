@@ -1,4 +1,4 @@
-"""The runner: batch-size invariance, resume without recompute or loss, sharding, files, errors."""
+"""The runner: batch order, batch-size invariance, resume without recompute or loss, sharding, files, errors."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from eval import runner
 from eval.runner import (
     Dist,
     EvalConfig,
@@ -17,6 +18,7 @@ from eval.runner import (
     generate_shard,
     plan_shard,
     run_task,
+    schedule,
 )
 from eval.tasks.shapesworld import ShapesWorldTask
 
@@ -54,6 +56,50 @@ def test_metrics_hand_checked(task: ShapesWorldTask, tmp_path: Path, fake: Any) 
     assert first["prediction"] == "Red." and first["parsed"] == "red" and first["score"] == 1.0
     assert records[5]["parsed"] == [0.0, 0.0, 200.0, 200.0] and records[5]["reference"] == [0, 0, 200, 400]
     assert records[7]["parsed"] is None and records[7]["score"] == 0.0
+
+
+def test_schedule_buckets_by_type_longest_prompt_first(task: ShapesWorldTask) -> None:
+    samples = list(enumerate(task.samples()))
+    # Types in order: colour, count, grounding, shape, exists, grounding, relpos, grounding. The grounding
+    # prompts: 2 "Where is the red circle?" and 5 "... red square?" (24 characters), 7 "... blue square?" (25).
+    order = {bs: [[i for i, _, _ in batch] for batch in schedule(task, samples, bs)] for bs in (1, 2, 3, 8)}
+    assert order[2] == [[7, 2], [0, 1], [5, 3], [4, 6]]  # one full grounding batch, then the leftovers
+    assert order[3] == [[7, 2, 5], [0, 1, 3], [4, 6]]
+    assert order[1] == [[0], [1], [7], [2], [5], [3], [4], [6]]
+    assert order[8] == [[0, 1, 7, 2, 5, 3, 4, 6]]
+    batch = schedule(task, samples, 3)[0]
+    assert [(s.id, prompt) for _, s, prompt in batch] == [
+        ("test-000002-1", "<image>\nWhere is the blue square?"), ("test-000000-2", "<image>\nWhere is the red circle?"),
+        ("test-000001-2", "<image>\nWhere is the red square?"),
+    ]
+
+
+def test_batches_run_in_schedule_order_and_land_in_dataset_order(task: ShapesWorldTask, tmp_path: Path, fake: Any) -> None:
+    gen = fake()
+    run_task(gen, task, EvalConfig(batch_size=3), tmp_path, dist=SINGLE, progress=False)
+    prompts = [task.build_prompt(s) for s in task.samples()]
+    assert gen.calls == [[prompts[i] for i in batch] for batch in ([7, 2, 5], [0, 1, 3], [4, 6])]
+    records = _lines(tmp_path / "predictions.jsonl")
+    assert [r["index"] for r in records] == list(range(N))
+    assert [r["prompt"] for r in records] == prompts
+
+
+def test_fsync_at_the_end_and_every_sync_interval(
+    task: ShapesWorldTask, tmp_path: Path, fake: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[int] = []  # records on disk at each fsync of the predictions file
+    path = tmp_path / "predictions.jsonl"
+    monkeypatch.setattr(runner.os, "fsync", lambda fd: synced.append(len(_lines(path))))
+    shard = plan_shard(task, EvalConfig(), tmp_path, SINGLE)
+    assert generate_shard(fake(), task, EvalConfig(batch_size=3), shard, progress=False) == 3
+    assert synced == [N]  # a short run: once, at the end; every batch was flushed as it finished
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        generate_shard(fake(fail_on=3), task, EvalConfig(batch_size=2), shard, progress=False)
+    assert synced == [N, N + 4]  # a crash still syncs the batches that finished
+    monkeypatch.setattr(runner, "SYNC_EVERY_S", 0.0)
+    path.unlink()
+    generate_shard(fake(), task, EvalConfig(batch_size=3), shard, progress=False)
+    assert synced[2:] == [3, 6, 8, 8]  # after every batch, then at the end
 
 
 def test_batch_size_does_not_change_outputs(task: ShapesWorldTask, tmp_path: Path, fake: Any) -> None:

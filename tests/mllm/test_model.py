@@ -14,10 +14,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from eval.runner import Dist, EvalConfig, read_records, run_task, schedule
+from eval.tasks.shapesworld import ShapesWorldTask
 from mllm.config import ModelConfig, from_dict
 from mllm.loss import supervised_positions
 from mllm.model import MLLM, ModelError
 from train.data.collate import Collator
+from train.data.shapesworld import ShapesWorldConfig
 from train.data.templates import IGNORE_INDEX, encode_prompt
 
 ARCH = {
@@ -186,6 +189,24 @@ def test_left_padded_batch_equals_one_by_one(model: MLLM) -> None:
     texts = model.generate(images, QUESTIONS, max_new_tokens=8)
     decoded = model.tokenizer.batch_decode(batched_ids, skip_special_tokens=True)
     assert texts == [t.strip() for t in decoded] and all(isinstance(t, str) for t in texts)
+
+
+def test_eval_runner_batches_give_the_one_by_one_answers(model: MLLM, tmp_path: Path) -> None:
+    """The runner regroups samples (by type, longest prompt first); every answer is still the one-by-one
+    answer, and the predictions file lists them in dataset order."""
+    items = [("count", "how many?"), ("colour", QUESTIONS[0]), ("count", "how many square?"),
+             ("colour", "what colour is the blue square?"), ("relpos", QUESTIONS[2])]
+    scenes = [{"id": f"s{i}", "image": image, "items": [{"type": t, "question": q, "answer": "2"}]}
+              for i, (image, (t, q)) in enumerate(zip(_images(len(items)), items, strict=True))]
+    task = ShapesWorldTask(ShapesWorldConfig(), data=scenes)
+    samples = list(enumerate(task.samples()))
+    assert [[i for i, _, _ in b] for b in schedule(task, samples, 2)] == [[2, 0], [3, 1], [4]]
+    run_task(model, task, EvalConfig(batch_size=2, max_new_tokens=6), tmp_path, dist=Dist(), progress=False)
+    records = read_records(tmp_path / "predictions.jsonl")
+    one_by_one = [model.generate([s.load_image()], [task.build_prompt(s)], max_new_tokens=6)[0] for _, s in samples]
+    assert [r["index"] for r in records] == list(range(len(items)))
+    assert [r["prediction"] for r in records] == one_by_one
+    assert len(set(one_by_one)) > 1  # a random model that answered everything alike would prove little
 
 
 def test_wrong_image_token_count(model: MLLM) -> None:

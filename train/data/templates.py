@@ -207,7 +207,8 @@ def encode_segments(
 
     def end_run() -> None:
         whole = "".join(run)
-        if run and _tokenise_text(tokenizer, whole) != input_ids[run_start:]:
+        # A run of one piece was tokenised whole already (a prompt's runs mostly are): nothing to compare.
+        if len(run) > 1 and _tokenise_text(tokenizer, whole) != input_ids[run_start:]:
             raise TemplateError(
                 f"tokenising {whole!r} piece by piece differs from tokenising it whole; "
                 "the template's segment boundaries split tokens"
