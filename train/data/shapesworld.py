@@ -100,15 +100,15 @@ class ShapesWorldConfig:
         if not 0.0 <= self.grounding_fraction <= 1.0:
             raise ValueError(f"grounding_fraction: expected a number in [0, 1], got {self.grounding_fraction}")
         unknown = sorted(set(self.question_mix) - set(VQA_TYPES))
-        if unknown or any(not w >= 0 for w in self.question_mix.values()) or not sum(self._mix()) > 0:
+        if unknown or any(not w >= 0 for w in self.question_mix.values()) or not sum(self.mix_weights(VQA_TYPES)) > 0:
             raise ValueError(
                 f"question_mix: expected non-negative weights of {', '.join(VQA_TYPES)} with a positive sum, "
                 f"got {self.question_mix}"
             )
 
-    def _mix(self) -> list[float]:
-        """The weight of each of :data:`VQA_TYPES` (1 where ``question_mix`` is silent)."""
-        return [float(self.question_mix.get(kind, 1.0)) for kind in VQA_TYPES]
+    def mix_weights(self, kinds: Sequence[str]) -> list[float]:
+        """The weight of each of ``kinds`` (1 where ``question_mix`` is silent)."""
+        return [float(self.question_mix.get(kind, 1.0)) for kind in kinds]
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,7 @@ def _pick_kind(rng: np.random.Generator, cfg: ShapesWorldConfig, kinds: Sequence
     so the default data stays as it was. Falls back to uniform when every one of ``kinds`` weighs 0."""
     if not cfg.question_mix:
         return _pick(rng, kinds)
-    weights = np.asarray([w for kind, w in zip(VQA_TYPES, cfg._mix(), strict=True) if kind in kinds])
+    weights = np.asarray(cfg.mix_weights(kinds))
     if not weights.sum() > 0:
         return _pick(rng, kinds)
     return kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
@@ -294,7 +294,7 @@ def _training_items(cfg: ShapesWorldConfig, objects: list[_Object], rng: np.rand
                 items.append(item)
                 break
             kind = _pick_kind(rng, cfg, applicable)
-    # Shuffled: eval asks every question as a first turn (right after the image), so every type
+    # Shuffled: eval asks every question as the first turn (beside the image), so every type
     # must be seen there in training too, not only the grounding turns drawn first above.
     return [items[i] for i in rng.permutation(len(items))]
 
