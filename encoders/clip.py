@@ -24,6 +24,7 @@ from PIL import Image
 from torch import nn
 
 from encoders.base import EncoderError, VisionEncoder, freeze, resolve_layers
+from encoders.conv_stem import check_stem, conv_stem
 
 PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
 
@@ -39,6 +40,8 @@ class OpenClipConfig:
     layers: list[int] = field(default_factory=lambda: [-1])  # blocks (ViT) or stages (ConvNeXt); negative = from end
     drop_prefix: bool = True  # drop the CLS token, keep only patch tokens
     norm: bool = False  # apply the tower's final norm (ln_post) to the tapped layers
+    stem: str = "patch"  # patch (the ViT's conv1 patchify) | conv (Xiao et al. 2021 conv stem, random-init ViTs only)
+    stem_width: int | None = None  # conv stem: first conv's channels, doubling up to the width
     frozen: bool = True
 
     def __post_init__(self) -> None:
@@ -50,6 +53,7 @@ class OpenClipConfig:
         unknown = sorted(set(self.preprocess) - set(PREPROCESS_KEYS))
         if unknown:
             raise ValueError(f"preprocess.{unknown[0]}: unknown key; expected some of {list(PREPROCESS_KEYS)}")
+        check_stem(self.stem, self.stem_width, self.weights)
 
 
 class OpenClipEncoder(VisionEncoder):
@@ -65,6 +69,8 @@ class OpenClipEncoder(VisionEncoder):
         model, _, self._transform = self._create(open_clip, cfg)
         self.visual: nn.Module = model.visual
         del model  # the text tower is not used
+        if cfg.stem == "conv":
+            self._use_conv_stem(cfg.stem_width)
         info = self._feature_info()
         self.layers = resolve_layers(cfg.layers, len(info), where="layers")
         dims = {info[layer][0] for layer in self.layers}
@@ -107,6 +113,12 @@ class OpenClipEncoder(VisionEncoder):
             raise EncoderError(f"model: cannot build open_clip model {cfg.model!r}: {err}") from err
         except TypeError as err:  # open_clip's config dataclasses reject unknown override keys
             raise EncoderError(f"overrides: {err}") from err
+
+    def _use_conv_stem(self, first_width: int | None) -> None:
+        """Swap the ViT's ``conv1`` patchify for :func:`encoders.conv_stem.conv_stem` (same grid and width)."""
+        if not hasattr(self.visual, "transformer"):
+            raise EncoderError(f"stem: conv replaces a ViT's patchify; {self.cfg.model} is a {type(self.visual).__name__}")
+        self.visual.conv1 = conv_stem(tuple(self.visual.patch_size), int(self.visual.transformer.width), 3, first_width)
 
     def _feature_info(self) -> list[tuple[int, tuple[int, int]]]:
         """(width, grid) of every tappable layer, from the tower's structure (no forward pass)."""

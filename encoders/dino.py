@@ -23,7 +23,7 @@ from PIL import Image
 from torch import nn
 
 from encoders.base import EncoderError, VisionEncoder, freeze, resolve_layers
-from encoders.conv_stem import ConvStemEmbed
+from encoders.conv_stem import ConvStemEmbed, check_stem
 
 
 @dataclass
@@ -47,12 +47,7 @@ class TimmViTConfig:
             raise ValueError(f"image_size: expected a positive integer, got {self.image_size}")
         if not self.layers:
             raise ValueError("layers: tap at least one block")
-        if self.stem not in ("patch", "conv"):
-            raise ValueError(f"stem: expected patch or conv, got {self.stem!r}")
-        if self.stem_width is not None and self.stem != "conv":
-            raise ValueError(f"stem_width: sets the conv stem's channels; this encoder has stem: {self.stem}")
-        if self.stem == "conv" and self.weights is not None:
-            raise ValueError("stem: a conv stem has no pretrained weights; use stem: patch with weights")
+        check_stem(self.stem, self.stem_width, self.weights)
 
 
 class TimmViTEncoder(VisionEncoder):

@@ -1,4 +1,4 @@
-"""Conv stem (Xiao et al. 2021) in a timm ViT: layer widths, token grid, shift equivariance, errors."""
+"""Conv stem (Xiao et al. 2021) in a timm ViT and an open_clip ViT: layer widths, token grid, values, errors."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from encoders.base import EncoderError
+from encoders.clip import OpenClipConfig, OpenClipEncoder
 from encoders.conv_stem import ConvStemEmbed
 from encoders.dino import TimmViTConfig, TimmViTEncoder
 
@@ -70,3 +71,38 @@ def test_stem_errors() -> None:
         TimmViTConfig(stem_width=32)
     with pytest.raises(ValueError, match="no pretrained weights"):
         TimmViTConfig(stem="conv", weights="vit.safetensors")
+
+
+CLIP_VIT = dict(
+    vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16),
+    text_cfg=dict(context_length=8, vocab_size=64, width=16, heads=2, layers=1), embed_dim=16,
+)
+
+
+def test_open_clip_vit_takes_the_stem_in_place_of_its_patchify() -> None:
+    """The tapped block equals Block_0(LN_pre([cls; Stem(x)] + pos)) recomputed from the tower's own parts."""
+    enc = OpenClipEncoder(OpenClipConfig(model="ViT-B-16", overrides=CLIP_VIT, stem="conv", stem_width=8, layers=[0])).eval()
+    visual = enc.visual
+    convs = [m for m in visual.conv1 if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.stride) for c in convs] == [
+        (3, 8, (2, 2)), (8, 16, (2, 2)), (16, 32, (2, 2)), (32, 32, (1, 1)),
+    ]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = enc(x)[0]
+        tokens = visual.conv1(x).flatten(2).transpose(1, 2)  # [2, 16, 32]
+        cls = visual.class_embedding.expand(2, 1, -1)
+        seq = visual.ln_pre(torch.cat([cls, tokens], dim=1) + visual.positional_embedding)
+        ref = visual.transformer.resblocks[0](seq)[:, 1:]
+    assert out.shape == (2, 16, 32)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+
+
+def test_open_clip_stem_errors() -> None:
+    with pytest.raises(ValueError, match="stem: expected patch or conv"):
+        OpenClipConfig(stem="resnet")
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        OpenClipConfig(stem="conv", weights="clip.safetensors")
+    convnext = dict(vision_cfg=dict(timm_model_name="convnext_atto", image_size=64), text_cfg=CLIP_VIT["text_cfg"], embed_dim=16)
+    with pytest.raises(EncoderError, match="stem: conv replaces a ViT's patchify; convnext_base is a TimmModel"):
+        OpenClipEncoder(OpenClipConfig(model="convnext_base", overrides=convnext, stem="conv"))
