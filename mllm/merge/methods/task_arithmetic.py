@@ -5,9 +5,11 @@ For base theta_0 and models t with task vectors tau_t = theta_t - theta_0 (fp32)
 1. sparsify (per tensor, per model): ``none``; ``magnitude`` (TIES trim: keep the entries with
    |tau_t| >= the k-th largest |tau_t|, k = max(1, floor(density * n)), per tensor as in
    MergeLLM/mergekit rather than the TIES paper's whole-model threshold; entries tied with the
-   threshold are all kept, where mergekit keeps an arbitrary k of them); ``random`` (DARE: keep each
-   entry with probability density; the uniform draw of entry i depends only on (seed, tensor name,
-   model position, i), so a tensor merged whole or in row blocks gets the same mask).
+   threshold are all kept, so one number per tensor decides alike in every row block, where mergekit
+   keeps the k its unstable argsort puts first -- ties are common in bf16 models, whose deltas are
+   coarse); ``random`` (DARE: keep each entry with probability density; the uniform draw of entry i
+   depends only on (seed, tensor name, model position, i), so a tensor merged whole or in row blocks
+   gets the same mask).
    ``rescale: true`` divides the kept entries by the density -- DARE's tau (1 - m) / (1 - p) with
    p = 1 - density (mergekit instead matches L1 norms).
 2. d_t = w_t * sparsified tau_t.
@@ -19,7 +21,9 @@ For base theta_0 and models t with task vectors tau_t = theta_t - theta_0 (fp32)
 Task arithmetic (Ilharco et al., ICLR 2023) = no sparsifier, no consensus; TIES (Yadav et al.,
 NeurIPS 2023) = magnitude + consensus + normalize; DARE (Yu et al., ICML 2024) = random + rescale,
 with (dare_ties) or without (dare_linear) consensus. This follows mergekit's
-generalized_task_arithmetic, so the same YAML gives the same numbers (tested for TA and TIES).
+generalized_task_arithmetic, so the same YAML gives the same numbers (tested for TA and TIES) up to
+the tie rule above, and up to mergekit's compute dtype: its ``dtype`` (bfloat16, say) is the dtype it
+computes tau in, ours is only the output's.
 """
 
 from __future__ import annotations

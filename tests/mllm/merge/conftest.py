@@ -24,14 +24,14 @@ def perturbed(state: dict[str, torch.Tensor], seed: int, scale: float = 0.05) ->
 
 
 def save_llama(path: Path, state: dict[str, torch.Tensor] | None = None, vocab: int = 48, seed: int = 0,
-               **save_kw) -> Path:
+               dtype: torch.dtype = torch.float32, **save_kw) -> Path:
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(llama_config(vocab))
     if state is not None:
         model.load_state_dict(state)
-    model.save_pretrained(path, **save_kw)
+    model.to(dtype).save_pretrained(path, **save_kw)
     return path
 
 
@@ -59,6 +59,17 @@ def llamas(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "b": save_llama(root / "b", perturbed(state, 2)),
         "c": save_llama(root / "c", state),
     }
+
+
+@pytest.fixture(scope="session")
+def bf16_llamas(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """bf16 base and fine-tunes a, b = base + noise a tenth of the weights' scale (as bench_merge.py builds
+    them): each delta is a difference of two bf16 numbers, so many deltas tie in magnitude."""
+    root = tmp_path_factory.mktemp("bf16_llamas")
+    base = save_llama(root / "base", seed=0, dtype=torch.bfloat16)
+    state = state_of(base)
+    return {"base": base, **{k: save_llama(root / k, perturbed(state, seed, scale=0.002), dtype=torch.bfloat16)
+                             for k, seed in (("a", 1), ("b", 2))}}
 
 
 @pytest.fixture(scope="session")

@@ -31,22 +31,63 @@ def _config(llamas, method: str, models, parameters, **extra) -> dict:
     }
 
 
-@pytest.mark.parametrize("method", sorted(PARITY))
-def test_numerical_parity_with_mergekit(tmp_path: Path, ckpt, llamas, method: str) -> None:
+def _mergekit(cfg: dict, out: Path) -> Path:
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge as mergekit_merge
     from mergekit.options import MergeOptions
 
+    mergekit_merge(MergeConfiguration.model_validate(cfg), str(out),
+                   options=MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
+    return out
+
+
+@pytest.mark.parametrize("method", sorted(PARITY))
+def test_numerical_parity_with_mergekit(tmp_path: Path, ckpt, llamas, method: str) -> None:
     cfg = _config(llamas, method, **PARITY[method])
     ours = run_merge(ckpt.write_yaml(tmp_path / "m.yaml", cfg), tmp_path / "ours")
-    mergekit_merge(MergeConfiguration.model_validate(cfg), str(tmp_path / "mk"),
-                   options=MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
-    a, b = ckpt.state_of(ours), ckpt.state_of(tmp_path / "mk")
+    a, b = ckpt.state_of(ours), ckpt.state_of(_mergekit(cfg, tmp_path / "mk"))
     assert sorted(a) == sorted(b)
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), name
     base = ckpt.state_of(llamas["base"])
     assert any(not torch.equal(a[n], base[n]) for n in a)  # the merge did something
+
+
+def test_ties_on_bf16_models_differs_from_mergekit_in_fp32_only_by_its_tie_rule(tmp_path: Path, ckpt, bf16_llamas,
+                                                                               monkeypatch) -> None:
+    """bf16 inputs, computed in fp32 by both (mergekit's ``dtype`` is its compute dtype, ``out_dtype`` the
+    output's): the outputs differ only where some model's |tau| ties with its trim threshold -- mergekit's
+    argsort keeps an arbitrary k of those entries, we keep them all -- and with our rule patched into
+    mergekit they are bit-identical. (With ``dtype: bfloat16`` mergekit also rounds tau to bf16: see
+    test_methods.py.)"""
+    from mergekit import sparsify
+
+    from mllm.merge.methods.task_arithmetic import magnitude_threshold
+
+    cfg = _config(bf16_llamas, "ties", **PARITY["ties"], out_dtype="bfloat16")
+    ours = ckpt.state_of(run_merge(ckpt.write_yaml(tmp_path / "m.yaml", cfg), tmp_path / "ours"))
+    mk = ckpt.state_of(_mergekit(cfg, tmp_path / "mk"))
+    inputs = {k: ckpt.state_of(path) for k, path in bf16_llamas.items()}
+    density = {k: p["density"] for k, p in PARITY["ties"]["models"]}
+    differing = 0
+    for name, out in ours.items():
+        tied = torch.zeros(out.shape, dtype=torch.bool)
+        for k, d in density.items():
+            tau = inputs[k][name].float() - inputs["base"][name].float()
+            tied |= tau.abs() == magnitude_threshold(tau, d)
+        differ = out != mk[name]
+        assert out.dtype == torch.bfloat16 and not (differ & ~tied).any(), name
+        differing += int(differ.sum())
+    assert differing > 0  # bf16 deltas are coarse: ties at the threshold are common
+
+    def keep_ties(tensor: torch.Tensor, density: float, rescale_norm: object = None) -> torch.Tensor:
+        assert rescale_norm is None and 0 < density < 1
+        return tensor * (tensor.abs() >= magnitude_threshold(tensor, density))
+
+    monkeypatch.setattr(sparsify, "magnitude", keep_ties)
+    mk = ckpt.state_of(_mergekit(cfg, tmp_path / "mk_keep_ties"))
+    for name, out in ours.items():
+        assert torch.equal(out, mk[name]), name
 
 
 def test_output_loads_with_transformers_and_has_every_tensor(tmp_path: Path, ckpt, llamas) -> None:

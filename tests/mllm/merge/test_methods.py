@@ -77,6 +77,24 @@ def test_ties_sign_election_drops_the_minority() -> None:
     assert torch.allclose(Ties.merge({"a": a, "b": b, "c": c}, base, p, INFO), T([2.5, 3.0]))
 
 
+def test_ties_bf16_tau_is_exact_where_mergekit_computing_in_bf16_rounds_it() -> None:
+    """mergekit computes in its ``dtype`` (``dtype: bfloat16``: tau = theta - theta_0 rounded to bf16); we take
+    tau in fp32, where the difference of two bf16 numbers is exact. Given the same fp32 compute, mergekit agrees."""
+    from mergekit.merge_methods import registry
+    from mergekit.merge_methods.base import TensorGroup
+
+    bf16 = torch.bfloat16
+    base, a = T([-1.0, 0.0], dtype=bf16), T([2.0**-10, 0.5], dtype=bf16)
+    # tau = [1 + 2^-10, 0.5]; density 0.5 keeps tau[0], so theta = base + [1 + 2^-10, 0] = [2^-10, 0]
+    p = TiesParams(weight={"a": 1.0}, density={"a": 0.5})
+    assert torch.equal(Ties.merge({"a": a}, base, p, INFO).to(bf16), T([2.0**-10, 0.0], dtype=bf16))
+    group = TensorGroup.from_tensors([base, a], ids=["base", "a"], base_index=0)
+    mk = {dtype: registry.get("ties")([group], parameters={"weight": {"a": 1.0}, "density": {"a": 0.5}},
+                                      dtype=dtype, out_dtype=bf16)[0] for dtype in (torch.float32, bf16)}
+    assert torch.equal(mk[torch.float32], T([2.0**-10, 0.0], dtype=bf16))
+    assert torch.equal(mk[bf16], T([0.0, 0.0], dtype=bf16))  # bf16(1 + 2^-10) = 1 (ulp 2^-7): -1 + 1 = 0
+
+
 def test_dare_drop_and_rescale_is_seeded_and_unbiased() -> None:
     base = torch.zeros(20000)
     tau = torch.full((20000,), 2.0)
