@@ -6,7 +6,8 @@
 Builds (or reuses, in --workdir) a bf16 base model and two fine-tunes (base + small noise), writes one
 mergekit-style YAML per method (``--method`` and ``--methods`` are one option: a comma-separated list
 of the methods both mergers have), then runs each merger in its own child process and measures wall
-time and the child's peak RSS (the kernel's high-water mark, from ``os.wait4``). Prints one table row
+time and the child's peak RSS (the kernel's high-water mark, from ``os.wait4`` in a small launcher
+process, so that this script's own memory is not counted: see LAUNCHER). Prints one table row
 per method and merger, then as the last line a JSON object: for TIES (or the first method when TIES
 is not run) ratio (our wall time / mergekit's), peak_rss_gib, mergekit_peak_rss_gib,
 largest_tensor_gib and the raw figures, as before; under "methods" the same figures per method.
@@ -18,12 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -65,17 +64,30 @@ def build_models(root: Path, hidden: int, layers: int, vocab: int) -> dict[str, 
     return paths
 
 
+# Starts the command given as its arguments and prints its wall seconds, exit code and ru_maxrss (KiB
+# on Linux). A process' ru_maxrss includes the RSS high-water mark of the address space it was
+# spawned from (Linux folds the old one's peak in at exec, and fork and vfork both start from the
+# parent's): spawned from this script -- torch, transformers and, once models were built or outputs
+# compared, whole tensors: 0.7 to 1.4 GiB -- every merger reported that much at least. Spawned from
+# this small interpreter (no site, ~10 MiB), a merger's figure is its own.
+LAUNCHER = """import os, subprocess, sys, time
+start = time.perf_counter()
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(proc.pid, 0)
+print(time.perf_counter() - start, os.waitstatus_to_exitcode(status), usage.ru_maxrss)
+"""
+
+
 def run_child(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS GiB) of one child process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    if proc.returncode != 0:
-        raise SystemExit(f"{cmd[0]} failed ({proc.returncode}):\n{err[-3000:]}")
-    return wall, usage.ru_maxrss * 1024 / GIB  # ru_maxrss is in KiB on Linux
+    """(wall seconds, peak RSS GiB) of one child process, started by LAUNCHER."""
+    proc = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, *cmd], capture_output=True, text=True, check=False)
+    try:
+        wall, code, maxrss_kib = proc.stdout.split()
+    except ValueError:
+        raise SystemExit(f"launcher failed ({proc.returncode}):\n{proc.stderr[-3000:]}") from None
+    if int(code) != 0:
+        raise SystemExit(f"{cmd[0]} failed ({code}):\n{proc.stderr[-3000:]}")
+    return float(wall), int(maxrss_kib) * 1024 / GIB
 
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")  # the ones mergekit also has

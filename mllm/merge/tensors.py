@@ -1,11 +1,12 @@
 """Streaming safetensors I/O for merging: lazy readers, a streaming sharded writer, atomic output.
 
 * :class:`ModelReader` opens a local Hugging Face folder (``model.safetensors`` or sharded with
-  ``model.safetensors.index.json``), learns every tensor's name, shape and dtype from the file
-  headers, and reads one tensor -- or one block of its rows -- at a time, each through its own
-  short-lived ``safe_open``: the memory map is zero-copy and is released with the tensor, so the
-  process' RSS holds only the tensors in use (a long-lived map keeps every touched page resident,
-  and the ``pread`` backend reads row slices one row at a time, ~50x slower).
+  ``model.safetensors.index.json``), learns every tensor's name, shape, dtype and byte offset from
+  the file headers, and reads one tensor -- or one block of its rows, which is one contiguous byte
+  range -- at a time with a single positioned read into a fresh buffer. Nothing is memory-mapped:
+  pages of a mapped file count in the process' RSS while mapped, and faulting them in page by page
+  made ``safe_open`` reads (a map per read, sliced and copied) about 5x slower than one ``readinto``
+  (benchmarks/bench_merge.py); the page cache still serves repeated reads.
 * :class:`ShardWriter` writes size-capped shards plus ``model.safetensors.index.json``. Every output
   tensor's shape and dtype is known before merging starts (merging preserves shapes), so each shard's
   header is written first and tensor bytes -- whole tensors or row blocks -- are streamed after it:
@@ -19,6 +20,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -29,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -63,20 +64,17 @@ class ModelReader:
         self.path = Path(path)
         if not self.path.is_dir():
             raise MergeError(f"{self.path}: model folder not found")
-        files = self._weight_files()
         self._where: dict[str, str] = {}
+        self._start: dict[str, int] = {}  # byte offset of the tensor's data in its file
         self._shape: dict[str, tuple[int, ...]] = {}
         self._dtype: dict[str, torch.dtype] = {}
-        try:
-            for fname in files:
-                with safe_open(str(self.path / fname), framework="pt") as handle:
-                    for name in handle.keys():
-                        sl = handle.get_slice(name)
-                        self._where[name] = fname
-                        self._shape[name] = tuple(sl.get_shape())
-                        self._dtype[name] = _ST_TO_TORCH[sl.get_dtype()]
-        except (SafetensorError, OSError) as err:
-            raise MergeError(f"{self.path}: cannot read safetensors header: {err}") from err
+        for fname in self._weight_files():
+            data_start, header = read_header(self.path / fname)
+            for name in sorted(header):  # sorted within a file, as safe_open's keys()
+                self._where[name] = fname
+                self._start[name] = data_start + header[name]["data_offsets"][0]
+                self._shape[name] = tuple(int(d) for d in header[name]["shape"])
+                self._dtype[name] = _ST_TO_TORCH[header[name]["dtype"]]
         self._check_index()
 
     def _weight_files(self) -> list[str]:
@@ -135,10 +133,62 @@ class ModelReader:
 
     def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Read one tensor, or only its rows ``[start, stop)`` along dim 0, from disk (a fresh CPU tensor)."""
-        with safe_open(str(self.path / self._where[name]), framework="pt") as handle:
-            if rows is None:
-                return handle.get_tensor(name)
-            return handle.get_slice(name)[rows[0]:rows[1]]
+        shape, dtype = self._shape[name], self._dtype[name]
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        first, stop = rows if rows is not None else (0, shape[0] if shape else 1)
+        if rows is not None:
+            shape = (stop - first, *shape[1:])
+        buf = torch.empty((stop - first) * row_bytes, dtype=torch.uint8)
+        read_exactly(self.file_of(name), self._start[name] + first * row_bytes, buf.numpy())
+        return buf.view(dtype).reshape(shape)
+
+
+def read_header(path: Path) -> tuple[int, dict[str, dict[str, Any]]]:
+    """(offset of the data section, {name: {dtype, shape, data_offsets}}) of one safetensors file.
+
+    Checked as the safetensors library checks it -- known dtype, size = elements x item size, data
+    inside the file -- since reads go by these offsets; a bad header is a MergeError naming the file.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little") if size >= 8 else -1
+            raw = fh.read(n) if 0 <= n <= size - 8 else None
+    except OSError as err:
+        raise MergeError(f"{path}: cannot read safetensors header: {err}") from err
+    if raw is None:
+        raise MergeError(f"{path}: not a safetensors file (header length {n}, file size {size})")
+    try:
+        header = json.loads(raw)
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        raise MergeError(f"{path}: cannot read safetensors header: {err}") from err
+    if not isinstance(header, dict):
+        raise MergeError(f"{path}: safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+    for name, entry in header.items():
+        try:
+            dtype = _ST_TO_TORCH[entry["dtype"]]
+            begin, end = (int(x) for x in entry["data_offsets"])
+            elems = math.prod(int(d) for d in entry["shape"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise MergeError(f"{path}: tensor {name!r}: unsupported dtype or malformed header entry {entry!r}") from err
+        if end - begin != elems * dtype.itemsize or begin < 0 or end > size - 8 - n:
+            raise MergeError(f"{path}: tensor {name!r}: data_offsets {[begin, end]} do not fit its shape and dtype "
+                             f"or lie outside the file")
+    return 8 + n, header
+
+
+def read_exactly(path: Path, offset: int, out: Any) -> None:
+    """Fill the writable buffer ``out`` with the bytes of ``path`` from ``offset`` on."""
+    view = memoryview(out).cast("B")
+    with open(path, "rb", buffering=0) as fh:
+        fh.seek(offset)
+        done = 0
+        while done < len(view):
+            got = fh.readinto(view[done:])
+            if not got:
+                raise MergeError(f"{path}: file ends inside a tensor (truncated?)")
+            done += got
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ memory by a block instead of the whole tensor: row block [i:j] of the output may
 [i:j] of the inputs and on ``info.prepared``, the whole-tensor statistics computed before the first
 block, per model id. They come from one of two hooks:
 
-* ``prepare`` (when ``needs_prepare``), run on one model's whole tensor at a time, for statistics that
-  do not stream (TIES' magnitude threshold, a k-th largest value);
+* ``prepare`` (when ``needs_prepare``), run on one model's whole tensor at a time (in fp32, which it
+  may overwrite), for statistics that do not stream (TIES' magnitude threshold, a k-th largest value);
 * a scan (when ``needs_scan``): the engine streams the tensor's row blocks through ``scan_block``, which
   accumulates into a dict that starts empty for every tensor, and hands it to ``scan_result`` (WIDEN's
   per-column norms and dot products). Memory: one block plus the accumulator.
@@ -141,7 +141,9 @@ class MergeMethod:
     def prepare(cls, tensor: torch.Tensor, base: torch.Tensor | None, params: Any, info: TensorInfo,
                 model_id: str) -> Any:
         """A per-tensor, per-model statistic of the whole tensor (TIES: the magnitude threshold),
-        passed to ``merge`` of every row block as ``info.prepared[model_id]``."""
+        passed to ``merge`` of every row block as ``info.prepared[model_id]``. ``tensor`` comes in float32
+        and is the method's to overwrite (a scratch copy, so the engine holds no second one); ``base``
+        is as stored, read-only."""
         return None
 
     @classmethod

@@ -35,7 +35,8 @@ class Linear(MergeMethod):
               info: TensorInfo) -> torch.Tensor:
         out: torch.Tensor | None = None
         for mid, t in tensors.items():
-            term = fp32(t) * params.weight[mid]
+            term = fp32(t)  # scaled in place when it is a copy; an input is left as read
+            term = term * params.weight[mid] if term is t else term.mul_(params.weight[mid])
             out = term if out is None else out.add_(term)
         assert out is not None
         if params.normalize:

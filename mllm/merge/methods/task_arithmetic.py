@@ -66,13 +66,13 @@ def magnitude_threshold(tau: torch.Tensor, density: float, overwrite: bool = Fal
 
 
 def delta_threshold(tensor: torch.Tensor, base: torch.Tensor, density: float) -> float:
-    """``magnitude_threshold`` of tensor - base, for ``prepare`` on whole tensors: one fp32 copy
-    (subtracting a bf16 base in one go would cast all of it to fp32 first, so go by row blocks)."""
-    tau = tensor.to(torch.float32, copy=True)
-    flat, flat_base, step = tau.reshape(-1), base.reshape(-1), 1 << 20
+    """``magnitude_threshold`` of tensor - base for ``prepare``, computed in ``tensor`` (fp32), which
+    it overwrites: no second whole-tensor copy (subtracting a bf16 base in one go would cast all of
+    it to fp32 first, so go by slices)."""
+    flat, flat_base, step = tensor.reshape(-1), base.reshape(-1), 1 << 20
     for i in range(0, flat.numel(), step):
         flat[i:i + step].sub_(flat_base[i:i + step])
-    return magnitude_threshold(tau, density, overwrite=True)
+    return magnitude_threshold(tensor, density, overwrite=True)
 
 
 def uniform(seed: int, start: int, n: int) -> torch.Tensor:

@@ -46,6 +46,10 @@ def test_linear_keeps_bf16_inputs_exact_in_fp32() -> None:
     a = T([1.0, 3.0]).to(torch.bfloat16)
     out = Linear.merge({"a": a, "b": a}, None, LinearParams(weight={"a": 0.5, "b": 0.5}), INFO)
     assert out.dtype == torch.float32 and torch.equal(out, T([1.0, 3.0]))
+    assert torch.equal(a, T([1.0, 3.0]).to(torch.bfloat16))  # scaled in its fp32 copy, not in place
+    f = T([1.0, 3.0])
+    Linear.merge({"a": f, "b": f}, None, LinearParams(weight={"a": 0.5, "b": 0.5}), INFO)
+    assert torch.equal(f, T([1.0, 3.0]))  # an fp32 input is the copy's source too: left as it was
 
 
 def test_task_arithmetic_is_base_plus_lambda_weighted_sum() -> None:

@@ -100,6 +100,40 @@ def test_reader_errors_name_the_folder_and_file(tmp_path: Path) -> None:
         ModelReader(tmp_path)
 
 
+def _raw_safetensors(path: Path, header: dict, data: bytes) -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+
+
+@pytest.mark.parametrize(("header", "data", "message"), [
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 12]}}, bytes(12), r"'w': data_offsets \[0, 12\] do not fit"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(4), "lie outside the file"),
+    ({"w": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}, bytes(8), "'w': unsupported dtype"),
+    (["w"], b"", "not a JSON object"),
+])
+def test_reader_checks_every_header_entry_it_reads_by(tmp_path: Path, header, data: bytes, message: str) -> None:
+    _raw_safetensors(tmp_path / "model.safetensors", header, data)
+    with pytest.raises(MergeError, match=message):
+        ModelReader(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\xff" * 12)  # a header length past the end of the file
+    with pytest.raises(MergeError, match="not a safetensors file"):
+        ModelReader(tmp_path)
+
+
+def test_reads_copy_bytes_without_mapping_the_file(tmp_path: Path) -> None:
+    """A memory-mapped input's touched pages would count in the merge's RSS: reads go into fresh buffers."""
+    with ShardWriter(tmp_path, _specs(TENSORS), 10**9) as w:
+        for n, t in TENSORS.items():
+            w.write(n, t)
+        w.close()
+    reader = ModelReader(tmp_path)
+    held = [reader.get("c"), reader.get("c", (1, 3)), reader.get("scalar")]
+    assert torch.equal(held[1], TENSORS["c"][1:3]) and torch.equal(held[2], TENSORS["scalar"])
+    maps = Path("/proc/self/maps")
+    if maps.is_file():
+        assert str(tmp_path / "model.safetensors") not in maps.read_text()
+
+
 def test_reader_reads_save_pretrained_sharded_checkpoints(tmp_path: Path, ckpt) -> None:
     path = ckpt.save_llama(tmp_path / "m", max_shard_size="20KB")
     assert (path / INDEX_FILE).is_file()
