@@ -53,7 +53,8 @@ class OpenClipConfig:
         unknown = sorted(set(self.preprocess) - set(PREPROCESS_KEYS))
         if unknown:
             raise ValueError(f"preprocess.{unknown[0]}: unknown key; expected some of {list(PREPROCESS_KEYS)}")
-        check_stem(self.stem, self.stem_width, self.weights)
+        # a local-dir: model carries its weights, which a conv stem would silently drop
+        check_stem(self.stem, self.stem_width, self.weights or (self.model if self.model.startswith("local-dir:") else None))
 
 
 class OpenClipEncoder(VisionEncoder):

@@ -103,6 +103,8 @@ def test_open_clip_stem_errors() -> None:
         OpenClipConfig(stem="resnet")
     with pytest.raises(ValueError, match="no pretrained weights"):
         OpenClipConfig(stem="conv", weights="clip.safetensors")
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        OpenClipConfig(model="local-dir:/ckpt/clip", stem="conv")
     convnext = dict(vision_cfg=dict(timm_model_name="convnext_atto", image_size=64), text_cfg=CLIP_VIT["text_cfg"], embed_dim=16)
     with pytest.raises(EncoderError, match="stem: conv replaces a ViT's patchify; convnext_base is a TimmModel"):
         OpenClipEncoder(OpenClipConfig(model="convnext_base", overrides=convnext, stem="conv"))
