@@ -24,7 +24,6 @@ from torch import nn
 
 from encoders.base import EncoderError
 
-
 STEMS = ("patch", "conv")
 
 
