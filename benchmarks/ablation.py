@@ -1,10 +1,11 @@
 """The fusion ablation of issues 3 and 4: every fusion recipe against ``tiny``, same data and step budget.
 
-    python benchmarks/ablation.py train --out runs/ablation [--steps N] RECIPE ...   # train + test-split eval
+    python benchmarks/ablation.py train --out runs/ablation [--steps N] [--seed S] RECIPE ...   # train + test-split eval
     python benchmarks/ablation.py table --out runs/ablation                          # the table of every run there
 
 ``train`` runs ``mllm train RECIPE`` (its own config; ``--steps`` overrides ``train.steps`` for every
-recipe alike) into ``OUT/RECIPE``; two ``train`` commands with different recipes may run side by
+recipe alike, ``--seed`` sets ``train.seed``: the initialisation and the order of the training scenes,
+while ``data.seed`` keeps the test split) into ``OUT/RECIPE``; two ``train`` commands with different recipes may run side by
 side. ``table`` reads each finished run and prints one Markdown row per recipe: test VQA accuracy, the
 difference from ``tiny`` in points, grounding Acc@0.5, mean train seconds per step, and the visual
 tokens the LLM's sequence holds per decoder layer (mean over layers: 16 for a splice recipe, 0 for
@@ -77,9 +78,10 @@ def main() -> None:
     parser.add_argument("recipes", nargs="*")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=None, help="train.steps for every recipe (default: each recipe's own)")
+    parser.add_argument("--seed", type=int, default=None, help="train.seed for every recipe (default: each recipe's own)")
     args = parser.parse_intermixed_args()
     if args.action == "train":
-        overrides = [] if args.steps is None else [f"train.steps={args.steps}"]
+        overrides = [f"train.{key}={value}" for key, value in (("steps", args.steps), ("seed", args.seed)) if value is not None]
         for recipe in args.recipes:
             run.train(recipe, args.out / recipe, overrides)
         return

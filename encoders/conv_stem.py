@@ -1,4 +1,4 @@
-"""A convolutional stem for timm ViTs: "Early Convolutions Help Transformers See Better".
+"""A convolutional stem for ViTs (and DaViT's first stage): "Early Convolutions Help Transformers See Better".
 
 Xiao et al. (2021) replace the ViT's patchify — one ``p x p`` stride-``p`` convolution — by a stack of
 ``log2 p`` 3x3 stride-2 convolutions, each followed by BatchNorm and ReLU, and a final 1x1
@@ -11,14 +11,16 @@ then the 1x1 to 768. Without ``first_width`` they double from ``embed_dim / 2^(k
 
 :func:`conv_stem` builds the stack; :class:`ConvStemEmbed` is the drop-in ``embed_layer`` for timm's
 ``VisionTransformer`` (timm's own :class:`PatchEmbed` keeps the sizes, flattening and checks; only
-its projection is replaced), and open_clip's ViT takes it in place of its ``conv1`` patchify
-(:mod:`encoders.clip`).
+its projection is replaced), open_clip's ViT takes it in place of its ``conv1`` patchify
+(:mod:`encoders.clip`), and Florence-2's DaViT in place of its stage-1 ``7x7`` stride-4 conv embed
+(:mod:`encoders.florence`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from timm.layers import PatchEmbed
 from torch import nn
 
@@ -37,7 +39,16 @@ def check_stem(stem: str, stem_width: int | None, weights: str | None) -> None:
         raise ValueError("stem: a conv stem has no pretrained weights; use stem: patch with weights")
 
 
-def conv_stem(patch: tuple[int, int], embed_dim: int, in_chans: int = 3, first_width: int | None = None) -> nn.Sequential:
+class ConvStem(nn.Sequential):
+    """The stem's layers, with the first convolution's ``weight`` exposed as the patchify's was: models that
+    read their patch embedding's dtype from ``conv.weight`` (transformers' Florence-2 DaViT) keep working."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self[0].weight
+
+
+def conv_stem(patch: tuple[int, int], embed_dim: int, in_chans: int = 3, first_width: int | None = None) -> ConvStem:
     """The ``log2 p`` 3x3 stride-2 Conv-BN-ReLU stages and the 1x1 projection: ``[B, C, H, W] -> [B, D, H/p, W/p]``."""
     side = patch[0]
     if patch[0] != patch[1] or side < 2 or side & (side - 1):
@@ -53,7 +64,7 @@ def conv_stem(patch: tuple[int, int], embed_dim: int, in_chans: int = 3, first_w
     for c_in, c_out in zip([in_chans, *widths[:-1]], widths, strict=True):
         layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
     layers.append(nn.Conv2d(widths[-1], embed_dim, 1))
-    return nn.Sequential(*layers)
+    return ConvStem(*layers)
 
 
 class ConvStemEmbed(PatchEmbed):

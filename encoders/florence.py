@@ -29,6 +29,7 @@ from PIL import Image
 from torch import nn
 
 from encoders.base import EncoderError, VisionEncoder, freeze, resolve_layers
+from encoders.conv_stem import check_stem, conv_stem
 from encoders.grid import GridMode, check_grid, resample
 from encoders.hf import build_image_processor, load_hf_model, processed_size
 
@@ -45,20 +46,28 @@ class FlorenceConfig:
     grid: list[int] | None = None  # common [rows, cols] for taps whose grids differ
     grid_mode: GridMode = "area"  # how a tap reaches `grid` (encoders/grid.py)
     drop_prefix: bool = True  # drop the global token leading the image features / prompt states
+    stem: str = "patch"  # patch (DaViT's stage-1 k x k conv embed) | conv (Xiao et al. 2021 conv stem, random init only)
+    stem_width: int | None = None  # conv stem: first conv's channels, doubling up to the stage-1 width
     frozen: bool = True
 
     def __post_init__(self) -> None:
+        check_stem(self.stem, self.stem_width, self.path)
         if not (self.layers or self.image_features or self.prompts):
             raise ValueError("layers: tap a block, or set image_features or prompts")
         if any(not ids for ids in self.prompts):
             raise ValueError("prompts: every prompt needs at least one token id")
 
 
-def _stage_grids(vision: Any, size: tuple[int, int]) -> list[tuple[int, int]]:
-    """Output grid of each DaViT stage: conv ``floor((n + 2p - k) / s) + 1`` per stage."""
+def _stage_grids(vision: Any, size: tuple[int, int], conv_stem_first: bool) -> list[tuple[int, int]]:
+    """Output grid of each DaViT stage: conv ``floor((n + 2p - k) / s) + 1`` per stage; a conv stem in
+    place of stage 1's embed is ``log2 s`` convolutions with ``k, s, p = 3, 2, 1``."""
+    stages = [[(k, s, p)] for k, s, p in zip(vision.patch_size, vision.patch_stride, vision.patch_padding, strict=True)]
+    if conv_stem_first:
+        stages[0] = [(3, 2, 1)] * (vision.patch_stride[0].bit_length() - 1)
     grids, (rows, cols) = [], size
-    for k, s, p in zip(vision.patch_size, vision.patch_stride, vision.patch_padding, strict=True):
-        rows, cols = (rows + 2 * p - k) // s + 1, (cols + 2 * p - k) // s + 1
+    for convs in stages:
+        for k, s, p in convs:
+            rows, cols = (rows + 2 * p - k) // s + 1, (cols + 2 * p - k) // s + 1
         grids.append((rows, cols))
     return grids
 
@@ -75,6 +84,8 @@ class FlorenceEncoder(VisionEncoder):
         config = core.config
         vision = config.vision_config
         self.davit: nn.Module = core.vision_tower
+        if cfg.stem == "conv":
+            self._use_conv_stem(cfg.stem_width)
         self.projector: nn.Module | None = None
         self.text_encoder: nn.Module | None = None
         if cfg.image_features or cfg.prompts:
@@ -89,7 +100,7 @@ class FlorenceEncoder(VisionEncoder):
 
         stage_of = [s for s, depth in enumerate(vision.depths) for _ in range(depth)]
         self.num_blocks = len(stage_of)
-        grids = _stage_grids(vision, self._image_size)
+        grids = _stage_grids(vision, self._image_size, cfg.stem == "conv")
         self.blocks = resolve_layers(cfg.layers, self.num_blocks, where="layers") if cfg.layers else []
         dims = {b: int(vision.embed_dim[stage_of[b]]) for b in self.blocks}
         tap_grids = {b: grids[stage_of[b]] for b in self.blocks}
@@ -119,6 +130,12 @@ class FlorenceEncoder(VisionEncoder):
                 raise EncoderError(f"encoder.vision / encoder.text: not a Florence-2 config: {err}") from err
             return Florence2Model(config)
         return load_hf_model(cfg.path, "encoder", Florence2ForConditionalGeneration).model
+
+    def _use_conv_stem(self, first_width: int | None) -> None:
+        """Swap stage 1's ``k x k`` stride-``s`` conv embed for :func:`encoders.conv_stem.conv_stem` (``log2 s``
+        3x3 stride-2 Conv-BN-ReLU stages and a 1x1 to the stage-1 width); its LayerNorm stays."""
+        embed = self.davit.convs[0]
+        embed.conv = conv_stem((embed.stride, embed.stride), embed.embed_dim, embed.in_channels, first_width)
 
     def _check_prompts(self, config: Any) -> None:
         if config.vision_config.projection_dim != config.text_config.d_model:

@@ -1,4 +1,4 @@
-"""Conv stem (Xiao et al. 2021) in a timm ViT and an open_clip ViT: layer widths, token grid, values, errors."""
+"""Conv stem (Xiao et al. 2021) in a timm ViT, an open_clip ViT and Florence-2's DaViT: layer widths, token grid, values, errors."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from encoders.base import EncoderError
 from encoders.clip import OpenClipConfig, OpenClipEncoder
 from encoders.conv_stem import ConvStemEmbed
 from encoders.dino import TimmViTConfig, TimmViTEncoder
+from encoders.florence import FlorenceConfig, FlorenceEncoder
 
 
 def _enc(**kw: object) -> TimmViTEncoder:
@@ -108,3 +109,41 @@ def test_open_clip_stem_errors() -> None:
     convnext = dict(vision_cfg=dict(timm_model_name="convnext_atto", image_size=64), text_cfg=CLIP_VIT["text_cfg"], embed_dim=16)
     with pytest.raises(EncoderError, match="stem: conv replaces a ViT's patchify; convnext_base is a TimmModel"):
         OpenClipEncoder(OpenClipConfig(model="convnext_base", overrides=convnext, stem="conv"))
+
+
+FLORENCE_VISION = dict(
+    depths=[1, 1], embed_dim=[16, 32], num_heads=[1, 2], num_groups=[1, 2], window_size=2, projection_dim=32,
+    drop_path_rate=0.0, max_position_embeddings=16,
+)
+PROCESSOR = dict(image_processor_type="CLIPImageProcessor", size={"height": 64, "width": 64}, do_center_crop=False)
+
+
+def test_florence_davit_takes_the_stem_in_place_of_its_stage_one_embed() -> None:
+    """Stride 4 -> two 3x3 stride-2 convs; same grids as the 7x7/4 embed; block 0 = Block_0(LN(Stem(x)))."""
+    patch = FlorenceEncoder(FlorenceConfig(vision=FLORENCE_VISION, processor=PROCESSOR, layers=[0, 1], grid=[2, 2]))
+    enc = FlorenceEncoder(
+        FlorenceConfig(vision=FLORENCE_VISION, processor=PROCESSOR, layers=[0, 1], grid=[2, 2], stem="conv", stem_width=8)
+    ).eval()
+    embed = enc.davit.convs[0]
+    convs = [m for m in embed.conv if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (3, 8, (3, 3), (2, 2)), (8, 16, (3, 3), (2, 2)), (16, 16, (1, 1), (1, 1)),
+    ]
+    assert enc._tap_grids == patch._tap_grids == {0: (16, 16), 1: (8, 8)}
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        stem = embed.norm(embed.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # post-norm, as DaViT's stage 1
+        ref = enc.davit.blocks[0][0](stem)
+        out = enc.davit(x, output_hidden_states=True).hidden_states[1]
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    assert enc(x)[0].shape == (2, 4, 16)
+
+
+def test_florence_stem_errors() -> None:
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        FlorenceConfig(path="/ckpt/florence2", stem="conv")
+    with pytest.raises(ValueError, match="stem: expected patch or conv"):
+        FlorenceConfig(stem="resnet")
+    odd = {**FLORENCE_VISION, "patch_size": [7, 3], "patch_stride": [3, 2], "patch_padding": [3, 1]}
+    with pytest.raises(EncoderError, match="power-of-two patch size"):
+        FlorenceEncoder(FlorenceConfig(vision=odd, processor=PROCESSOR, stem="conv"))
