@@ -1,16 +1,18 @@
 """The fusion ablation of issues 3 and 4: every fusion recipe against ``tiny``, same data and step budget.
 
     python benchmarks/ablation.py train --out runs/ablation [--steps N] [--seed S] RECIPE ...   # train + test-split eval
-    python benchmarks/ablation.py table --out runs/ablation                          # the table of every run there
+    python benchmarks/ablation.py table --out runs/ablation [runs/ablation_s1 ...]   # the table of every run there
 
 ``train`` runs ``mllm train RECIPE`` (its own config; ``--steps`` overrides ``train.steps`` for every
 recipe alike, ``--seed`` sets ``train.seed``: the initialisation and the order of the training scenes,
-while ``data.seed`` keeps the test split) into ``OUT/RECIPE``; two ``train`` commands with different recipes may run side by
-side. ``table`` reads each finished run and prints one Markdown row per recipe: test VQA accuracy, the
+while ``data.seed`` keeps the test split) into ``OUT/RECIPE``; two ``train`` commands with different recipes may run
+side by side. ``table`` reads each finished run and prints one Markdown row per recipe: test VQA accuracy, the
 difference from ``tiny`` in points, grounding Acc@0.5, mean train seconds per step, and the visual
 tokens the LLM's sequence holds per decoder layer (mean over layers: 16 for a splice recipe, 0 for
 cross-attention / FFN-embedding recipes that read the image outside the sequence, fewer with the DPN
-pyramid, measured on 64 test samples). The last line is the JSON of the table.
+pyramid, measured on 64 test samples). Given several folders (one per ``--seed``), it then prints each
+recipe's mean over seeds against tiny's mean, with the per-type accuracies. The last line is the JSON of
+the tables.
 """
 
 from __future__ import annotations
@@ -50,40 +52,78 @@ def visual_tokens_per_layer(run_dir: Path) -> float:
 def row(run_dir: Path) -> dict[str, Any]:
     summary = json.loads((run_dir / "train_summary.json").read_text())
     steps = [h["s_per_step"] for h in summary["history"] if "s_per_step" in h]
+    per_type = {k: v for k, v in summary["eval"]["per_type"].items() if k != "grounding"}
     return {
-        "recipe": run_dir.name, "steps": summary["history"][-1]["step"],
-        "vqa": summary["eval"]["vqa_accuracy"], "grounding": summary["eval"]["grounding_accuracy"],
+        "recipe": run_dir.name, "seed": load_config(str(run_dir / "config.yaml")).train.seed,
+        "steps": summary["history"][-1]["step"], "vqa": summary["eval"]["vqa_accuracy"],
+        "grounding": summary["eval"]["grounding_accuracy"], "per_type": per_type,
         "s_per_step": sum(steps) / len(steps), "visual_tokens_per_layer": visual_tokens_per_layer(run_dir),
     }
 
 
-def table(out: Path) -> list[dict[str, Any]]:
-    runs = sorted(p.parent for p in out.glob("*/train_summary.json"))
-    rows = [row(p) for p in runs]
-    if not rows:
-        sys.exit(f"{out}: no finished run (train_summary.json) to tabulate")
-    tiny = next((r["vqa"] for r in rows if r["recipe"] == "tiny"), None)
-    print("| recipe | steps | VQA | vs tiny (pts) | grounding Acc@0.5 | s/step | visual tokens / layer |")
-    print("|---|---|---|---|---|---|---|")
+def _delta(value: float, tiny: float | None) -> str:
+    return "" if tiny is None else f"{100 * (value - tiny):+.1f}"
+
+
+def seed_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per recipe: VQA, Acc@0.5 and per-type accuracy averaged over its seeds."""
+    by_recipe: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        delta = "" if tiny is None else f"{100 * (r['vqa'] - tiny):+.1f}"
-        print(f"| {r['recipe']} | {r['steps']} | {r['vqa']:.3f} | {delta} | {r['grounding']:.3f} | "
-              f"{r['s_per_step']:.3f} | {r['visual_tokens_per_layer']:.1f} |")
-    return rows
+        by_recipe.setdefault(r["recipe"], []).append(r)
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    return [
+        {"recipe": name, "seeds": sorted(r["seed"] for r in runs), "vqa": mean([r["vqa"] for r in runs]),
+         "grounding": mean([r["grounding"] for r in runs]),
+         "per_type": {t: mean([r["per_type"][t] for r in runs]) for t in runs[0]["per_type"]}}
+        for name, runs in by_recipe.items()
+    ]
+
+
+def table(outs: list[Path]) -> dict[str, list[dict[str, Any]]]:
+    """Every finished run under ``outs`` (one folder per seed), each against ``tiny`` of its own folder;
+    with several folders, then the mean over seeds of each recipe against tiny's mean."""
+    rows: list[dict[str, Any]] = []
+    print("| recipe | seed | steps | VQA | vs tiny (pts) | grounding Acc@0.5 | s/step | visual tokens / layer |")
+    print("|---|---|---|---|---|---|---|---|")
+    for out in outs:
+        found = [row(p.parent) for p in sorted(out.glob("*/train_summary.json"))]
+        if not found:
+            sys.exit(f"{out}: no finished run (train_summary.json) to tabulate")
+        tiny = next((r["vqa"] for r in found if r["recipe"] == "tiny"), None)
+        for r in found:
+            print(f"| {r['recipe']} | {r['seed']} | {r['steps']} | {r['vqa']:.3f} | {_delta(r['vqa'], tiny)} | "
+                  f"{r['grounding']:.3f} | {r['s_per_step']:.3f} | {r['visual_tokens_per_layer']:.1f} |")
+        rows += found
+    means = seed_means(rows)
+    if len(outs) > 1:
+        tiny = next((m["vqa"] for m in means if m["recipe"] == "tiny"), None)
+        types = list(means[0]["per_type"])
+        print(f"\n| recipe | seeds | mean VQA | vs tiny (pts) | mean Acc@0.5 | {' / '.join(types)} |")
+        print("|---|---|---|---|---|---|")
+        for m in means:
+            per_type = " / ".join(f"{m['per_type'][t]:.2f}" for t in types)
+            print(f"| {m['recipe']} | {', '.join(map(str, m['seeds']))} | {m['vqa']:.3f} | {_delta(m['vqa'], tiny)} | "
+                  f"{m['grounding']:.3f} | {per_type} |")
+    return {"runs": rows, "seed_means": means}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["train", "table"])
     parser.add_argument("recipes", nargs="*")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, nargs="+", required=True, help="train: one folder; table: one per seed")
     parser.add_argument("--steps", type=int, default=None, help="train.steps for every recipe (default: each recipe's own)")
     parser.add_argument("--seed", type=int, default=None, help="train.seed for every recipe (default: each recipe's own)")
     args = parser.parse_intermixed_args()
     if args.action == "train":
+        if len(args.out) != 1:
+            parser.error("train: one --out folder")
         overrides = [f"train.{key}={value}" for key, value in (("steps", args.steps), ("seed", args.seed)) if value is not None]
         for recipe in args.recipes:
-            run.train(recipe, args.out / recipe, overrides)
+            run.train(recipe, args.out[0] / recipe, overrides)
         return
     print(json.dumps(table(args.out)))
 
