@@ -58,16 +58,14 @@ class FlorenceConfig:
             raise ValueError("prompts: every prompt needs at least one token id")
 
 
-def _stage_grids(vision: Any, size: tuple[int, int], conv_stem_first: bool) -> list[tuple[int, int]]:
-    """Output grid of each DaViT stage: conv ``floor((n + 2p - k) / s) + 1`` per stage; a conv stem in
-    place of stage 1's embed is ``log2 s`` convolutions with ``k, s, p = 3, 2, 1``."""
-    stages = [[(k, s, p)] for k, s, p in zip(vision.patch_size, vision.patch_stride, vision.patch_padding, strict=True)]
-    if conv_stem_first:
-        stages[0] = [(3, 2, 1)] * (vision.patch_stride[0].bit_length() - 1)
+def _stage_grids(davit: nn.Module, size: tuple[int, int]) -> list[tuple[int, int]]:
+    """Output grid of each DaViT stage, from the convolutions its embedding holds (the ``k x k`` stride-``s``
+    embed, or a conv stem in its place): ``floor((n + 2p - k) / s) + 1`` per convolution."""
     grids, (rows, cols) = [], size
-    for convs in stages:
-        for k, s, p in convs:
-            rows, cols = (rows + 2 * p - k) // s + 1, (cols + 2 * p - k) // s + 1
+    for embed in davit.convs:
+        for conv in (m for m in embed.modules() if isinstance(m, nn.Conv2d)):
+            (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+            rows, cols = (rows + 2 * ph - kh) // sh + 1, (cols + 2 * pw - kw) // sw + 1
         grids.append((rows, cols))
     return grids
 
@@ -100,7 +98,7 @@ class FlorenceEncoder(VisionEncoder):
 
         stage_of = [s for s, depth in enumerate(vision.depths) for _ in range(depth)]
         self.num_blocks = len(stage_of)
-        grids = _stage_grids(vision, self._image_size, cfg.stem == "conv")
+        grids = _stage_grids(self.davit, self._image_size)
         self.blocks = resolve_layers(cfg.layers, self.num_blocks, where="layers") if cfg.layers else []
         dims = {b: int(vision.embed_dim[stage_of[b]]) for b in self.blocks}
         tap_grids = {b: grids[stage_of[b]] for b in self.blocks}
