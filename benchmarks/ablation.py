@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 import torch
@@ -70,14 +71,10 @@ def seed_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by_recipe: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by_recipe.setdefault(r["recipe"], []).append(r)
-
-    def mean(values: list[float]) -> float:
-        return sum(values) / len(values)
-
     return [
-        {"recipe": name, "seeds": sorted(r["seed"] for r in runs), "vqa": mean([r["vqa"] for r in runs]),
-         "grounding": mean([r["grounding"] for r in runs]),
-         "per_type": {t: mean([r["per_type"][t] for r in runs]) for t in runs[0]["per_type"]}}
+        {"recipe": name, "seeds": sorted(r["seed"] for r in runs), "vqa": fmean(r["vqa"] for r in runs),
+         "grounding": fmean(r["grounding"] for r in runs),
+         "per_type": {t: fmean(r["per_type"][t] for r in runs) for t in runs[0]["per_type"]}}
         for name, runs in by_recipe.items()
     ]
 
