@@ -12,24 +12,12 @@ is channel concatenation over every feature set of every tower — the same oper
 registered under the method's name and requiring at least two feature sets. The sets come from
 ``encoders/florence.py`` (``image_features: true`` and ``prompts``), or, for the "several depths"
 variant, from DaViT blocks brought to one grid.
-
-``gate: true`` (not in Florence-VL) scales every set after the first by a learnt scalar that starts
-at zero, as ReZero does for residual branches (Bachlechner et al., arXiv 2003.04887):
-
-    F = [ V_d ; α_1 V_cap ; α_2 V_ocr ; α_3 V_grd ],   α_k = 0 at the start
-
-so a Florence-2 trained from scratch starts as its depth set alone: at random init the breadth sets
-are near-copies of ``V_d`` (the encoder's residual path carries the image tokens through), which the
-released model never sees, since its Florence-2 is pretrained on the three tasks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
-from torch import nn
 
 from encoders.base import EncoderError
 from encoders.fusion.base import FeatureSpec
@@ -38,9 +26,7 @@ from encoders.fusion.concat import ConcatFusion
 
 @dataclass
 class DBFusionConfig:
-    """The order of the sets is the order the towers tap them (depth first, then breadth)."""
-
-    gate: bool = False  # learnt zero-initialised scale on every set after the first (not in the paper)
+    """No options: the order of the sets is the order the towers tap them (depth first, then breadth)."""
 
 
 class DBFusion(ConcatFusion):
@@ -55,10 +41,3 @@ class DBFusion(ConcatFusion):
                 "tap image_features and prompts on the Florence-2 tower"
             )
         super().__init__(cfg, inputs)  # type: ignore[arg-type]
-        self.gates = nn.Parameter(torch.zeros(sets - 1)) if cfg.gate else None
-
-    def forward(self, feats: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
-        first, *rest = [layer for tower in feats for layer in tower]
-        if self.gates is not None:
-            rest = [alpha * layer for alpha, layer in zip(self.gates, rest, strict=True)]
-        return torch.cat([first, *rest], dim=-1)

@@ -50,23 +50,6 @@ def test_dbfusion_concatenates_depth_and_breadth_sets() -> None:
         DBFusion(DBFusionConfig(), [spec(3)])
 
 
-def test_dbfusion_gate_starts_at_the_depth_set_and_scales_each_breadth_set() -> None:
-    """gate: F = [V_d ; α_1 V_cap ; α_2 V_ocr ; α_3 V_grd] with every α_k = 0 at the start."""
-    fusion = DBFusion(DBFusionConfig(gate=True), [spec(2, 2), spec(2, 2)])  # sets across towers too
-    sets = [torch.randn(2, 4, 2) for _ in range(4)]
-    out = fusion([sets[:2], sets[2:]])
-    assert fusion.gates.tolist() == [0.0, 0.0, 0.0] and out.shape == (2, 4, 8)
-    assert torch.equal(out[..., :2], sets[0]) and not out[..., 2:].any()
-    out.sum().backward()  # each α_k learns from its own set: dL/dα_k = Σ V_k
-    assert torch.allclose(fusion.gates.grad, torch.stack([s.sum() for s in sets[1:]]))
-    with torch.no_grad():
-        fusion.gates.copy_(torch.tensor([0.5, 2.0, -1.0]))
-    out = fusion([sets[:2], sets[2:]])
-    expected = torch.cat([sets[0], 0.5 * sets[1], 2.0 * sets[2], -1.0 * sets[3]], dim=-1)
-    assert torch.allclose(out, expected)
-    assert DBFusion(DBFusionConfig(), [spec(2, 2)]).gates is None  # the paper's plain concatenation
-
-
 # --- COMM -----------------------------------------------------------------------------------------
 def test_comm_equation_by_hand() -> None:
     """v̄ = [Σ α_i Lin_i(LN_i(v₁^i)) ; MLP(Σ β_j Lin_j(LN_j(v₂^j)))]."""
