@@ -11,8 +11,9 @@ difference from ``tiny`` in points, grounding Acc@0.5, mean train seconds per st
 tokens the LLM's sequence holds per decoder layer (mean over layers: 16 for a splice recipe, 0 for
 cross-attention / FFN-embedding recipes that read the image outside the sequence, fewer with the DPN
 pyramid, measured on 64 test samples). Given several folders (one per ``--seed``), it then prints each
-recipe's mean over seeds against tiny's mean, with the per-type accuracies. The last line is the JSON of
-the tables.
+recipe's mean over seeds against tiny's mean, with the per-type accuracies; relpos is also split by axis
+(``relpos-x``: left / right, ``relpos-y``: above / below), because a run can learn one axis and not the other. The
+last line is the JSON of the tables.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from mllm.model import MLLM
 from train.data.shapesworld import ShapesWorld
 
 PROBE_SAMPLES = 64
+RELPOS_AXES = {"relpos-x": ("left", "right"), "relpos-y": ("above", "below")}  # by reference answer
 
 
 def visual_tokens_per_layer(run_dir: Path) -> float:
@@ -50,10 +52,22 @@ def visual_tokens_per_layer(run_dir: Path) -> float:
     return sum(per_layer) / len(per_layer)
 
 
+def relpos_axes(run_dir: Path) -> dict[str, float]:
+    """Accuracy of the relpos items per axis, from the run's test predictions (``eval/predictions.jsonl``)."""
+    scores: dict[str, list[float]] = {axis: [] for axis in RELPOS_AXES}
+    with (run_dir / "eval" / "predictions.jsonl").open() as lines:
+        for line in lines:
+            item = json.loads(line)
+            axis = next((a for a, answers in RELPOS_AXES.items() if item["reference"] in answers), None)
+            if item["type"] == "relpos" and axis is not None:
+                scores[axis].append(float(item["score"]))
+    return {axis: fmean(s) for axis, s in scores.items() if s}
+
+
 def row(run_dir: Path) -> dict[str, Any]:
     summary = json.loads((run_dir / "train_summary.json").read_text())
     steps = [h["s_per_step"] for h in summary["history"] if "s_per_step" in h]
-    per_type = {k: v for k, v in summary["eval"]["per_type"].items() if k != "grounding"}
+    per_type = {k: v for k, v in summary["eval"]["per_type"].items() if k != "grounding"} | relpos_axes(run_dir)
     return {
         "recipe": run_dir.name, "seed": load_config(str(run_dir / "config.yaml")).train.seed,
         "steps": summary["history"][-1]["step"], "vqa": summary["eval"]["vqa_accuracy"],
