@@ -14,11 +14,16 @@ from mllm.config import EncoderPart, load_config, to_dict
 from train.data.shapesworld import ShapesWorld
 
 RECIPES = {"comm": 256, "ftz": 128, "dbfusion": 512, "convgate": 128}  # recipe: fused width
+# dbfusion's four near-copy sets: the layers reading them train at tiny's lr / 4 (dbfusion.yaml), kept in step with tiny
+LR_GROUPS = {"dbfusion": ({"projector.layers.0", "object_heads"}, 0.25)}
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_recipe_builds_and_runs(name: str, build_encoder: Callable[[EncoderPart], VisionEncoder]) -> None:
     cfg, tiny = load_config(name), load_config("tiny")
+    prefixes, scale = LR_GROUPS.get(name, (set(), 1.0))
+    assert cfg.train.lr_groups == {prefix: tiny.train.lr * scale for prefix in prefixes}
+    cfg.train.lr_groups = tiny.train.lr_groups
     for key in ("data", "train", "eval"):
         assert to_dict(getattr(cfg, key)) == to_dict(getattr(tiny, key)), key
     assert to_dict(cfg.model.llm) == to_dict(tiny.model.llm)
