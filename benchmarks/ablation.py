@@ -11,7 +11,8 @@ difference from ``tiny`` in points, grounding Acc@0.5, mean train seconds per st
 tokens the LLM's sequence holds per decoder layer (mean over layers: 16 for a splice recipe, 0 for
 cross-attention / FFN-embedding recipes that read the image outside the sequence, fewer with the DPN
 pyramid, measured on 64 test samples). Given several folders (one per ``--seed``), it then prints each
-recipe's mean over seeds against tiny's mean, with the per-type accuracies; relpos is also split by axis
+recipe's mean over seeds and its mean difference from tiny on the same seeds (paired: a recipe run on fewer
+seeds is not set against tiny's other seeds), with the per-type accuracies; relpos is also split by axis
 (``relpos-x``: left / right, ``relpos-y``: above / below), because a run can learn one axis and not the other. The
 last line is the JSON of the tables.
 """
@@ -76,18 +77,20 @@ def row(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def _delta(value: float, tiny: float | None) -> str:
-    return "" if tiny is None else f"{100 * (value - tiny):+.1f}"
+def _points(delta: float | None) -> str:
+    return "" if delta is None else f"{100 * delta:+.1f}"
 
 
 def seed_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per recipe: VQA, Acc@0.5 and per-type accuracy averaged over its seeds."""
+    """One row per recipe: VQA, Acc@0.5 and per-type accuracy averaged over its seeds, and ``vs_tiny``, the
+    mean of its runs' differences from tiny of the same seed (``None`` where no seed has a tiny run)."""
     by_recipe: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by_recipe.setdefault(r["recipe"], []).append(r)
     return [
         {"recipe": name, "seeds": sorted(r["seed"] for r in runs), "vqa": fmean(r["vqa"] for r in runs),
          "grounding": fmean(r["grounding"] for r in runs),
+         "vs_tiny": fmean(deltas) if (deltas := [r["vs_tiny"] for r in runs if r["vs_tiny"] is not None]) else None,
          "per_type": {t: fmean(r["per_type"][t] for r in runs) for t in runs[0]["per_type"]}}
         for name, runs in by_recipe.items()
     ]
@@ -95,7 +98,7 @@ def seed_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def table(outs: list[Path]) -> dict[str, list[dict[str, Any]]]:
     """Every finished run under ``outs`` (one folder per seed), each against ``tiny`` of its own folder;
-    with several folders, then the mean over seeds of each recipe against tiny's mean."""
+    with several folders, then each recipe's mean over seeds and its mean difference from tiny (same seeds)."""
     rows: list[dict[str, Any]] = []
     print("| recipe | seed | steps | VQA | vs tiny (pts) | grounding Acc@0.5 | s/step | visual tokens / layer |")
     print("|---|---|---|---|---|---|---|---|")
@@ -105,18 +108,18 @@ def table(outs: list[Path]) -> dict[str, list[dict[str, Any]]]:
             sys.exit(f"{out}: no finished run (train_summary.json) to tabulate")
         tiny = next((r["vqa"] for r in found if r["recipe"] == "tiny"), None)
         for r in found:
-            print(f"| {r['recipe']} | {r['seed']} | {r['steps']} | {r['vqa']:.3f} | {_delta(r['vqa'], tiny)} | "
+            r["vs_tiny"] = None if tiny is None else r["vqa"] - tiny
+            print(f"| {r['recipe']} | {r['seed']} | {r['steps']} | {r['vqa']:.3f} | {_points(r['vs_tiny'])} | "
                   f"{r['grounding']:.3f} | {r['s_per_step']:.3f} | {r['visual_tokens_per_layer']:.1f} |")
         rows += found
     means = seed_means(rows)
     if len(outs) > 1:
-        tiny = next((m["vqa"] for m in means if m["recipe"] == "tiny"), None)
         types = list(means[0]["per_type"])
-        print(f"\n| recipe | seeds | mean VQA | vs tiny (pts) | mean Acc@0.5 | {' / '.join(types)} |")
+        print(f"\n| recipe | seeds | mean VQA | vs tiny, same seeds (pts) | mean Acc@0.5 | {' / '.join(types)} |")
         print("|---|---|---|---|---|---|")
         for m in means:
             per_type = " / ".join(f"{m['per_type'][t]:.2f}" for t in types)
-            print(f"| {m['recipe']} | {', '.join(map(str, m['seeds']))} | {m['vqa']:.3f} | {_delta(m['vqa'], tiny)} | "
+            print(f"| {m['recipe']} | {', '.join(map(str, m['seeds']))} | {m['vqa']:.3f} | {_points(m['vs_tiny'])} | "
                   f"{m['grounding']:.3f} | {per_type} |")
     return {"runs": rows, "seed_means": means}
 

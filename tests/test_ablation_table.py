@@ -1,4 +1,5 @@
-"""benchmarks/ablation.py's per-axis relpos split, on a hand-written predictions file."""
+"""benchmarks/ablation.py's summaries: the per-axis relpos split (hand-written predictions) and the paired
+seed means (hand-written rows)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,22 @@ def test_relpos_axes_leaves_out_an_axis_without_items(tmp_path: Path) -> None:
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "predictions.jsonl").write_text(json.dumps({"type": "relpos", "reference": "above", "score": 0.0}) + "\n")
     assert _ablation().relpos_axes(tmp_path) == {"relpos-y": 0.0}
+
+
+def _run(recipe: str, seed: int, vqa: float, tiny: float | None) -> dict[str, object]:
+    return {"recipe": recipe, "seed": seed, "vqa": vqa, "grounding": 1.0, "per_type": {"relpos": vqa},
+            "vs_tiny": None if tiny is None else vqa - tiny}
+
+
+def test_seed_means_set_each_recipe_against_tiny_on_its_own_seeds() -> None:
+    tiny = {0: 0.9, 1: 0.8, 2: 0.7}
+    rows = [_run("tiny", s, v, v) for s, v in tiny.items()]
+    rows += [_run("comm", 0, 0.85, tiny[0])]  # one seed: -5 points against tiny's seed 0, not its mean 0.8
+    rows += [_run("ftz", 1, 0.9, tiny[1]), _run("ftz", 2, 0.6, tiny[2])]  # +10 and -10: mean 0
+    rows += [_run("solo", 3, 0.5, None)]  # a folder without tiny
+    means = {m["recipe"]: m for m in _ablation().seed_means(rows)}
+    assert means["tiny"]["vqa"] == pytest.approx(0.8) and means["tiny"]["vs_tiny"] == pytest.approx(0.0)
+    assert means["comm"]["vs_tiny"] == pytest.approx(-0.05) and means["comm"]["seeds"] == [0]
+    assert means["ftz"]["vqa"] == pytest.approx(0.75) and means["ftz"]["vs_tiny"] == pytest.approx(0.0)
+    assert means["ftz"]["per_type"] == {"relpos": pytest.approx(0.75)}
+    assert means["solo"]["vs_tiny"] is None
