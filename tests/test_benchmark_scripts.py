@@ -1,5 +1,5 @@
-"""benchmarks/ablation.py's summaries: the per-axis relpos split (hand-written predictions) and the paired
-seed means (hand-written rows)."""
+"""The benchmark scripts' own arithmetic: ablation.py's per-axis relpos split (hand-written predictions) and
+paired seed means (hand-written rows), position_probe.py's ridge R² (hand-computed cases)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ablation.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _ablation() -> ModuleType:  # benchmarks/ is scripts, not a package
-    spec = importlib.util.spec_from_file_location("ablation", SCRIPT)
+def _script(name: str) -> ModuleType:  # benchmarks/ is scripts, not a package
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -33,14 +34,14 @@ def test_relpos_axes_scores_each_axis_by_reference(tmp_path: Path) -> None:
     ]
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "predictions.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
-    axes = _ablation().relpos_axes(tmp_path)
+    axes = _script("ablation").relpos_axes(tmp_path)
     assert axes == {"relpos-x": pytest.approx(0.5), "relpos-y": pytest.approx(2 / 3)}
 
 
 def test_relpos_axes_leaves_out_an_axis_without_items(tmp_path: Path) -> None:
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "predictions.jsonl").write_text(json.dumps({"type": "relpos", "reference": "above", "score": 0.0}) + "\n")
-    assert _ablation().relpos_axes(tmp_path) == {"relpos-y": 0.0}
+    assert _script("ablation").relpos_axes(tmp_path) == {"relpos-y": 0.0}
 
 
 def _run(recipe: str, seed: int, vqa: float, tiny: float | None) -> dict[str, object]:
@@ -54,9 +55,19 @@ def test_seed_means_set_each_recipe_against_tiny_on_its_own_seeds() -> None:
     rows += [_run("comm", 0, 0.85, tiny[0])]  # one seed: -5 points against tiny's seed 0, not its mean 0.8
     rows += [_run("ftz", 1, 0.9, tiny[1]), _run("ftz", 2, 0.6, tiny[2])]  # +10 and -10: mean 0
     rows += [_run("solo", 3, 0.5, None)]  # a folder without tiny
-    means = {m["recipe"]: m for m in _ablation().seed_means(rows)}
+    means = {m["recipe"]: m for m in _script("ablation").seed_means(rows)}
     assert means["tiny"]["vqa"] == pytest.approx(0.8) and means["tiny"]["vs_tiny"] == pytest.approx(0.0)
     assert means["comm"]["vs_tiny"] == pytest.approx(-0.05) and means["comm"]["seeds"] == [0]
     assert means["ftz"]["vqa"] == pytest.approx(0.75) and means["ftz"]["vs_tiny"] == pytest.approx(0.0)
     assert means["ftz"]["per_type"] == {"relpos": pytest.approx(0.75)}
     assert means["solo"]["vs_tiny"] is None
+
+
+def test_ridge_r2_is_one_for_an_exact_line_and_matches_a_hand_computed_miss() -> None:
+    r2 = _script("position_probe").ridge_r2
+    x = torch.tensor([[0.0], [1.0], [2.0], [3.0], [4.0]], dtype=torch.float64)
+    assert r2(x, 2 * x[:, 0] + 1, fit=3, lam=0.0) == pytest.approx(1.0)
+    # fit on x = 0, 1 with y = 0, 1 (w = 1, b = 0); held out x = 2, 3 with y = 3, 2: predictions 2, 3,
+    # squared errors 1, 1, variance of (3, 2) = 0.25, so R² = 1 - 1 / 0.25 = -3
+    x4, y4 = x[:4], torch.tensor([0.0, 1.0, 3.0, 2.0], dtype=torch.float64)
+    assert r2(x4, y4, fit=2, lam=0.0) == pytest.approx(-3.0)
