@@ -76,6 +76,10 @@ class FusedEncoder(VisionEncoder):
         self.layers = [FUSED_LAYER]
         self._sizes = [tower.image_size for tower in towers]
         self._canvas = (max(h for h, _ in self._sizes), max(w for _, w in self._sizes))
+        # With keep_towers set, forward with grad enabled also leaves each tower's last tapped layer (on the common grid) in
+        # tower_tokens, for a loss on the towers themselves (mllm/object_heads.py, `towers: true`).
+        self.keep_towers = False
+        self.tower_tokens: list[torch.Tensor] = []
 
     def _spec(self, index: int, tower: VisionEncoder) -> FeatureSpec:
         grid, tokens = tower.grid_size, tower.num_patches
@@ -130,4 +134,5 @@ class FusedEncoder(VisionEncoder):
             rows, cols = self._sizes[t]
             out = tower(pixels[:, 3 * t : 3 * t + 3, :rows, :cols])
             feats.append([resample(out[layer], tower.grid_size, spec.grid, self.cfg.grid_mode) for layer in tower.layers])
+        self.tower_tokens = [layers[-1] for layers in feats] if self.keep_towers and torch.is_grad_enabled() else []
         return {FUSED_LAYER: self.fusion(feats)}

@@ -175,12 +175,23 @@ class MLLM(nn.Module):
         except InjectionError as err:
             raise ModelError(str(err)) from err
         self.object_heads: ObjectHeads | None = None
+        self.tower_heads: nn.ModuleList | None = None  # object_heads.towers: one set per tower of a fused encoder
         if cfg.object_heads is not None:
             from train.data.cell_targets import CELL_ATTRIBUTES
 
             tapped = self.encoder.layer_dims[self.encoder.layers[-1]]
             classes = [len(values) + 1 for values in CELL_ATTRIBUTES.values()]
             self.object_heads = ObjectHeads(tapped, classes, cfg.object_heads)
+            if cfg.object_heads.towers:
+                specs = getattr(self.encoder, "specs", None)
+                if specs is None:
+                    raise ModelError("model.object_heads.towers: true needs a fused encoder (model.encoder.name: fused)")
+                for t, spec in enumerate(specs):
+                    if spec.num_tokens != self.encoder.num_patches:
+                        raise ModelError(f"model.object_heads.towers: towers[{t}] gives {spec.num_tokens} tokens on the "
+                                         f"common grid, expected {self.encoder.num_patches} (one per patch of the fusion)")
+                self.tower_heads = nn.ModuleList(ObjectHeads(spec.dims[-1], classes, cfg.object_heads) for spec in specs)
+                self.encoder.keep_towers = True
         if self.llm.get_input_embeddings().num_embeddings < len(tokenizer):
             raise ModelError(f"model.llm: vocabulary smaller than the tokenizer's {len(tokenizer)} tokens")
 
@@ -284,6 +295,9 @@ class MLLM(nn.Module):
         if heads and feats is not None:
             assert self.object_heads is not None and cell_boxes is not None
             aux.append(self.object_heads.loss(feats[self.encoder.layers[-1]], cell_classes, cell_boxes))
+            if self.tower_heads is not None:
+                for tower_heads, tokens in zip(self.tower_heads, self.encoder.tower_tokens, strict=True):
+                    aux.append(tower_heads.loss(tokens, cell_classes, cell_boxes))
         if labels is not None and aux:
             out.loss = out.loss + sum(aux)
         return out
@@ -435,8 +449,9 @@ class MLLM(nn.Module):
         # its batch-norm statistics (conv stem) do not drift while the projector / LLM train
         trains_encoder = "encoder" in groups or "fusion" in groups
         self.encoder.frozen = bool(getattr(self.cfg.encoder.cfg, "frozen", False)) or not trains_encoder
-        if self.object_heads is not None:  # they only teach the encoder: idle while it is frozen
-            self.object_heads.requires_grad_(not self.encoder.frozen)
+        for heads in (self.object_heads, self.tower_heads):  # they only teach the encoder: idle while it is frozen
+            if heads is not None:
+                heads.requires_grad_(not self.encoder.frozen)
         self.encoder.train(self.training)
         if "llm" in groups and self.has_lora:
             for pname, param in self.llm.named_parameters():

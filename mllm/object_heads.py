@@ -16,6 +16,11 @@ with ``b_c`` the object's box as fractions of the image side and the smooth-L1 o
 (Girshick, ICCV 2015, Eq. 3; ``beta`` the switch from quadratic to linear). Targets come from
 :mod:`train.data.cell_targets`; the heads train whenever the encoder trains and are not used at
 inference.
+
+A fused encoder's towers stand in for several pretrained encoders. With ``towers: true`` each tower
+``t`` gets its own set of heads on its last tapped layer ``h^t_c`` (on the fusion's common grid), and
+``L`` adds ``sum_t w * (...)(h^t)``: every tower learns what is in its patches from the first step,
+also one behind a zero-initialised gate (FtZ, Conv-Gate), whose gradient through the fusion is 0 there.
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ class ObjectHeadsConfig:
     weight: float = 1.0  # w: the heads' loss relative to the answer loss
     box_weight: float = 5.0  # w_box: box regression relative to the classifiers (boxes are fractions in [0, 1])
     box_beta: float = 0.05  # smooth-L1 switch point, in fractions of the image side (~3 px at 64 px)
+    # fused encoder only: also one set of heads on each tower's last tapped layer, so every tower is taught
+    # what is in its patches from step 0, as a pretrained tower would be, even behind a zero-initialised gate
+    towers: bool = False
 
     def __post_init__(self) -> None:
         if not self.weight > 0 or self.box_weight < 0 or not self.box_beta > 0:

@@ -139,3 +139,49 @@ def test_saved_model_keeps_the_heads(tiny, tmp_path) -> None:  # noqa: ANN001
     model.save_pretrained(tmp_path / "m")
     loaded = MLLM.from_pretrained(tmp_path / "m")
     torch.testing.assert_close(loaded.object_heads.box.weight, model.object_heads.box.weight)
+
+
+def _fused_model(overrides: list[str]):  # noqa: ANN202
+    cfg = load_config("ftz", ["model.llm.arch.num_hidden_layers=1", *overrides])
+    torch.manual_seed(0)
+    model = run.build_model(cfg, run.build_tokenizer_for(cfg))
+    samples = [ShapesWorld(cfg.data).split("train")[i] for i in range(2)]
+    return model, run.make_collator(model, cfg)(samples)
+
+
+def test_tower_heads_add_one_loss_per_tower_of_a_fused_encoder() -> None:
+    model, batch = _fused_model(["model.object_heads.towers=true"])
+    assert len(model.tower_heads) == 2 and model.encoder.keep_towers
+    model.train()
+    model.encoder.eval()  # batch-norm in eval mode: the separate tower calls below see the same statistics
+    plain = {k: v for k, v in batch.items() if not k.startswith("cell_")}
+    answer = model(**plain).loss
+    fused = model.object_heads.loss(model.encoder_features(batch["pixel_values"])[0], batch["cell_classes"],
+                                    batch["cell_boxes"])
+    per_tower = []
+    for t, (tower, heads) in enumerate(zip(model.encoder.towers, model.tower_heads, strict=True)):
+        tokens = tower(batch["pixel_values"][:, 3 * t : 3 * t + 3])[tower.layers[-1]]  # both towers: 64 px, 4x4
+        assert tokens.shape == (2, 16, 128)
+        per_tower.append(heads.loss(tokens, batch["cell_classes"], batch["cell_boxes"]))
+    torch.testing.assert_close(model(**batch).loss, answer + fused + per_tower[0] + per_tower[1])
+    with torch.no_grad():  # inference keeps no tower tokens alive
+        model.encoder_features(batch["pixel_values"])
+    assert model.encoder.tower_tokens == []
+
+
+@pytest.mark.parametrize("towers", [False, True])
+def test_tower_heads_reach_a_tower_behind_a_closed_gate(towers: bool) -> None:
+    # FtZ's zero-initialised gate: at step 0 the augmenting tower (1) gets no gradient from the fused output
+    model, batch = _fused_model([f"model.object_heads.towers={str(towers).lower()}"])
+    model.train()
+    model(**batch).loss.backward()
+    grads = [p.grad for p in model.encoder.towers[1].parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads) == towers
+
+
+def test_tower_heads_need_a_fused_encoder() -> None:
+    from mllm.model import ModelError
+
+    cfg = load_config("tiny", [*TINY, "model.object_heads.towers=true"])
+    with pytest.raises(ModelError, match="object_heads.towers: true needs a fused encoder"):
+        run.build_model(cfg, run.build_tokenizer_for(cfg))
