@@ -10,7 +10,8 @@ side by side. ``table`` reads each finished run and prints one Markdown row per 
 difference from ``tiny`` in points, grounding Acc@0.5, mean train seconds per step, and the visual
 tokens the LLM's sequence holds per decoder layer (mean over layers: 16 for a splice recipe, 0 for
 cross-attention / FFN-embedding recipes that read the image outside the sequence, fewer with the DPN
-pyramid, measured on 64 test samples). Given several folders (one per ``--seed``), it then prints each
+pyramid, measured on 64 test samples), and for a fused encoder each tower's share of the fusion's output
+(:func:`tower_shares`: a tower behind a gate that never opened shows ~0). Given several folders (one per ``--seed``), it then prints each
 recipe's mean over seeds and its mean difference from tiny on the same seeds (paired: a recipe run on fewer
 seeds is not set against tiny's other seeds), with the per-type accuracies; relpos is also split by axis
 (``relpos-x``: left / right, ``relpos-y``: above / below), because a run can learn one axis and not the other. The
@@ -28,6 +29,7 @@ from typing import Any
 
 import torch
 
+from encoders.fused import FusedEncoder
 from mllm import run
 from mllm.config import load_config
 from mllm.model import MLLM
@@ -53,6 +55,27 @@ def visual_tokens_per_layer(run_dir: Path) -> float:
     return sum(per_layer) / len(per_layer)
 
 
+def tower_shares(run_dir: Path) -> list[float] | None:
+    """For a fused encoder, how much each tower moves the fusion's output on test samples (``None`` otherwise):
+    ``||F(Z) - F(Z with tower t's tokens replaced by their mean over samples and positions)|| / ||F(Z)||``, a
+    mean ablation; about 0 for a tower the fusion has shut out (e.g. behind a gate that stayed closed)."""
+    model = MLLM.from_pretrained(run_dir / "model").eval()
+    encoder = model.encoder
+    if not isinstance(encoder, FusedEncoder):
+        return None
+    test = ShapesWorld(load_config(str(run_dir / "config.yaml")).data).split("test")
+    pixels = torch.stack([encoder.preprocess(test[i]["image"]) for i in range(PROBE_SAMPLES)])
+    shares = []
+    with torch.no_grad():
+        feats = encoder.tower_features(pixels)
+        fused = encoder.fusion(feats)
+        for t in range(len(feats)):
+            ablated = [[x.mean(dim=(0, 1), keepdim=True).expand_as(x) for x in layers] if u == t else layers
+                       for u, layers in enumerate(feats)]
+            shares.append(float((fused - encoder.fusion(ablated)).norm() / fused.norm()))
+    return shares
+
+
 def relpos_axes(run_dir: Path) -> dict[str, float]:
     """Accuracy of the relpos items per axis, from the run's test predictions (``eval/predictions.jsonl``)."""
     scores: dict[str, list[float]] = {axis: [] for axis in RELPOS_AXES}
@@ -74,6 +97,7 @@ def row(run_dir: Path) -> dict[str, Any]:
         "steps": summary["history"][-1]["step"], "vqa": summary["eval"]["vqa_accuracy"],
         "grounding": summary["eval"]["grounding_accuracy"], "per_type": per_type,
         "s_per_step": sum(steps) / len(steps), "visual_tokens_per_layer": visual_tokens_per_layer(run_dir),
+        "tower_shares": tower_shares(run_dir),
     }
 
 
@@ -100,8 +124,8 @@ def table(outs: list[Path]) -> dict[str, list[dict[str, Any]]]:
     """Every finished run under ``outs`` (one folder per seed), each against ``tiny`` of its own folder;
     with several folders, then each recipe's mean over seeds and its mean difference from tiny (same seeds)."""
     rows: list[dict[str, Any]] = []
-    print("| recipe | seed | steps | VQA | vs tiny (pts) | grounding Acc@0.5 | s/step | visual tokens / layer |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| recipe | seed | steps | VQA | vs tiny (pts) | grounding Acc@0.5 | s/step | visual tokens / layer | tower shares |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for out in outs:
         found = [row(p.parent) for p in sorted(out.glob("*/train_summary.json"))]
         if not found:
@@ -110,7 +134,8 @@ def table(outs: list[Path]) -> dict[str, list[dict[str, Any]]]:
         for r in found:
             r["vs_tiny"] = None if tiny is None else r["vqa"] - tiny
             print(f"| {r['recipe']} | {r['seed']} | {r['steps']} | {r['vqa']:.3f} | {_points(r['vs_tiny'])} | "
-                  f"{r['grounding']:.3f} | {r['s_per_step']:.3f} | {r['visual_tokens_per_layer']:.1f} |")
+                  f"{r['grounding']:.3f} | {r['s_per_step']:.3f} | {r['visual_tokens_per_layer']:.1f} | "
+                  f"{' / '.join(f'{x:.3f}' for x in r['tower_shares'] or [])} |")
         rows += found
     means = seed_means(rows)
     if len(outs) > 1:

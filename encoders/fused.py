@@ -124,6 +124,12 @@ class FusedEncoder(VisionEncoder):
         return packed
 
     def forward(self, pixels: torch.Tensor) -> dict[int, torch.Tensor]:
+        feats = self.tower_features(pixels)
+        self.tower_tokens = [layers[-1] for layers in feats] if self.keep_towers and torch.is_grad_enabled() else []
+        return {FUSED_LAYER: self.fusion(feats)}
+
+    def tower_features(self, pixels: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Each tower's tapped layers on the common grid, exactly as the fusion receives them."""
         if pixels.shape[1] != 3 * len(self.towers):
             raise EncoderError(
                 f"fused encoder: pixels have {pixels.shape[1]} channels, expected {3 * len(self.towers)} "
@@ -134,5 +140,4 @@ class FusedEncoder(VisionEncoder):
             rows, cols = self._sizes[t]
             out = tower(pixels[:, 3 * t : 3 * t + 3, :rows, :cols])
             feats.append([resample(out[layer], tower.grid_size, spec.grid, self.cfg.grid_mode) for layer in tower.layers])
-        self.tower_tokens = [layers[-1] for layers in feats] if self.keep_towers and torch.is_grad_enabled() else []
-        return {FUSED_LAYER: self.fusion(feats)}
+        return feats

@@ -1,5 +1,6 @@
 """The benchmark scripts' own arithmetic: ablation.py's per-axis relpos split (hand-written predictions) and
-paired seed means (hand-written rows), position_probe.py's ridge R² (hand-computed cases)."""
+paired seed means (hand-written rows) and tower shares (a closed gate), position_probe.py's ridge R² (hand-computed
+cases)."""
 
 from __future__ import annotations
 
@@ -71,3 +72,24 @@ def test_ridge_r2_is_one_for_an_exact_line_and_matches_a_hand_computed_miss() ->
     # squared errors 1, 1, variance of (3, 2) = 0.25, so R² = 1 - 1 / 0.25 = -3
     x4, y4 = x[:4], torch.tensor([0.0, 1.0, 3.0, 2.0], dtype=torch.float64)
     assert r2(x4, y4, fit=2, lam=0.0) == pytest.approx(-3.0)
+
+
+def test_tower_shares_are_zero_behind_a_closed_gate_and_the_mean_ablation_of_the_open_one(tmp_path: Path) -> None:
+    from mllm import run
+    from mllm.config import load_config, save_config
+    from train.data.shapesworld import ShapesWorld
+
+    cfg = load_config("ftz", ["model.llm.arch.num_hidden_layers=1"])
+    torch.manual_seed(0)
+    model = run.build_model(cfg, run.build_tokenizer_for(cfg)).eval()  # FtZ at init: gate 0, so F = A (tower 0)
+    model.save_pretrained(tmp_path / "model")
+    save_config(cfg, tmp_path)
+    shares = _script("ablation").tower_shares(tmp_path)
+    test = ShapesWorld(cfg.data).split("test")
+    pixels = torch.stack([model.preprocess(test[i]["image"])[:3] for i in range(64)])
+    with torch.no_grad():
+        tower = model.encoder.towers[0]
+        anchor = tower(pixels)[tower.layers[-1]]
+    expected = float((anchor - anchor.mean(dim=(0, 1))).norm() / anchor.norm())
+    assert shares is not None and shares[1] == 0.0
+    assert shares[0] == pytest.approx(expected, rel=1e-4) and shares[0] > 0.1
