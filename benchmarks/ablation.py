@@ -31,7 +31,7 @@ import torch
 
 from encoders.fused import FusedEncoder
 from mllm import run
-from mllm.config import load_config
+from mllm.config import RunConfig, load_config
 from mllm.model import MLLM
 from train.data.shapesworld import ShapesWorld
 
@@ -39,10 +39,8 @@ PROBE_SAMPLES = 64
 RELPOS_AXES = {"relpos-x": ("left", "right"), "relpos-y": ("above", "below")}  # by reference answer
 
 
-def visual_tokens_per_layer(run_dir: Path) -> float:
+def visual_tokens_per_layer(model: MLLM, cfg: RunConfig) -> float:
     """Mean over decoder layers of the visual tokens in the LLM's sequence, on test samples."""
-    model = MLLM.from_pretrained(run_dir / "model").eval()
-    cfg = load_config(str(run_dir / "config.yaml"))
     pyramids = [i for i in model.injectors if hasattr(i, "tokens_per_layer")]
     if not pyramids:
         return float(model.num_image_tokens)
@@ -55,15 +53,14 @@ def visual_tokens_per_layer(run_dir: Path) -> float:
     return sum(per_layer) / len(per_layer)
 
 
-def tower_shares(run_dir: Path) -> list[float] | None:
+def tower_shares(model: MLLM, cfg: RunConfig) -> list[float] | None:
     """For a fused encoder, how much each tower moves the fusion's output on test samples (``None`` otherwise):
     ``||F(Z) - F(Z with tower t's tokens replaced by their mean over samples and positions)|| / ||F(Z)||``, a
     mean ablation; about 0 for a tower the fusion has shut out (e.g. behind a gate that stayed closed)."""
-    model = MLLM.from_pretrained(run_dir / "model").eval()
     encoder = model.encoder
     if not isinstance(encoder, FusedEncoder):
         return None
-    test = ShapesWorld(load_config(str(run_dir / "config.yaml")).data).split("test")
+    test = ShapesWorld(cfg.data).split("test")
     pixels = torch.stack([encoder.preprocess(test[i]["image"]) for i in range(PROBE_SAMPLES)])
     shares = []
     with torch.no_grad():
@@ -92,12 +89,14 @@ def row(run_dir: Path) -> dict[str, Any]:
     summary = json.loads((run_dir / "train_summary.json").read_text())
     steps = [h["s_per_step"] for h in summary["history"] if "s_per_step" in h]
     per_type = {k: v for k, v in summary["eval"]["per_type"].items() if k != "grounding"} | relpos_axes(run_dir)
+    model = MLLM.from_pretrained(run_dir / "model").eval()  # loaded once for both probes below
+    cfg = load_config(str(run_dir / "config.yaml"))
     return {
-        "recipe": run_dir.name, "seed": load_config(str(run_dir / "config.yaml")).train.seed,
+        "recipe": run_dir.name, "seed": cfg.train.seed,
         "steps": summary["history"][-1]["step"], "vqa": summary["eval"]["vqa_accuracy"],
         "grounding": summary["eval"]["grounding_accuracy"], "per_type": per_type,
-        "s_per_step": sum(steps) / len(steps), "visual_tokens_per_layer": visual_tokens_per_layer(run_dir),
-        "tower_shares": tower_shares(run_dir),
+        "s_per_step": sum(steps) / len(steps), "visual_tokens_per_layer": visual_tokens_per_layer(model, cfg),
+        "tower_shares": tower_shares(model, cfg),
     }
 
 

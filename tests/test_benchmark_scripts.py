@@ -76,15 +76,15 @@ def test_ridge_r2_is_one_for_an_exact_line_and_matches_a_hand_computed_miss() ->
 
 def test_tower_shares_are_zero_behind_a_closed_gate_and_the_mean_ablation_of_the_open_one(tmp_path: Path) -> None:
     from mllm import run
-    from mllm.config import load_config, save_config
+    from mllm.config import load_config
+    from mllm.model import MLLM
     from train.data.shapesworld import ShapesWorld
 
     cfg = load_config("ftz", ["model.llm.arch.num_hidden_layers=1"])
     torch.manual_seed(0)
     model = run.build_model(cfg, run.build_tokenizer_for(cfg)).eval()  # FtZ at init: gate 0, so F = A (tower 0)
-    model.save_pretrained(tmp_path / "model")
-    save_config(cfg, tmp_path)
-    shares = _script("ablation").tower_shares(tmp_path)
+    model.save_pretrained(tmp_path / "model")  # the table reads the saved model, as here
+    shares = _script("ablation").tower_shares(MLLM.from_pretrained(tmp_path / "model").eval(), cfg)
     test = ShapesWorld(cfg.data).split("test")
     pixels = torch.stack([model.preprocess(test[i]["image"])[:3] for i in range(64)])
     with torch.no_grad():
