@@ -14,7 +14,9 @@ pyramid, measured on 64 test samples), and for a fused encoder each tower's shar
 (:func:`tower_shares`: a tower behind a gate that never opened shows ~0). Given several folders (one per ``--seed``), it then prints each
 recipe's mean over seeds and its mean difference from tiny on the same seeds (paired: a recipe run on fewer
 seeds is not set against tiny's other seeds), with the per-type accuracies; relpos is also split by axis
-(``relpos-x``: left / right, ``relpos-y``: above / below), because a run can learn one axis and not the other. The
+(``relpos-x``: left / right, ``relpos-y``: above / below), because a run can learn one axis and not the other, and
+count by what it counts (``count-all``: every object, ``count-colour``: one colour, ``count-shape``: one shape),
+because telling each token's shape apart to count it is not the same skill as naming one object's shape. The
 last line is the JSON of the tables.
 """
 
@@ -33,10 +35,20 @@ from encoders.fused import FusedEncoder
 from mllm import run
 from mllm.config import RunConfig, load_config
 from mllm.model import MLLM
-from train.data.shapesworld import ShapesWorld
+from train.data.shapesworld import (
+    COLOUR_NAMES,
+    PLURALS,
+    Q_COUNT_ALL,
+    Q_COUNT_COLOUR,
+    Q_COUNT_SHAPE,
+    ShapesWorld,
+)
 
 PROBE_SAMPLES = 64
 RELPOS_AXES = {"relpos-x": ("left", "right"), "relpos-y": ("above", "below")}  # by reference answer
+COUNT_FILTERS = {Q_COUNT_ALL: "count-all"} | {Q_COUNT_COLOUR.format(colour=c): "count-colour" for c in COLOUR_NAMES} | {
+    Q_COUNT_SHAPE.format(plural=p): "count-shape" for p in PLURALS.values()}  # by question
+SUBTYPES = (*RELPOS_AXES, "count-all", "count-colour", "count-shape")  # column order
 
 
 def visual_tokens_per_layer(model: MLLM, cfg: RunConfig) -> float:
@@ -73,22 +85,31 @@ def tower_shares(model: MLLM, cfg: RunConfig) -> list[float] | None:
     return shares
 
 
-def relpos_axes(run_dir: Path) -> dict[str, float]:
-    """Accuracy of the relpos items per axis, from the run's test predictions (``eval/predictions.jsonl``)."""
-    scores: dict[str, list[float]] = {axis: [] for axis in RELPOS_AXES}
+def subtype(item: dict[str, Any]) -> str | None:
+    """A relpos item's axis (by its reference answer) or a count item's filter (by its question), else ``None``."""
+    if item["type"] == "relpos":
+        return next((a for a, answers in RELPOS_AXES.items() if item["reference"] in answers), None)
+    if item["type"] == "count":
+        # the prompt is the question and the <image> marker on separate lines, in the recipe's order
+        return next((COUNT_FILTERS[line] for line in item["prompt"].splitlines() if line in COUNT_FILTERS), None)
+    return None
+
+
+def subtype_scores(run_dir: Path) -> dict[str, float]:
+    """Accuracy per :func:`subtype`, from the run's test predictions (``eval/predictions.jsonl``)."""
+    scores: dict[str, list[float]] = {name: [] for name in SUBTYPES}
     with (run_dir / "eval" / "predictions.jsonl").open() as lines:
         for line in lines:
             item = json.loads(line)
-            axis = next((a for a, answers in RELPOS_AXES.items() if item["reference"] in answers), None)
-            if item["type"] == "relpos" and axis is not None:
-                scores[axis].append(float(item["score"]))
-    return {axis: fmean(s) for axis, s in scores.items() if s}
+            if (name := subtype(item)) is not None:
+                scores[name].append(float(item["score"]))
+    return {name: fmean(s) for name, s in scores.items() if s}
 
 
 def row(run_dir: Path) -> dict[str, Any]:
     summary = json.loads((run_dir / "train_summary.json").read_text())
     steps = [h["s_per_step"] for h in summary["history"] if "s_per_step" in h]
-    per_type = {k: v for k, v in summary["eval"]["per_type"].items() if k != "grounding"} | relpos_axes(run_dir)
+    per_type = {k: v for k, v in summary["eval"]["per_type"].items() if k != "grounding"} | subtype_scores(run_dir)
     model = MLLM.from_pretrained(run_dir / "model").eval()  # loaded once for both probes below
     cfg = load_config(str(run_dir / "config.yaml"))
     return {

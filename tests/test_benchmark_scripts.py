@@ -1,4 +1,4 @@
-"""The benchmark scripts' own arithmetic: ablation.py's per-axis relpos split (hand-written predictions) and
+"""The benchmark scripts' own arithmetic: ablation.py's relpos-axis and count-filter split (hand-written predictions),
 paired seed means (hand-written rows) and tower shares (a closed gate), position_probe.py's ridge R² (hand-computed
 cases)."""
 
@@ -23,26 +23,35 @@ def _script(name: str) -> ModuleType:  # benchmarks/ is scripts, not a package
     return module
 
 
-def test_relpos_axes_scores_each_axis_by_reference(tmp_path: Path) -> None:
+def _predictions(tmp_path: Path, items: list[dict[str, object]]) -> Path:
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "predictions.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    return tmp_path
+
+
+def test_subtype_scores_split_relpos_by_axis_and_count_by_filter(tmp_path: Path) -> None:
     items = [
         {"type": "relpos", "reference": "left", "score": 1.0},
         {"type": "relpos", "reference": "right", "score": 0.0},  # x: 1 of 2
         {"type": "relpos", "reference": "above", "score": 1.0},
         {"type": "relpos", "reference": "below", "score": 1.0},
         {"type": "relpos", "reference": "below", "score": 0.0},  # y: 2 of 3
-        {"type": "colour", "reference": "red", "score": 0.0},  # not relpos: ignored
-        {"type": "count", "reference": "left", "score": 0.0},  # a relpos word, another type: ignored
+        {"type": "count", "prompt": "How many objects are there?\n<image>", "reference": "3", "score": 1.0},  # all: 1
+        {"type": "count", "prompt": "<image>\nHow many red objects are there?", "reference": "1", "score": 0.0},
+        {"type": "count", "prompt": "How many purple objects are there?\n<image>", "reference": "0", "score": 1.0},
+        {"type": "count", "prompt": "How many crosses are there?\n<image>", "reference": "2", "score": 0.0},
+        {"type": "count", "prompt": "How many squares are there?\n<image>", "reference": "1", "score": 0.0},
+        {"type": "count", "prompt": "How many circles are there?\n<image>", "reference": "0", "score": 1.0},  # shape: 1 of 3
+        {"type": "colour", "prompt": "What colour is the square?\n<image>", "reference": "red", "score": 0.0},
     ]
-    (tmp_path / "eval").mkdir()
-    (tmp_path / "eval" / "predictions.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
-    axes = _script("ablation").relpos_axes(tmp_path)
-    assert axes == {"relpos-x": pytest.approx(0.5), "relpos-y": pytest.approx(2 / 3)}
+    scores = _script("ablation").subtype_scores(_predictions(tmp_path, items))
+    assert scores == {"relpos-x": pytest.approx(0.5), "relpos-y": pytest.approx(2 / 3), "count-all": 1.0,
+                      "count-colour": pytest.approx(0.5), "count-shape": pytest.approx(1 / 3)}
 
 
-def test_relpos_axes_leaves_out_an_axis_without_items(tmp_path: Path) -> None:
-    (tmp_path / "eval").mkdir()
-    (tmp_path / "eval" / "predictions.jsonl").write_text(json.dumps({"type": "relpos", "reference": "above", "score": 0.0}) + "\n")
-    assert _script("ablation").relpos_axes(tmp_path) == {"relpos-y": 0.0}
+def test_subtype_scores_leave_out_a_subtype_without_items(tmp_path: Path) -> None:
+    items = [{"type": "relpos", "reference": "above", "score": 0.0}]
+    assert _script("ablation").subtype_scores(_predictions(tmp_path, items)) == {"relpos-y": 0.0}
 
 
 def _run(recipe: str, seed: int, vqa: float, tiny: float | None) -> dict[str, object]:
