@@ -89,9 +89,9 @@ def test_tower_shares_are_zero_behind_a_closed_gate_and_the_mean_ablation_of_the
     from mllm.model import MLLM
     from train.data.shapesworld import ShapesWorld
 
-    cfg = load_config("ftz", ["model.llm.arch.num_hidden_layers=1"])
+    cfg = load_config("ftz", ["model.llm.arch.num_hidden_layers=1", "model.encoder.fusion.gate=true"])
     torch.manual_seed(0)
-    model = run.build_model(cfg, run.build_tokenizer_for(cfg)).eval()  # FtZ at init: gate 0, so F = A (tower 0)
+    model = run.build_model(cfg, run.build_tokenizer_for(cfg)).eval()  # gated FtZ at init: gate 0, so F = A (tower 0)
     model.save_pretrained(tmp_path / "model")  # the table reads the saved model, as here
     shares = _script("ablation").tower_shares(MLLM.from_pretrained(tmp_path / "model").eval(), cfg)
     test = ShapesWorld(cfg.data).split("test")

@@ -172,7 +172,7 @@ def test_tower_heads_add_one_loss_per_tower_of_a_fused_encoder() -> None:
 @pytest.mark.parametrize("towers", [False, True])
 def test_tower_heads_reach_a_tower_behind_a_closed_gate(towers: bool) -> None:
     # FtZ's zero-initialised gate: at step 0 the augmenting tower (1) gets no gradient from the fused output
-    model, batch = _fused_model([f"model.object_heads.towers={str(towers).lower()}"])
+    model, batch = _fused_model([f"model.object_heads.towers={str(towers).lower()}", "model.encoder.fusion.gate=true"])
     model.train()
     model(**batch).loss.backward()
     grads = [p.grad for p in model.encoder.towers[1].parameters()]
