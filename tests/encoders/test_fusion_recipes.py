@@ -1,4 +1,4 @@
-"""The shipped fusion recipes: they validate, mirror tiny.yaml outside the encoder/projector, and
+"""The shipped fusion recipes: they validate, mirror tiny.yaml outside the encoder (projector included), and
 their fused encoders build and run on a ShapesWorld image with tiny.yaml's 16 visual tokens."""
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def test_recipe_builds_and_runs(name: str, build_encoder: Callable[[EncoderPart]
     for key in ("data", "train", "eval"):
         assert to_dict(getattr(cfg, key)) == to_dict(getattr(tiny, key)), key
     assert to_dict(cfg.model.llm) == to_dict(tiny.model.llm)
+    assert to_dict(cfg.model.projector) == to_dict(tiny.model.projector)  # the ablation changes the fusion only
     for key in ("tokenizer_numbers", "loss_reduction"):
         assert getattr(cfg.model, key) == getattr(tiny.model, key), key
     encoder = build_encoder(cfg.model.encoder)
