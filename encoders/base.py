@@ -15,8 +15,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from common.errors import UserError
 
-class EncoderError(ValueError):
+
+class EncoderError(UserError, ValueError):
     """Bad encoder input: a weights path that does not exist, a layer index out of range, ..."""
 
 

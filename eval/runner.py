@@ -34,6 +34,7 @@ from typing import Any, Protocol
 from PIL import Image
 from tqdm.auto import tqdm
 
+from common.errors import UserError
 from eval.tasks.base import EvalSample, Task
 from train.atomic import atomic_write
 
@@ -42,7 +43,7 @@ SYNC_EVERY_S = 10.0  # fsync the predictions at most this often (and at the end)
 SCHEDULE = "by type, longest prompt first"  # the batch order of :func:`schedule`, recorded with the metrics
 
 
-class EvalError(RuntimeError):
+class EvalError(UserError, RuntimeError):
     """The evaluation cannot go on (mismatched protocol on resume, corrupt predictions file, ...)."""
 
 

@@ -19,6 +19,7 @@ from typing import Any, Union
 
 import yaml
 
+from common.errors import UserError
 from eval.runner import EvalConfig
 from mllm.loss import LOSS_REDUCTIONS
 from mllm.numbers import NUMBER_INITS
@@ -32,7 +33,7 @@ from train.trainer import TrainConfig
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value or file is wrong; the message names the file and the dotted key."""
 
 

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from common.errors import UserError
 from encoders.base import EncoderError
 from encoders.hf import HFVisionEncoder, build_image_processor, processed_size
 from mllm.config import ConfigError, ModelConfig, from_dict
@@ -63,7 +64,7 @@ _NOT_ARCH = ("model_type", "transformers_version", "architectures", "dtype", "_n
 _LLM_IDS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")  # build_llm takes these from the tokenizer
 
 
-class HFInteropError(ValueError):
+class HFInteropError(UserError, ValueError):
     """The model or folder cannot be converted; the message names the file or field and why."""
 
 

@@ -33,6 +33,7 @@ import yaml
 from PIL import Image
 from torch import nn
 
+from common.errors import UserError
 from mllm.config import EncoderPart, LLMConfig, ModelConfig, from_dict, fused_parts, read_yaml, to_dict
 from mllm.injection.base import (
     InjectionError,
@@ -59,7 +60,7 @@ TOKENIZER_DIR = "tokenizer"
 GROUPS = ("encoder", "projector", "llm", "injectors")  # "injectors" is counted only when there are some
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """The model cannot be built, fed or loaded as asked; the message names the field or file."""
 
 

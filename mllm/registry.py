@@ -14,10 +14,12 @@ import importlib
 from collections.abc import Mapping
 from typing import Any, Generic, TypeVar
 
+from common.errors import UserError
+
 T = TypeVar("T")
 
 
-class RegistryError(KeyError):
+class RegistryError(UserError, KeyError):
     """Unknown name in a registry; the message lists the valid names."""
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = ("mllm", "encoders", "projectors", "train", "eval")
+OURS = ("mllm", "encoders", "projectors", "train", "eval", "common")
 # package (or sub-package) -> top-level packages of ours it must never import
 FORBIDDEN = {
+    "common": {"mllm", "train", "eval", "encoders", "projectors"},  # floor 0: imports nothing of ours
     "encoders": {"mllm", "train", "eval", "projectors"},
     "projectors": {"mllm", "train", "eval", "encoders"},
     "train": {"mllm", "eval"},

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from common.errors import UserError
 from train.sampler import StepBatchSampler, stream_batches
 from train.stages import DEFAULT_TRAINABLE, LoraConfig, plan_groups
 from train.throughput import mfu, peak_flops
@@ -37,7 +38,7 @@ from train.throughput import mfu, peak_flops
 log = logging.getLogger("mllm.train")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """The run cannot go on (NaN loss, bad batch arithmetic, unreadable checkpoint)."""
 
 

@@ -22,11 +22,13 @@ from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from PIL import Image
 
+from common.errors import UserError
+
 IMAGE_MARKER = "<image>"  # where the image goes in a prompt (LLaVA's first user turn: "<image>\n...")
 LLAVA_SHORT_ANSWER = "Answer the question using a single word or phrase."  # LLaVA-1.5 VQA suffix
 
 
-class EvalDataError(ValueError):
+class EvalDataError(UserError, ValueError):
     """A benchmark file is missing or malformed; the message names the file and the field."""
 
 

@@ -27,10 +27,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from common.errors import UserError
+
 NEEDS = ("tokens", "layers", "splice")  # what an injector may ask the MLLM for
 
 
-class InjectionError(ValueError):
+class InjectionError(UserError, ValueError):
     """An injector cannot be attached or fed as configured; the message names the field."""
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from common.errors import UserError
 from mllm.merge.methods.frank import fit_decay, prior_weights
 
 PROBE_JSON = "probe.json"
@@ -36,7 +37,7 @@ PROBE_PNG = "probe.png"
 QUERIES = "attended text tokens after the first image token"
 
 
-class ProbeError(ValueError):
+class ProbeError(UserError, ValueError):
     """The model or the probe batches cannot be probed; the message says what is expected."""
 
 

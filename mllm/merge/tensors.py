@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from common.errors import UserError
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 TOKENIZER_FILES = (
@@ -53,7 +55,7 @@ DTYPES = {
 }
 
 
-class MergeError(ValueError):
+class MergeError(UserError, ValueError):
     """Bad merge input (config, folder, tensor); the message names the file/field/tensor."""
 
 

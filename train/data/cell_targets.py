@@ -13,13 +13,14 @@ from typing import Any
 
 import torch
 
+from common.errors import UserError
 from train.data.shapesworld import COLOUR_NAMES, SHAPES, SIZES
 
 # class 0 of every attribute is "no object in this cell"; value i of an attribute is class i + 1
 CELL_ATTRIBUTES: dict[str, tuple[str, ...]] = {"shape": SHAPES, "colour": COLOUR_NAMES, "size": SIZES}
 
 
-class CellTargetError(ValueError):
+class CellTargetError(UserError, ValueError):
     """A sample carries no usable ``objects`` list; the message names the sample."""
 
 

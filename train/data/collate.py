@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from common.errors import UserError
 from train.data.templates import (
     IGNORE_INDEX,
     Template,
@@ -30,7 +31,7 @@ from train.data.templates import (
 log = logging.getLogger("mllm.data")
 
 
-class CollateError(ValueError):
+class CollateError(UserError, ValueError):
     """A sample cannot be turned into a valid training row; the message names its id."""
 
 

@@ -27,13 +27,15 @@ from typing import Any
 
 from PIL import Image
 
+from common.errors import UserError
+
 log = logging.getLogger("mllm.data")
 
 SOURCES = ("auto", "llava_json", "hf_disk", "hf_json", "hf_parquet")
 ROLE_TO_FROM = {"user": "human", "human": "human", "assistant": "gpt", "gpt": "gpt"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file, record or image is unusable; the message names the file / record / path."""
 
 

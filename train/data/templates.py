@@ -18,11 +18,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from common.errors import UserError
+
 IGNORE_INDEX = -100  # label of positions that carry no loss (torch cross-entropy's ignore_index)
 IMAGE_MARKER = "<image>"  # the placeholder LLaVA's conversation JSON puts in the human turn
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError, ValueError):
     """A conversation does not fit the template, or tokenisation is inconsistent."""
 
 
