@@ -1,7 +1,8 @@
 """Florence-2 (transformers' native ``Florence2``) as a vision encoder: DaViT stages, the projected
 image tokens, and prompt-conditioned encoder states (Florence-VL's depth and breadth features).
 
-Three kinds of feature set, each a token grid ``[B, N, D]`` (METHODS.md §6.2):
+Three kinds of feature set, each a token grid ``[B, N, D]`` (Florence-VL: Chen et al., 2024, CVPR 2025,
+arXiv 2412.04424, depth and breadth features):
 
 * ``layers``: DaViT blocks, numbered over all stages (block ``b`` = ``hidden_states[b + 1]`` of
   ``Florence2VisionBackbone``); stages differ in width and grid (stride 4, 8, 16, 32);
@@ -16,7 +17,8 @@ Keys of the returned mapping: block taps keep their block index; the image featu
 image features / prompt states is the only prefix token (``drop_prefix``). Taps on different grids
 must be brought to one ``grid`` (encoders/grid.py), never silently. Florence-VL's own prompt ids
 (BART vocabulary) are in the README; the breadth sets are inferred to keep the 576 image positions
-of each prompt's encoder output (METHODS.md §6.2, the fork's Florence-2 hook was not available).
+of each prompt's encoder output (inferred: Florence-VL's modified Florence-2 hook that returns these
+states is not part of its released code).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DESIGN.md's dependency direction, checked on the source: every import of ours points down a floor.
+"""The dependency direction (README, "Layout"), checked on the source: every import of ours points down a floor.
 
 Function-level imports count too (heavy back-ends are imported lazily, our own modules must still
 respect the floors).
@@ -42,7 +42,7 @@ def test_imports_point_down_the_floors(package: str) -> None:
         for line, name in _imports(path)
         if name.split(".")[0] in FORBIDDEN[package]
     ]
-    assert not bad, "imports against DESIGN.md's floors:\n" + "\n".join(bad)
+    assert not bad, "imports against the dependency floors:\n" + "\n".join(bad)
 
 
 def test_the_checker_sees_function_level_imports(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""COMM multi-level feature merging of CLIP and DINOv2 (Jiang et al., arXiv 2310.08825; METHODS.md §5.2).
+"""COMM multi-level feature merging of CLIP and DINOv2 (Jiang et al., 2023, arXiv 2310.08825).
 
 Tower 0 is the CLIP-like encoder (the paper taps all its layers ``i``), tower 1 the DINOv2-like one
 (the paper taps only the deep layers ``j = 19..24``; shallow DINOv2 layers hurt). Each tapped layer

@@ -1,5 +1,5 @@
 """MG-LLaVA Conv-Gate fusion of a high-resolution encoder into the base one (Zhao et al.,
-arXiv 2406.17770; official ``DualPathFuseModule``; METHODS.md §7.3).
+2024, arXiv 2406.17770; official ``DualPathFuseModule``).
 
 Tower 0 is the low-resolution base encoder (CLIP ViT: ``L ∈ R^{B × N × d_l}``), tower 1 the
 high-resolution one (ConvNeXt: ``H ∈ R^{B × N × d_h}``), both on one ``rows × cols`` grid:

@@ -1,4 +1,4 @@
-"""Florence-VL Depth–Breadth Fusion, DBFusion (Chen et al., arXiv 2412.04424; METHODS.md §6.3).
+"""Florence-VL Depth–Breadth Fusion, DBFusion (Chen et al., 2024, CVPR 2025, arXiv 2412.04424).
 
 Florence-VL concatenates, along channels, one *depth* feature set and several *breadth* sets of a
 Florence-2 encoder — the projected DaViT image tokens ``V_d`` and the encoder's states under the

@@ -1,4 +1,4 @@
-"""FtZ: an anchor encoder attends to an augmenting encoder (She & Wu, arXiv 2509.00664; METHODS.md §4).
+"""FtZ: an anchor encoder attends to an augmenting encoder (She & Wu, 2025, arXiv 2509.00664).
 
 The anchor's tokens ``A ∈ R^{B × N_a × d_a}`` (semantically strong, e.g. CLIP) are the queries; the
 augmenting encoder's tokens ``G ∈ R^{B × N_g × d_g}`` (perception-rich, e.g. DINOv2) are keys and
@@ -12,7 +12,7 @@ by a pre-norm FFN:
 ``γ = 0`` at start with ``gate`` (then ``A'' = A``); without ``gate`` the factors are 1. The output
 keeps the anchor's token count and grid, so the projector and LLM see the usual number of tokens;
 the grids of the two towers need not agree. Which side queries, the gating and the FFN are INFERRED
-(only the abstract was readable, METHODS.md §0.5): all three are options here.
+(the report's abstract does not fix them): all three are options here.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What every evaluation task is: data + a prompt + a parser + a metric (CONVENTIONS.md item 9).
+"""What every evaluation task is: data + a prompt + a parser + a metric.
 
 A task turns its benchmark files into :class:`EvalSample` objects, builds one prompt per sample, parses
 the model's text into an answer, scores it, and aggregates per-sample records into metrics. The runner

@@ -3,7 +3,8 @@
 VQA items (colour, shape, count, exists, relpos) score 1 when the answer equals the single reference
 after the official VQA normalisation (:func:`eval.metrics.normalize_vqa_answer`, both sides);
 grounding items score Acc@0.5: the box parsed from the text in the 0-1000 convention against the
-reference box (DESIGN.md: boxes are ``[x1, y1, x2, y2]`` in 0-1000 integers of the image).
+reference box (ShapesWorld writes boxes as ``[x1, y1, x2, y2]`` in 0-1000 integers of the image,
+:mod:`train.data.shapesworld`).
 The prompt is the training form of a first user turn, ``"<image>\\n" + question``.
 """
 
