@@ -1,10 +1,10 @@
-"""InfMLLM pool-adapter: non-overlapping average pooling on the patch grid, then an MLP (METHODS.md §8.1).
+"""InfMLLM pool-adapter: non-overlapping average pooling on the patch grid, then an MLP.
 
 Tokens ``Z`` ``[B, s*s, D_in]`` (patch tokens only, raster order) are read as an ``s x s`` map and
 average-pooled to ``p x p`` cells, ``p = s / k``, each the mean of a ``k x k`` patch block
 (``s % k == 0``), kept in raster order (the "positional information preserved" point, vs a
-Q-Former), then projected: ``H = W_2 GELU(W_1 AvgPool_k(Z) + b_1) + b_2`` (Zhou et al. 2023, INF-MLLM
-``pooler.py``; released eval: s = 32, p = 16, i.e. k = 2 -> 256 tokens). ``[B, s^2, D_in] -> [B, p^2, D_out]``.
+Q-Former), then projected: ``H = W_2 GELU(W_1 AvgPool_k(Z) + b_1) + b_2`` (Zhou et al., 2023, arXiv 2311.06791;
+official INF-MLLM ``pooler.py``; released eval: s = 32, p = 16, i.e. k = 2 -> 256 tokens). ``[B, s^2, D_in] -> [B, p^2, D_out]``.
 The cell side ``k`` is configured rather than InfMLLM's ``pool_out_size`` p, so one config serves
 every input resolution.
 """

@@ -1,4 +1,5 @@
-"""LLM-side fusion (DESIGN.md data path (b)): injectors that hook the decoder layers of a HF causal LM.
+"""LLM-side fusion: injectors that hook the decoder layers of a HF causal LM, so visual context reaches
+the LLM inside its layers instead of (or besides) as spliced tokens.
 
 ``gated_xattn`` (Flamingo gated cross-attention), ``ffn_embed`` (DEHVF FFN memory) and ``pyramid``
 (DPN pooling experts); registered in ``mllm.registry.INJECTORS``, interface in :mod:`.base`.

@@ -1,8 +1,12 @@
-"""DEHVF: hierarchical visual features, selected per LLM layer, embedded in the layer's FFN (METHODS.md §2).
+"""DEHVF: hierarchical visual features, selected per LLM layer, embedded in the layer's FFN.
 
-INFERRED reconstruction — the DEHVF paper's fuser equations, insertion form and hyper-parameters
-could not be read (METHODS.md §0.4, §2.4); this follows §2.4 on top of MemVP's confirmed FFN memory
-(§2.3). For a chosen LLM block ``l`` with FFN input ``x_l = norm(h_l)`` ``[B, T, d]``:
+DEHVF: Wei et al., 2025, "Dynamic Embedding of Hierarchical Visual Features for Efficient
+Vision-Language Fine-Tuning", arXiv 2508.17638. INFERRED reconstruction: the paper's abstract fixes
+the idea (a lightweight fuser picks ViT layers per LLM layer from that layer's own state; the result is
+embedded in the layer's FFN; no visual token in the sequence), not its fuser equations, insertion form
+or hyper-parameters. Those follow MemVP's FFN memory (Jie et al., ICML 2024, arXiv 2405.05615, and its
+official code), the method DEHVF extends. For a chosen LLM block ``l`` with FFN input
+``x_l = norm(h_l)`` ``[B, T, d]``:
 
 1. ``F_m`` ``[B, N, d_v]``: the encoder layers ``m in M`` the encoder taps (the per-layer dict).
 2. Layer query ``q_l = mean_t x_l[t]`` over the prompt tokens (``VisualContext.query_mask``),
@@ -10,8 +14,8 @@ could not be read (METHODS.md §0.4, §2.4); this follows §2.4 on top of MemVP'
 3. Selection ``beta_l = softmax(W_l q_l / tau)`` ``[B, |M|]``; a per-layer ``W_l`` (zero init =
    uniform weights); ``top_k > 0`` keeps the k largest weights, renormalised.
 4. ``Z_l = s_v * Proj(sum_m beta_{l,m} F_m)`` ``[B, N', d]`` with the MLLM's projector as the shared
-   ``Proj`` (built on one encoder layer's width) and ``s_v = 0.01`` (MemVP). §2.4 leaves the order
-   open; ``order: project_then_fuse`` gives ``Z_l = s_v * sum_m beta_{l,m} Proj(F_m)`` instead: the
+   ``Proj`` (built on one encoder layer's width) and ``s_v = 0.01`` (MemVP). The paper does not fix
+   the order; ``order: project_then_fuse`` gives ``Z_l = s_v * sum_m beta_{l,m} Proj(F_m)`` instead: the
    ``|M|`` projections are shared by all layers (cheaper when ``|M| < |L|``; identical for a linear
    projector).
 5. MemVP memory beside the FFN, sharing its input norm:
@@ -20,7 +24,7 @@ could not be read (METHODS.md §0.4, §2.4); this follows §2.4 on top of MemVP'
 
 No visual token enters the sequence (the MLLM runs with ``splice: false``): the LLM sees only text;
 a token pays ``O(N' d)`` per chosen layer instead of lengthening the sequence by ``N'``.
-Alternatives left open by §2.4 (per-token selection, separate key/value projections) are not built.
+Alternatives the abstract leaves open (per-token selection, separate key/value projections) are not built.
 
 Implemented as a forward hook on each chosen layer's ``mlp`` submodule (the FFN of Llama, Qwen,
 Mistral, Gemma and Phi layers): its input is ``x_l``, and the memory read is added to its output.

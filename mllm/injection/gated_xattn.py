@@ -1,6 +1,7 @@
-"""Flamingo-style gated cross-attention in front of chosen decoder layers (METHODS.md §8.2).
+"""Flamingo-style gated cross-attention in front of chosen decoder layers.
 
-Before each chosen frozen LM block (Alayrac et al. 2022; OpenFlamingo's ``GatedCrossAttentionBlock``):
+Before each chosen frozen LM block (Flamingo: Alayrac et al., 2022, arXiv 2204.14198, §2.2, the
+GATED XATTN-DENSE layers; OpenFlamingo's ``GatedCrossAttentionBlock``):
 
     y <- y + tanh(a_x) * CrossAttn(q = LN(y), k, v = X)      X: the projected visual tokens [B, M, d]
     y <- y + tanh(a_f) * FFW(LN(y))                          FFW: Linear(d, m d) -> GELU -> Linear(m d, d)

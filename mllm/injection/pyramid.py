@@ -1,9 +1,12 @@
-"""DPN: a pyramid of spliced visual tokens pooled by dynamic pooling experts (METHODS.md §3).
+"""DPN: a pyramid of spliced visual tokens pooled by dynamic pooling experts.
+
+Dynamic Pyramid Network: Ai et al., 2025, arXiv 2503.20322; the details below follow its official
+code (aihao2000/DPN-LLaVA), which fixes what the paper's text leaves out.
 
 After each chosen decoder block ``p`` (DPN: 0-based 7, 15, 23 of 32, ``pooling_location='post'``)
 the visual tokens of every sample — a ``rows x cols`` raster of spliced tokens — are pooled by one
 of the experts (kernel = stride ``(kh, kw)``; DPN: (1,1), (1,2), (2,2) -> x1, x1/2, x1/4 tokens),
-written back in place, and the sequence shrinks. Text tokens are untouched. Per stage (§3.2):
+written back in place, and the sequence shrinks. Text tokens are untouched. Per stage:
 
     p = softmax(Router(h_r) / 10),  Router = LN -> Linear(d, d/4) -> GELU -> Linear(d/4, E)  (no bias)
     k ~ Categorical(p) in training (draws leaving < min_tokens are excluded), k = argmax p at inference
@@ -11,7 +14,7 @@ written back in place, and the sequence shrinks. Text tokens are untouched. Per 
 
 ``h_r`` is the hidden state of the router token: DPN appends a ``<ROUTER>`` token; we use its
 documented fallback, the last prompt token (``VisualContext.query_mask``). Rows with fewer than
-``skip_below`` visual tokens are not pooled. Routing loss (§3.3), added to the LM loss in training:
+``skip_below`` visual tokens are not pooled. Routing loss (the official code's hinge), added to the LM loss in training:
 ``w * max(0, target - mean(c_kmax * p_kmax))`` over all decisions, ``k_max = argmax p``,
 ``c_k = k`` (experts listed from least to most compression), ``w = 0.001``, ``target = 1.5``.
 
@@ -354,7 +357,7 @@ class PyramidInjector(Injector):
 
     def tokens_per_layer(self) -> list[float]:
         """Mean visual tokens entering each decoder layer, over every row prefilled since
-        :meth:`reset_stats` (routing is per sample: FLOPs are reported as this mean, METHODS.md §3.6)."""
+        :meth:`reset_stats` (routing is per sample: FLOPs are reported as this mean)."""
         bounds = [-1, *self.pool_layers, self.num_layers - 1]
         rows = max(self._rows, 1)
         return [self._token_sums[s] / rows for s in range(len(self._token_sums)) for _ in range(bounds[s + 1] - bounds[s])]
