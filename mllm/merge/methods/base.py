@@ -1,4 +1,4 @@
-"""The merge-method contract (CONVENTIONS.md item 8).
+"""The merge-method contract.
 
 A merge method is a class registered in ``mllm.registry.MERGE_METHODS`` whose ``merge`` is a pure
 per-tensor function::
@@ -102,7 +102,8 @@ def tensor_seed(seed: int, name: str) -> int:
 
 
 def fp32(t: torch.Tensor) -> torch.Tensor:
-    """The tensor in float32 (float64 kept): deltas in bf16 would cancel (METHODS.md section 1.8)."""
+    """The tensor in float32 (float64 kept): deltas in bf16 would cancel: the difference of two
+    nearby bf16 weights keeps only a few significant bits."""
     return t if t.dtype in (torch.float32, torch.float64) else t.to(torch.float32)
 
 

@@ -1,4 +1,4 @@
-"""DARE + task arithmetic (Yu et al., ICML 2024; METHODS.md 9.3): drop each task-vector entry with
+"""DARE + task arithmetic (Yu et al., ICML 2024, arXiv 2311.03099): drop each task-vector entry with
 probability p = 1 - density, rescale the rest by 1/(1 - p), add the weighted sum to the base.
 Masks are drawn from a generator seeded per tensor name, so a merge is reproducible.
 """

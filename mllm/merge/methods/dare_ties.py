@@ -1,4 +1,4 @@
-"""DARE + TIES sign consensus (Yu et al., ICML 2024; METHODS.md 9.3): random drop-and-rescale
+"""DARE + TIES sign consensus (Yu et al., ICML 2024, arXiv 2311.03099): random drop-and-rescale
 sparsifier, then TIES' elected sign and disjoint sum (normalize off by default, as in mergekit).
 """
 

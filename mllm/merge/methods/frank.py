@@ -1,4 +1,7 @@
-"""FRANK: training-free layer-wise merge of a reasoning LLM into an MLLM (Wei & Chen, 2025; METHODS.md 1).
+"""FRANK: training-free layer-wise merge of a reasoning LLM into an MLLM.
+
+Wei & Chen, 2025, "Training-Free Reasoning and Reflection in MLLMs", arXiv 2505.16151 (v1); equation
+numbers are v1's.
 
 Models, in this order: V = the MLLM (its language-model tensors found through the plan's
 ``name_map``), R = the reasoning LLM; ``base_model`` = theta_0, their common ancestor. For decoder block
@@ -9,17 +12,18 @@ into one vector and the task vectors tau = theta - theta_0 taken in fp32 (Eq. 3)
     lambda_t(l) = ||tau_t(l)||^2 / (||tau_V(l)||^2 + ||tau_R(l)||^2)                    (Eq. 13, no prior)
     lambda_t(l) = w_t(l) ||tau_t(l)||^2 / (w_V(l) ||tau_V(l)||^2 + w_R(l) ||tau_R(l)||^2)   (Eq. 15)
 
-The attention prior (section 1.7): the visual share a_l of text-query attention per layer (``mllm
+The attention prior (§3.2.3, Appendix A.9): the visual share a_l of text-query attention per layer (``mllm
 probe``) is fitted by OLS as a_l ~ C e^(-alpha l), l = 1..L (Eq. 40-44), and
 
     w_V(l) = e^(-alpha l) / sum_j e^(-alpha j)     (prior_norm: sum, as printed, Eq. 16/45)
-    w_V(l) = e^(-alpha (l - 1))                    (prior_norm: max, the alternative of section 0.2)
+    w_V(l) = e^(-alpha (l - 1))                    (prior_norm: max, an alternative: the printed w_V sums to 1
+                                                    over the layers, so it is ~1/L in every layer)
     w_R(l) = 1 - w_V(l).
 
 ``alpha`` may be given directly (the paper's fixed-decay ablation) instead of a probe file. When both
 norms of a block are 0 the block equals theta_0 whatever lambda is; lambda_V = w_V is reported.
 
-Outside the decoder blocks (section 1.8, not specified by the paper): vision tower, projector and any
+Outside the decoder blocks (not specified by the paper): vision tower, projector and any
 tensor R lacks come from the MLLM; embeddings, final norm and lm_head come from the MLLM
 (``outside: mllm``, default), from R (``outside: reasoner``, shapes must match) or are merged with
 Eq. 13 per tensor (``outside: frank``). FRANK is two-pass: pass 1 streams the block tensors to sum
@@ -70,7 +74,7 @@ def fit_decay(share: Sequence[float]) -> tuple[float, float]:
 
 
 def prior_weights(alpha: float, num_layers: int, norm: Literal["sum", "max"]) -> list[float]:
-    """w_V(l) for l = 1..L (section 1.7 step 4).
+    """w_V(l) for l = 1..L (Eq. 16 / 45).
 
     ``sum``: e^{-alpha l} / sum_j e^{-alpha j} (as printed). ``max``: e^{-alpha l} / max_j e^{-alpha j},
     which is e^{-alpha (l-1)} for a decaying share (alpha >= 0) and stays <= 1 when the share rises with

@@ -1,4 +1,4 @@
-"""Layer swapping (Bandarkar et al., ICLR 2025; METHODS.md 9.5).
+"""Layer swapping (Bandarkar et al., ICLR 2025, arXiv 2410.01335).
 
 Two experts fine-tuned from one base: the ``kept`` expert (e.g. math) supplies the middle decoder
 blocks, the ``swap: true`` expert (e.g. language) the bottom ``bottom`` and top ``top`` blocks. Between

@@ -1,4 +1,4 @@
-"""LiNeS, layer-increasing network scaling (Wang et al., ICLR 2025; METHODS.md 9.4).
+"""LiNeS, layer-increasing network scaling (Wang et al., ICLR 2025, arXiv 2410.17146).
 
 The merged task vector tau_MTL (generalized task arithmetic, see task_arithmetic.py; plain weighted
 sum by default, TIES/DARE variants via ``sparsifier`` / ``consensus``) is scaled per decoder block,

@@ -1,4 +1,4 @@
-"""Generalized task arithmetic: task arithmetic, TIES and DARE as one implementation (METHODS.md 9.1-9.3).
+"""Generalized task arithmetic: task arithmetic, TIES and DARE as one implementation.
 
 For base theta_0 and models t with task vectors tau_t = theta_t - theta_0 (fp32), weights w_t:
 
@@ -18,10 +18,10 @@ For base theta_0 and models t with task vectors tau_t = theta_t - theta_0 (fp32)
    Without consensus the divisor is sum_t w_t.
 4. tau_m = sum_t d_t (/ divisor if ``normalize``);  theta = theta_0 + lambda * tau_m.
 
-Task arithmetic (Ilharco et al., ICLR 2023) = no sparsifier, no consensus; TIES (Yadav et al.,
-NeurIPS 2023) = magnitude + consensus + normalize; DARE (Yu et al., ICML 2024) = random + rescale,
-with (dare_ties) or without (dare_linear) consensus. This follows mergekit's
-generalized_task_arithmetic, so the same YAML gives the same numbers (tested for TA and TIES) up to
+Task arithmetic (Ilharco et al., ICLR 2023, arXiv 2212.04089) = no sparsifier, no consensus; TIES
+(Yadav et al., NeurIPS 2023, arXiv 2306.01708) = magnitude + consensus + normalize; DARE (Yu et al.,
+ICML 2024, arXiv 2311.03099) = random + rescale, with (dare_ties) or without (dare_linear) consensus.
+This follows mergekit's generalized_task_arithmetic, so the same YAML gives the same numbers (tested for TA and TIES) up to
 the tie rule above, and up to mergekit's compute dtype: its ``dtype`` (bfloat16, say) is the dtype it
 computes tau in, ours is only the output's.
 """

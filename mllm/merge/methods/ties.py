@@ -1,4 +1,4 @@
-"""TIES-Merging (Yadav et al., NeurIPS 2023; METHODS.md 9.2): trim (magnitude top-k per tensor),
+"""TIES-Merging (Yadav et al., NeurIPS 2023, arXiv 2306.01708): trim (magnitude top-k per tensor),
 elect sign, disjoint mean -- generalized task arithmetic with ``magnitude`` + consensus, normalize on.
 """
 

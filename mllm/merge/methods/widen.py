@@ -1,4 +1,4 @@
-"""WIDEN, weight disentanglement (Yu et al., arXiv 2408.03092; METHODS.md 9.6; official MergeLLM code).
+"""WIDEN, weight disentanglement (Yu et al., 2024, arXiv 2408.03092; official MergeLLM code).
 
 For a 2-D weight W (out x in; token embeddings are transposed first so that each token is a column),
 per expert t against the base (all in fp32):
