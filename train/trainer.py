@@ -72,6 +72,9 @@ class TrainConfig:
     # DDP: tolerate trainable parameters outside a step's graph (e.g. an encoder's final norm that no tapped
     # layer uses); false saves a graph walk per step when every trainable parameter is always used.
     find_unused_parameters: bool = True
+    # Experiment trackers, by accelerate's names (``log_with=``): tensorboard, wandb, mlflow, aim, ... when
+    # installed; logs go under RUN/logs for those that write locally. [] logs to none.
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.batch_size <= 0 or self.micro_batch_size <= 0:
@@ -86,6 +89,7 @@ class TrainConfig:
         if bad_lr:
             raise ValueError(f"lr_groups.{bad_lr[0]}: expected a positive learning rate")
         self.groups()  # a contradictory stage / trainable / lora plan fails here, before any I/O
+        check_trackers(self.log_with)
 
     def groups(self) -> list[str]:
         """The module groups this run trains (train/stages.py)."""
@@ -100,6 +104,23 @@ class TrainConfig:
                 f"{self.micro_batch_size} x {num_processes} processes"
             )
         return self.batch_size // per_step
+
+
+def check_trackers(names: Sequence[str]) -> None:
+    """Each of ``train.log_with`` must be one of accelerate's trackers and installed here."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    known = [n for n in LoggerType.list() if n != LoggerType.ALL.value]
+    installed = sorted(str(LoggerType(t).value) for t in get_available_trackers())
+    for name in names:
+        if name not in known:
+            raise TrainingError(f"train.log_with: unknown tracker {name!r}; expected some of: {', '.join(known)}")
+        if name not in installed:
+            raise TrainingError(
+                f"train.log_with: tracker {name!r} is not installed (pip install {name}); "
+                f"installed: {', '.join(installed) or 'none'}"
+            )
 
 
 class LossModel(Protocol):
@@ -199,13 +220,18 @@ class Trainer:
         """``dataset``: random access (a Sequence), or an iterable read as a stream; ``lengths``: per
         sample, for ``cfg.group_by_length``."""
         from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
+        from accelerate.utils import (
+            DataLoaderConfiguration,
+            DistributedDataParallelKwargs,
+            ProjectConfiguration,
+            set_seed,
+        )
 
         self.cfg, self.out_dir, self.eval_fn = cfg, Path(out_dir), eval_fn
         self.accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision,
-            log_with="tensorboard",
-            project_dir=str(self.out_dir),
+            log_with=list(cfg.log_with) or None,
+            project_config=ProjectConfiguration(project_dir=str(self.out_dir), logging_dir=str(self.out_dir / "logs")),
             # Our schedule counts optimizer steps: step it once per step, not once per process.
             dataloader_config=DataLoaderConfiguration(split_batches=True),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)],
@@ -283,52 +309,52 @@ class Trainer:
         ckpt = resolve_resume(resume, self.out_dir)
         if ckpt is not None:
             self.load_checkpoint(ckpt)
-        self.accelerator.init_trackers("tb")
+        self.accelerator.init_trackers(self.out_dir.resolve().name or "mllm")  # the run's name
         cfg, acc = self.cfg, self.accelerator
         self.model.train()
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not acc.is_local_main_process, desc="train")
-        loss_sum, tokens, samples, since, t0 = 0.0, 0, 0, 0, time.perf_counter()  # since the last log
-        batches = iter(self._loader())
-        while self.step < cfg.steps:
-            for _ in range(self.accum):
-                batch = next(batches)
-                batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                with acc.accumulate(self.model):  # the last micro-batch of a step syncs gradients
-                    loss = self.model(**batch).loss
-                    if not torch.isfinite(loss):
-                        raise TrainingError(
-                            f"non-finite loss {loss.item()} at step {self.step}: lower train.lr or check the data"
-                        )
-                    acc.backward(loss)  # scaled by 1 / accumulation
-                loss_sum += loss.item() / self.accum
-                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
-                samples += len(next(iter(batch.values())))
-            if cfg.grad_clip > 0:
-                acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            bar.update(1)
-            since += 1
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                dt = time.perf_counter() - t0
-                # Over all processes: the mean loss, and the tokens / samples they processed together.
-                totals = acc.reduce(torch.tensor([loss_sum, tokens, samples], dtype=torch.float64, device=acc.device),
-                                    reduction="sum").tolist()
-                row = self._row(totals[0] / acc.num_processes / since, totals[1] / dt, totals[2] / dt, dt / since)
-                self.history.append(row)
-                acc.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=self.step)
-                extra = {"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}
-                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}", **extra)
-                loss_sum, tokens, samples, since, t0 = 0.0, 0, 0, 0, time.perf_counter()
-            if self.eval_fn is not None and cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                self._evaluate()
-                t0 = time.perf_counter()
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
-                self.save_checkpoint()
-                t0 = time.perf_counter()
-        bar.close()
+        # Closed before an error leaves the loop, so the error (not a redraw) is the last line printed.
+        with tqdm(total=cfg.steps, initial=self.step, disable=not acc.is_local_main_process, desc="train") as bar:
+            loss_sum, tokens, samples, since, t0 = 0.0, 0, 0, 0, time.perf_counter()  # since the last log
+            batches = iter(self._loader())
+            while self.step < cfg.steps:
+                for _ in range(self.accum):
+                    batch = next(batches)
+                    batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    with acc.accumulate(self.model):  # the last micro-batch of a step syncs gradients
+                        loss = self.model(**batch).loss
+                        if not torch.isfinite(loss):
+                            raise TrainingError(
+                                f"non-finite loss {loss.item()} at step {self.step}: lower train.lr or check the data"
+                            )
+                        acc.backward(loss)  # scaled by 1 / accumulation
+                    loss_sum += loss.item() / self.accum
+                    tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+                    samples += len(next(iter(batch.values())))
+                if cfg.grad_clip > 0:
+                    acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                bar.update(1)
+                since += 1
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    dt = time.perf_counter() - t0
+                    # Over all processes: the mean loss, and the tokens / samples they processed together.
+                    totals = acc.reduce(torch.tensor([loss_sum, tokens, samples], dtype=torch.float64, device=acc.device),
+                                        reduction="sum").tolist()
+                    row = self._row(totals[0] / acc.num_processes / since, totals[1] / dt, totals[2] / dt, dt / since)
+                    self.history.append(row)
+                    acc.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=self.step)
+                    extra = {"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}", **extra)
+                    loss_sum, tokens, samples, since, t0 = 0.0, 0, 0, 0, time.perf_counter()
+                if self.eval_fn is not None and cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    self._evaluate()
+                    t0 = time.perf_counter()
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                    self.save_checkpoint()
+                    t0 = time.perf_counter()
         self.save_checkpoint()
         if self.eval_fn is not None:
             self._evaluate()

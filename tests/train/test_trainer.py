@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import math
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -118,3 +120,45 @@ def test_resume_from_a_folder_that_is_not_a_checkpoint(tmp_path: Path) -> None:
     cfg = TrainConfig(steps=2, batch_size=8, micro_batch_size=8)
     with pytest.raises(TrainingError, match="not a complete checkpoint"):
         Trainer(_Regress(), _data(), _collate, cfg, tmp_path).fit(resume=str(tmp_path))
+
+
+def test_tensorboard_tracker_writes_event_files_under_the_run_dir(tmp_path: Path) -> None:
+    assert TrainConfig().log_with == ["tensorboard"]
+    _fit(tmp_path / "run", steps=2)
+    assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_unknown_or_missing_tracker_is_refused_before_training() -> None:
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    known = [n for n in LoggerType.list() if n != "all"]
+    with pytest.raises(TrainingError) as err:
+        TrainConfig(log_with=["tensorbored"])
+    assert str(err.value) == f"train.log_with: unknown tracker 'tensorbored'; expected some of: {', '.join(known)}"
+    installed = {LoggerType(t).value for t in get_available_trackers()}
+    missing = next((n for n in known if n not in installed), None)
+    if missing is not None:
+        with pytest.raises(TrainingError, match=rf"^train.log_with: tracker '{missing}' is not installed"):
+            TrainConfig(log_with=[missing])
+    TrainConfig(log_with=[])  # no tracker at all is fine
+
+
+def _last_line(text: str) -> str:
+    """The last non-empty line a terminal shows (progress bars redraw with carriage returns)."""
+    return [line for line in text.replace("\r", "\n").splitlines() if line.strip()][-1]
+
+
+def test_an_error_in_the_loop_is_the_last_line_printed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        raise TrainingError("data.json: record 3: bad")
+
+    cfg = TrainConfig(steps=3, batch_size=8, micro_batch_size=8, log_with=[])
+    trainer = Trainer(_Regress(), _data(), collate, cfg, tmp_path)
+    try:
+        trainer.fit()
+    except TrainingError as err:  # what the command line does with a user error
+        print(f"mllm train: error: {err}", file=sys.stderr)
+    del trainer
+    gc.collect()  # an unclosed bar would redraw here, after the error
+    assert _last_line(capsys.readouterr().err) == "mllm train: error: data.json: record 3: bad"
