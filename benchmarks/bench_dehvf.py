@@ -13,8 +13,8 @@ features (``--taps`` encoder layers of 576 tokens x 1024):
   ``order: project_then_fuse`` (projections of the tapped layers shared by all layers) is timed too.
 Forward = encoder features -> logits for every position (the encoder itself, identical for both, is
 outside the measurement), uncached. Last line: JSON with ``ratio`` = DEHVF (default order) / splice
-time (goal <= 0.6), ``ratio_project_then_fuse``, and the analytic FLOPs (METHODS.md §3.6 block
-formula, projector, memory read).
+time (goal <= 0.6), ``ratio_project_then_fuse``, and the analytic FLOPs (the prefill block formula of
+``injection_bench.LLMShape.block_flops``, projector, memory read).
 Not part of the test run.
 """
 

@@ -13,8 +13,8 @@ Routing: the routers are untrained, so the benchmark pins them (probability 1 on
 headline pins the most-compressing expert (2,2) at every stage: with ``c = (0, 1, 2)`` the routing
 loss ``max(0, 1.5 - mean(c_k p_k))`` is zero only when nearly every decision is that expert, so it
 is the routing DPN's loss trains toward; (1,2) everywhere and the random routers' own argmax are
-printed beside it. Visual FLOPs = ``sum_l [F(n_text + n_v(l)) - F(n_text)]`` with the block formula
-of METHODS.md §3.6, ``n_v(l)`` read from the injector. Last line: JSON with ``flops_ratio`` (goal
+printed beside it. Visual FLOPs = ``sum_l [F(n_text + n_v(l)) - F(n_text)]`` with the prefill block formula
+of ``injection_bench.LLMShape.block_flops``, ``n_v(l)`` read from the injector. Last line: JSON with ``flops_ratio`` (goal
 <= 0.5) and ``time_ratio``, DPN / splice. Not part of the test run.
 """
 

@@ -1,5 +1,5 @@
 """Shared set-up of bench_dpn.py and bench_dehvf.py: one ~100M-parameter random Llama, the LLaVA-1.5
-geometry (576 visual tokens on a 24 x 24 grid), FLOPs bookkeeping (METHODS.md §3.6), and a timer."""
+geometry (576 visual tokens on a 24 x 24 grid), FLOPs bookkeeping (prefill, per block: ``n (8 d^2 + 6 d d_ff) + 4 n^2 d``), and a timer."""
 
 from __future__ import annotations
 
