@@ -34,9 +34,9 @@ from typing import Any, Protocol
 from PIL import Image
 from tqdm.auto import tqdm
 
+from common.atomic import atomic_write
 from common.errors import UserError
 from eval.tasks.base import EvalSample, Task
-from train.atomic import atomic_write
 
 PREDICTIONS = "predictions.jsonl"
 SYNC_EVERY_S = 10.0  # fsync the predictions at most this often (and at the end); flushed every batch

@@ -19,12 +19,12 @@ from typing import Any, Union
 
 import yaml
 
+from common.atomic import atomic_write
 from common.errors import UserError
 from eval.runner import EvalConfig
 from mllm.loss import LOSS_REDUCTIONS
 from mllm.numbers import NUMBER_INITS
 from mllm.object_heads import ObjectHeadsConfig
-from train.atomic import atomic_write
 from train.data.llava import LlavaDataConfig
 from train.data.shapesworld import ShapesWorldConfig
 from train.data.tokenizer import NUMBER_MODES

@@ -49,13 +49,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from common.atomic import atomic_folder
 from common.errors import UserError
 from encoders.base import EncoderError
 from encoders.hf import HFVisionEncoder, build_image_processor, processed_size
 from mllm.config import ConfigError, ModelConfig, from_dict
 from mllm.model import MLLM, ModelError
 from projectors.mlp import MLPProjector
-from train.atomic import atomic_folder
 from train.data.templates import TemplateError
 
 ENCODER = "hf_vision"  # the registry name of the one encoder Llava can hold

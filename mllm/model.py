@@ -33,6 +33,7 @@ import yaml
 from PIL import Image
 from torch import nn
 
+from common.atomic import atomic_folder
 from common.errors import UserError
 from mllm.config import EncoderPart, LLMConfig, ModelConfig, from_dict, fused_parts, read_yaml, to_dict
 from mllm.injection.base import (
@@ -48,7 +49,6 @@ from mllm.loss import causal_lm_loss, supervised_positions
 from mllm.numbers import init_number_embeddings
 from mllm.object_heads import ObjectHeads
 from mllm.registry import ENCODER_FUSIONS, ENCODERS, INJECTORS, PROJECTORS
-from train.atomic import atomic_folder
 from train.data.templates import IGNORE_INDEX, encode_prompt, get_template, image_token_id
 
 log = logging.getLogger("mllm")

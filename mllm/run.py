@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.atomic import atomic_write
 from mllm.config import ConfigError, RunConfig, load_config, save_config
-from train.atomic import atomic_write
 
 log = logging.getLogger("mllm")
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
+from common.atomic import atomic_write
 from mllm.config import to_dict
-from train.atomic import atomic_write
 
 FRANK_VARIANTS = ("frank", "frank_max", "frank_noprior")
 TEXT_ONLY = ("reasoner",)

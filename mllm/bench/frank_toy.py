@@ -31,8 +31,8 @@ from typing import Any
 
 import yaml
 
+from common.atomic import atomic_write
 from mllm.config import RunConfig, from_dict, to_dict
-from train.atomic import atomic_write
 from train.data.arithmetic import Arithmetic, ArithmeticConfig
 from train.data.shapesworld import ShapesWorld, ShapesWorldConfig
 from train.trainer import TrainConfig

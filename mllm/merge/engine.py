@@ -46,13 +46,13 @@ from typing import Any
 
 import torch
 
+from common.atomic import atomic_folder
 from mllm.merge.methods.base import TensorInfo
 from mllm.merge.plan import MergePlan, TensorJob, load_plan, plan_tensors
 from mllm.merge.tensors import (
     MergeError,
     ModelReader,
     ShardWriter,
-    atomic_output_dir,
     copy_side_files,
     ensure_output_free,
     set_config_dtype,
@@ -257,7 +257,7 @@ def _run(plan: MergePlan, out: Path, overwrite: bool, progress: bool) -> Path:
     merged = sum(j.params is not None for j in jobs)
     log.info("%s: %d tensors, %d merged, %d copied from %s", plan.method.name, len(jobs), merged,
              len(jobs) - merged, plan.reference.id)
-    with atomic_output_dir(out, overwrite) as tmp:
+    with atomic_folder(out, replace=overwrite) as tmp:
         two_pass = any(plan.method.two_pass(j.params) for j in jobs if j.params is not None)
         stats, prepared = statistics_pass(plan, jobs, readers, progress) if two_pass else ({}, {})
         with ShardWriter(tmp, [j.spec for j in jobs], plan.shard_bytes) as writer:

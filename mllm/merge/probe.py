@@ -1,6 +1,7 @@
-"""Per-layer visual attention share of an MLLM: the data behind FRANK's prior (METHODS.md 1.7).
+"""Per-layer visual attention share of an MLLM: the data behind FRANK's prior.
 
-For each decoder layer l, over a probe set of image + text rows (section 1.7 steps 1-2):
+FRANK (Wei & Chen, 2025, arXiv 2505.16151, §3.2.3 and Appendix A.9). For each decoder layer l, over
+a probe set of image + text rows:
 
     a_l = mean over rows x, heads h and text queries q of  A_vis(x,h,q) / (A_vis(x,h,q) + A_txt(x,h,q))
 
@@ -20,8 +21,6 @@ imports ``train/``; the ``mllm probe`` command assembles both.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 
 import torch
 
+from common.atomic import atomic_write
 from common.errors import UserError
 from mllm.merge.methods.frank import fit_decay, prior_weights
 
@@ -108,18 +108,6 @@ def visual_attention_share(model: Any, batches: Iterable[Mapping[str, torch.Tens
     return (total / rows).tolist(), rows
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temp file + rename. ``train/atomic.py`` holds the project's writers, but merging never imports ``train/``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run_probe(model: Any, batches: Iterable[Mapping[str, torch.Tensor]], out_dir: str | Path,
               source: str = "") -> dict[str, Any]:
     """Probe ``model`` over ``batches``; write ``probe.json`` and ``probe.png`` into ``out_dir``."""
@@ -133,7 +121,7 @@ def run_probe(model: Any, batches: Iterable[Mapping[str, torch.Tensor]], out_dir
         doc["fit"] = {"error": str(err)}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / PROBE_JSON, json.dumps(doc, indent=2).encode())
+    atomic_write(out / PROBE_JSON, json.dumps(doc, indent=2).encode())
     _plot(share, doc["fit"], out / PROBE_PNG)
     return doc
 
@@ -161,4 +149,4 @@ def _plot(share: list[float], fit: Mapping[str, float], path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())

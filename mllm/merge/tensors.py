@@ -13,8 +13,9 @@
   the writer holds no tensor of its own, and memory does not grow with the shard or tensor size. The format written is the safetensors format
   (8-byte little-endian header length, JSON header with ``data_offsets``, header padded with spaces
   to 8 bytes); the safetensors library only offers one-shot ``save_file``, hence this small writer.
-* :func:`atomic_output_dir` builds the output in a hidden temp folder next to the target and renames
-  it into place only when everything succeeded: a failed merge leaves no folder that looks complete.
+* :func:`ensure_output_free` refuses an existing output folder before any reading; the engine then
+  builds the output with :func:`common.atomic.atomic_folder` (hidden temp folder, renamed into place
+  only when everything succeeded): a failed merge leaves no folder that looks complete.
 """
 
 from __future__ import annotations
@@ -23,9 +24,7 @@ import json
 import math
 import os
 import shutil
-import tempfile
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -305,27 +304,6 @@ def ensure_output_free(out_dir: Path, overwrite: bool) -> None:
         raise MergeError(f"{out_dir}: output folder already exists (pass overwrite to replace it)")
     if out_dir.exists() and not out_dir.is_dir():
         raise MergeError(f"{out_dir}: exists and is not a folder")
-
-
-@contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
-    """Yield a hidden temp folder beside ``out_dir``; rename it to ``out_dir`` only on success."""
-    out = Path(out_dir)
-    ensure_output_free(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():  # overwrite: move the old folder aside first so the swap is two renames
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-        os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def tokenizer_files(folder: Path) -> list[str]:

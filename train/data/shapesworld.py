@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from train.atomic import atomic_write
+from common.atomic import atomic_write
 
 VQA_TYPES = ("colour", "shape", "count", "exists", "relpos")
 GROUNDING_TYPE = "grounding"

@@ -15,8 +15,8 @@ from mllm.merge.tensors import (
     ModelReader,
     ShardWriter,
     TensorSpec,
-    atomic_output_dir,
     copy_side_files,
+    ensure_output_free,
     tokenizer_files,
 )
 
@@ -143,20 +143,17 @@ def test_reader_reads_save_pretrained_sharded_checkpoints(tmp_path: Path, ckpt) 
     assert "model.layers.3.mlp.down_proj.weight" in state and len(state) == 2 + 1 + 9 * ckpt.num_layers
 
 
-def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path: Path) -> None:
+def test_ensure_output_free_refuses_an_existing_folder_unless_overwrite(tmp_path: Path) -> None:
+    # the atomic build itself is common.atomic.atomic_folder's (tests/common/test_atomic.py)
     out = tmp_path / "merged"
-    with pytest.raises(KeyError), atomic_output_dir(out) as tmp:
-        (tmp / "model.safetensors").write_bytes(b"partial")
-        raise KeyError("boom")
-    assert list(tmp_path.iterdir()) == []
-    with atomic_output_dir(out) as tmp:
-        (tmp / "x").write_text("1")
-    assert (out / "x").read_text() == "1"
-    with pytest.raises(MergeError, match="already exists"), atomic_output_dir(out):
-        pass
-    with atomic_output_dir(out, overwrite=True) as tmp:
-        (tmp / "y").write_text("2")
-    assert sorted(p.name for p in out.iterdir()) == ["y"] and [p.name for p in tmp_path.iterdir()] == ["merged"]
+    ensure_output_free(out, overwrite=False)  # absent: fine
+    out.mkdir()
+    with pytest.raises(MergeError, match="already exists"):
+        ensure_output_free(out, overwrite=False)
+    ensure_output_free(out, overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MergeError, match="not a folder"):
+        ensure_output_free(tmp_path / "file", overwrite=True)
 
 
 def test_side_files_and_tokenizer_source(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from train.atomic import atomic_folder, atomic_write
+from common.atomic import atomic_folder, atomic_write
 
 
 def test_atomic_write_text_and_bytes(tmp_path: Path) -> None:

@@ -2,8 +2,11 @@
 
 Every writer of the project (configs, eval JSONL and metrics, probe results, saved models, merged
 models, LLaVA exports) goes through these two helpers, so a crash or a full disk never leaves half a
-file or a half-filled folder under a name a reader trusts (DESIGN.md, rules of the house). They live
-on the lowest floor that holds code of ours (``train/``), so ``eval/`` and ``mllm/`` may both use them.
+file or a half-filled folder under a name a reader trusts. They live on floor 0 (``common/``, which
+imports nothing of ours) because floors that may not import each other both need them: ``train/``
+(ShapesWorld exports), ``eval/`` (predictions, metrics), ``mllm/`` (configs, checkpoints) and
+``mllm/merge/`` (merged folders, probe results) -- and merging, being training-free, never imports
+``train/``. One copy here replaces the per-floor copies that drifted apart.
 """
 
 from __future__ import annotations
