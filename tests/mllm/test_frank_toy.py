@@ -52,7 +52,7 @@ def test_every_model_is_evaluated_on_its_tasks(toy: tuple[Path, dict]) -> None:
 
 
 def _closed_form(share: list[float], norm: str, n_v: list[float], n_r: list[float]) -> list[float]:
-    """lambda_V of Eq. 15 with the prior of METHODS.md 1.7, computed independently of mllm.merge."""
+    """lambda_V of FRANK's Eq. 15 with its fitted prior (Eq. 40-45, arXiv 2505.16151), computed independently of mllm.merge."""
     layers = np.arange(1, len(share) + 1)
     slope = np.polyfit(layers, np.log(share), 1)[0]  # ln a_l = ln C - alpha l
     raw = np.exp(slope * (layers - 1))  # e^{-alpha (l - 1)}

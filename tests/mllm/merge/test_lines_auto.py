@@ -1,4 +1,4 @@
-"""LiNeS' automatic multi-task alpha (METHODS.md 9.4) on a hand-built three-tensor model."""
+"""LiNeS' automatic multi-task alpha (Wang et al., ICLR 2025, arXiv 2410.17146) on a hand-built three-tensor model."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""WIDEN streamed over row blocks equals the straightforward whole-tensor computation (METHODS.md 9.6)."""
+"""WIDEN streamed over row blocks equals the straightforward whole-tensor computation (WIDEN: Yu et al.,
+2024, arXiv 2408.03092)."""
 
 from __future__ import annotations
 
