@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from common import layers as common_layers
 from common.errors import UserError
 
 
@@ -69,16 +70,9 @@ class VisionEncoder(nn.Module):
 
 
 def resolve_layers(layers: Sequence[int], depth: int, where: str = "layers") -> list[int]:
-    """Map possibly-negative block indices to ``0..depth-1``; out of range is an error."""
-    out = []
-    for idx in layers:
-        resolved = idx + depth if idx < 0 else idx
-        if not 0 <= resolved < depth:
-            raise EncoderError(f"{where}: layer {idx} is out of range for a {depth}-block encoder")
-        out.append(resolved)
-    if not out:
-        raise EncoderError(f"{where}: tap at least one layer")
-    return out
+    """Possibly-negative block indices -> ``0..depth-1`` in config order (:func:`common.layers.resolve_layers`);
+    out of range or none is an EncoderError."""
+    return common_layers.resolve_layers(layers, depth, where, stack="block encoder", error=EncoderError)
 
 
 def load_state_file(model: nn.Module, path: str | None, where: str = "weights") -> None:

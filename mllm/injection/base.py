@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from common.errors import UserError
+from common.layers import resolve_layers
 
 NEEDS = ("tokens", "layers", "splice")  # what an injector may ask the MLLM for
 
@@ -193,16 +194,9 @@ def decoder_layers(llm: nn.Module) -> nn.ModuleList:
 
 
 def resolve_llm_layers(layers: Sequence[int], num_layers: int, where: str) -> list[int]:
-    """Sorted, de-duplicated 0-based layer indices; negative counts from the end."""
-    out = set()
-    for idx in layers:
-        resolved = idx + num_layers if idx < 0 else idx
-        if not 0 <= resolved < num_layers:
-            raise InjectionError(f"{where}: layer {idx} is out of range for a {num_layers}-layer LLM")
-        out.add(resolved)
-    if not out:
-        raise InjectionError(f"{where}: choose at least one decoder layer")
-    return sorted(out)
+    """Sorted, de-duplicated 0-based decoder-layer indices; negative counts from the end
+    (:func:`common.layers.resolve_layers` with ``unique``); out of range or none is an InjectionError."""
+    return resolve_layers(layers, num_layers, where, stack="layer LLM", unique=True, error=InjectionError)
 
 
 def every_kth(every: int, num_layers: int, where: str) -> list[int]:
