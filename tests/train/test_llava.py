@@ -80,6 +80,25 @@ def test_paths_escaping_the_root_are_refused_at_load(root: Path, bad: str) -> No
         load_llava(LlavaDataConfig(path=str(root / "evil.json")))
 
 
+BAD_TURNS = {  # turns of record 1 -> what follows "record 1 (id x): "
+    "system": ([{"from": "system", "value": "be brief"}, *RECORDS[1]["conversations"]],
+               "turn 0: role 'system'; expected 'human' or 'gpt' (no other role is trained)"),
+    "order": ([{"from": "gpt", "value": "2"}, {"from": "human", "value": "how many?"}],
+              "turn 0: role 'gpt' out of order; expected alternating 'human', 'gpt' turns starting with 'human'"),
+    "unanswered": (RECORDS[1]["conversations"][:1], "1 turns; expected pairs of 'human', 'gpt' turns"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TURNS))
+def test_bad_roles_are_refused_before_training_naming_file_record_and_role(root: Path, case: str) -> None:
+    turns, message = BAD_TURNS[case]
+    path = root / "bad.json"
+    path.write_text(json.dumps([RECORDS[0], {"id": "x", "conversations": turns}]))
+    with pytest.raises(DataError) as err:
+        load_llava(LlavaDataConfig(path=str(path)))
+    assert str(err.value) == f"{path}: record 1 (id x): {message}"
+
+
 def test_bad_records_name_the_record(root: Path) -> None:
     (root / "bad.json").write_text(json.dumps([RECORDS[0], {"id": "x", "conversation": []}]))
     with pytest.raises(DataError, match=r"bad.json: record 1 \(id x\): expected a 'conversations'"):

@@ -33,6 +33,7 @@ log = logging.getLogger("mllm.data")
 
 SOURCES = ("auto", "llava_json", "hf_disk", "hf_json", "hf_parquet")
 ROLE_TO_FROM = {"user": "human", "human": "human", "assistant": "gpt", "gpt": "gpt"}
+TURN_ROLES = ("human", "gpt")  # LLaVA's roles, alternating from human, as the templates (pair_turns) take them
 
 
 class DataError(UserError, ValueError):
@@ -72,12 +73,13 @@ def resolve_image_path(root: Path, relative: str, where: str) -> Path:
 
 
 def _conversations(record: Mapping[str, Any], where: str) -> list[dict[str, str]]:
-    """LLaVA ``conversations`` as they are, or chat ``messages`` renamed to LLaVA's keys."""
+    """LLaVA ``conversations`` as they are, or chat ``messages`` renamed to LLaVA's keys; the turns'
+    roles are checked here (before training, for a random-access data set), not mid-run."""
     if "conversations" in record:
         turns = record["conversations"]
         if not isinstance(turns, list) or not all(isinstance(t, Mapping) and "from" in t and "value" in t for t in turns):
             raise DataError(f"{where}: 'conversations' must be a list of {{from, value}} turns")
-        return [{"from": str(t["from"]), "value": str(t["value"])} for t in turns]
+        return _check_roles([{"from": str(t["from"]), "value": str(t["value"])} for t in turns], where)
     if "messages" in record:
         out = []
         for t in record["messages"]:
@@ -85,8 +87,22 @@ def _conversations(record: Mapping[str, Any], where: str) -> list[dict[str, str]
             if role not in ROLE_TO_FROM or not isinstance(t.get("content"), str):
                 raise DataError(f"{where}: 'messages' turns need role user/assistant and text content, got {t!r}")
             out.append({"from": ROLE_TO_FROM[role], "value": t["content"]})
-        return out
+        return _check_roles(out, where)
     raise DataError(f"{where}: expected a 'conversations' (LLaVA) or 'messages' (chat) field")
+
+
+def _check_roles(turns: list[dict[str, str]], where: str) -> list[dict[str, str]]:
+    """``turns``, if they alternate human, gpt, human, gpt, ... (what every template renders)."""
+    for j, turn in enumerate(turns):
+        role = turn["from"]
+        if role not in TURN_ROLES:
+            raise DataError(f"{where}: turn {j}: role {role!r}; expected 'human' or 'gpt' (no other role is trained)")
+        if role != TURN_ROLES[j % 2]:
+            raise DataError(f"{where}: turn {j}: role {role!r} out of order; expected alternating 'human', 'gpt' turns "
+                            "starting with 'human'")
+    if not turns or len(turns) % 2:
+        raise DataError(f"{where}: {len(turns)} turns; expected pairs of 'human', 'gpt' turns")
+    return turns
 
 
 class _Images:
