@@ -224,7 +224,7 @@ def generate_shard(
     _drop_torn_tail(shard.path)
     calls = 0
     bar = tqdm(total=len(shard.samples), desc=task.name, unit="sample", disable=not progress)
-    with shard.path.open("a", encoding="utf-8") as f:
+    with bar, shard.path.open("a", encoding="utf-8") as f:  # the bar closes before an error leaves: it is the last line
         synced = time.monotonic()
         try:
             for batch in schedule(task, shard.samples, cfg.batch_size):
@@ -245,7 +245,6 @@ def generate_shard(
                 bar.update(len(batch))
         finally:
             os.fsync(f.fileno())
-    bar.close()
     return calls
 
 

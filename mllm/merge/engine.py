@@ -39,7 +39,7 @@ import dataclasses
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -174,13 +174,14 @@ def statistics_pass(plan: MergePlan, jobs: list[TensorJob], readers: Mapping[str
     """
     sums: dict[int | str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     prepared: dict[str, dict[str, Any]] = {}
-    for job in _progress([j for j in jobs if j.params is not None], progress, "statistics"):
-        prepared[job.spec.name] = prepared_for(plan, job, readers)
-        for rows in row_blocks(job.spec.shape):
-            tensors, base = _inputs(plan, job, readers, rows)
-            info = _block_info(job, rows, prepared=prepared[job.spec.name])
-            for key, value in plan.method.collect(tensors, base, job.params, info).items():
-                sums[job.info.group][key] += value
+    with _progress([j for j in jobs if j.params is not None], progress, "statistics") as todo:
+        for job in todo:
+            prepared[job.spec.name] = prepared_for(plan, job, readers)
+            for rows in row_blocks(job.spec.shape):
+                tensors, base = _inputs(plan, job, readers, rows)
+                info = _block_info(job, rows, prepared=prepared[job.spec.name])
+                for key, value in plan.method.collect(tensors, base, job.params, info).items():
+                    sums[job.info.group][key] += value
     stats = plan.method.finalize(sums, plan.params_for(None), jobs[0].info.num_layers if jobs else 0)
     return stats, prepared
 
@@ -203,12 +204,17 @@ def output_blocks(plan: MergePlan, job: TensorJob, readers: Mapping[str, ModelRe
         yield out.to(job.spec.dtype)
 
 
-def _progress(items: list[TensorJob], on: bool, desc: str) -> Any:
+@contextmanager
+def _progress(items: list[TensorJob], on: bool, desc: str) -> Iterator[Iterable[TensorJob]]:
+    """``items``, behind a progress bar when ``on``; the bar closes before an error leaves the loop, so the
+    error, not the bar's redraw, is the last line on the terminal."""
     if not on:
-        return items
+        yield items
+        return
     from tqdm import tqdm
 
-    return tqdm(items, desc=desc, unit="tensor")
+    with tqdm(items, desc=desc, unit="tensor") as bar:
+        yield bar
 
 
 def _card(plan: MergePlan, shards: list[str]) -> str:
@@ -261,9 +267,10 @@ def _run(plan: MergePlan, out: Path, overwrite: bool, progress: bool) -> Path:
         two_pass = any(plan.method.two_pass(j.params) for j in jobs if j.params is not None)
         stats, prepared = statistics_pass(plan, jobs, readers, progress) if two_pass else ({}, {})
         with ShardWriter(tmp, [j.spec for j in jobs], plan.shard_bytes) as writer:
-            for job in _progress(jobs, progress, plan.method.name):
-                blocks = output_blocks(plan, job, readers, stats, prepared.pop(job.spec.name, None))
-                writer.write(job.spec.name, blocks)
+            with _progress(jobs, progress, plan.method.name) as todo:
+                for job in todo:
+                    blocks = output_blocks(plan, job, readers, stats, prepared.pop(job.spec.name, None))
+                    writer.write(job.spec.name, blocks)
             shards = writer.close()
         copy_side_files(plan.reference.path, tmp, plan.tokenizer_source)
         if plan.out_dtype is not None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -239,3 +241,20 @@ def test_eval_config_validation() -> None:
         EvalConfig(batch_size=0)
     with pytest.raises(ValueError, match="limit"):
         EvalConfig(limit=0)
+
+
+def test_an_error_in_the_loop_is_the_last_line_printed(
+    task: ShapesWorldTask, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Short:
+        def generate(self, images: list, prompts: list[str], **kw: Any) -> list[str]:
+            return ["red"]  # one text for a whole batch
+
+    shard = plan_shard(task, EvalConfig(), tmp_path, SINGLE)
+    try:
+        generate_shard(Short(), task, EvalConfig(batch_size=2), shard, progress=True)
+    except EvalError as err:  # what the command line does with a user error
+        print(f"mllm eval: error: {err}", file=sys.stderr)
+    gc.collect()  # an unclosed bar would redraw here, after the error
+    lines = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines[-1] == "mllm eval: error: generate returned 1 texts for a batch of 2"

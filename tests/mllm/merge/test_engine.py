@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -216,3 +218,18 @@ def test_uniform_draws_depend_only_on_seed_and_index(monkeypatch) -> None:
     parts = torch.cat([task_arithmetic.uniform(5, a, b - a) for a, b in [(0, 7), (7, 300), (300, 1000)]])
     assert torch.equal(full, parts) and 0.0 <= full.min() and full.max() < 1.0
     assert not torch.equal(full, task_arithmetic.uniform(6, 0, 1000))
+
+
+def test_an_error_in_the_loop_is_the_last_line_printed(tmp_path: Path, ckpt, llamas, monkeypatch, capsys) -> None:
+    def failing(tensors, base, params, info):
+        raise MergeError(f"m.yaml: tensor {info.name!r}: bad")
+
+    monkeypatch.setattr(Ties, "merge", staticmethod(failing))
+    config = ckpt.write_yaml(tmp_path / "m.yaml", _config(llamas, "ties", **PARITY["ties"]))
+    try:
+        run_merge(config, tmp_path / "out", progress=True)
+    except MergeError as err:  # what the command line does with a user error
+        print(f"mllm merge: error: {err}", file=sys.stderr)
+    gc.collect()  # an unclosed bar would redraw here, after the error
+    lines = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines[-1].startswith("mllm merge: error: m.yaml: tensor ") and lines[-1].endswith(": bad")
