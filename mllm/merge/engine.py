@@ -200,7 +200,7 @@ def output_blocks(plan: MergePlan, job: TensorJob, readers: Mapping[str, ModelRe
         out = plan.method.merge(tensors, base, job.params, _block_info(job, rows, prepared=prepared, stats=stats))
         del tensors, base
         if not torch.isfinite(out.sum()):  # one reduction: any inf/nan entry makes the sum non-finite
-            raise MergeError(f"{plan.source}: {plan.method.name} produced non-finite values in tensor {job.spec.name!r}")
+            raise MergeError(f"{plan.source}: {plan.method_name} produced non-finite values in tensor {job.spec.name!r}")
         yield out.to(job.spec.dtype)
 
 
@@ -221,7 +221,7 @@ def _card(plan: MergePlan, shards: list[str]) -> str:
     inputs = "\n".join(f"- `{m.id}`" for m in plan.models)
     base = f"\nBase model: `{plan.base.id}`\n" if plan.base else ""
     return (
-        f"# Merged model\n\nMerged with `mllm merge` using **{plan.method.name}**.\n{base}\n"
+        f"# Merged model\n\nMerged with `mllm merge` using **{plan.method_name}**.\n{base}\n"
         f"Models:\n{inputs}\n\nShards: {len(shards)}\n\n## Recipe\n\n```yaml\n{plan.text.rstrip()}\n```\n"
     )
 
@@ -261,13 +261,13 @@ def _run(plan: MergePlan, out: Path, overwrite: bool, progress: bool) -> Path:
     readers = open_readers(plan)
     jobs = plan_tensors(plan, readers)
     merged = sum(j.params is not None for j in jobs)
-    log.info("%s: %d tensors, %d merged, %d copied from %s", plan.method.name, len(jobs), merged,
+    log.info("%s: %d tensors, %d merged, %d copied from %s", plan.method_name, len(jobs), merged,
              len(jobs) - merged, plan.reference.id)
     with atomic_folder(out, replace=overwrite) as tmp:
         two_pass = any(plan.method.two_pass(j.params) for j in jobs if j.params is not None)
         stats, prepared = statistics_pass(plan, jobs, readers, progress) if two_pass else ({}, {})
         with ShardWriter(tmp, [j.spec for j in jobs], plan.shard_bytes) as writer:
-            with _progress(jobs, progress, plan.method.name) as todo:
+            with _progress(jobs, progress, plan.method_name) as todo:
                 for job in todo:
                     blocks = output_blocks(plan, job, readers, stats, prepared.pop(job.spec.name, None))
                     writer.write(job.spec.name, blocks)

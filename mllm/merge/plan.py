@@ -73,6 +73,7 @@ class ModelEntry:
 class MergePlan:
     source: Path
     text: str
+    method_name: str  # the merge_method key, its one name (mllm.registry.MERGE_METHODS)
     method: type[MergeMethod]
     models: tuple[ModelEntry, ...]  # merged models (the base is not one of them)
     base: ModelEntry | None
@@ -119,7 +120,7 @@ class MergePlan:
             elif key in self.params:
                 kwargs[f.name] = _pick(self.params[key], name)
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise MergeError(f"{self.source}: parameters.{key}: required by merge_method {self.method.name}")
+                raise MergeError(f"{self.source}: parameters.{key}: required by merge_method {self.method_name}")
         try:
             return cls(**kwargs)
         except (TypeError, ValueError) as err:
@@ -259,8 +260,9 @@ def load_plan(path: str | Path) -> MergePlan:
     unknown = sorted(set(data) - set(_TOP_KEYS))
     if unknown:
         raise MergeError(f"{src}: {unknown[0]}: unknown key; expected one of: {', '.join(_TOP_KEYS)}")
+    name = str(data.get("merge_method"))
     try:
-        method = MERGE_METHODS.get(str(data.get("merge_method")))
+        method = MERGE_METHODS.get(name)
     except RegistryError as err:
         raise MergeError(f"{src}: merge_method: {err}") from err
     raw_models = data.get("models")
@@ -275,16 +277,16 @@ def load_plan(path: str | Path) -> MergePlan:
         raise MergeError(f"{src}: base_model: expected a folder path string")
     base = ModelEntry(base_id, Path(base_id).expanduser()) if base_id else None
     if method.base == "none" and base is not None:
-        raise MergeError(f"{src}: base_model: {method.name} takes no base model (list it under models, "
+        raise MergeError(f"{src}: base_model: {name} takes no base model (list it under models, "
                          f"or set reference_model to take names, config and tokenizer from it)")
     if method.base == "required":
         if base is None:
-            raise MergeError(f"{src}: base_model: required by merge_method {method.name}")
+            raise MergeError(f"{src}: base_model: required by merge_method {name}")
         models = [m for m in models if m.path.resolve() != base.path.resolve()]  # mergekit: base is no delta
     n = len(models)
     if n < method.min_models or (method.max_models is not None and n > method.max_models):
         want = method.min_models if method.max_models == method.min_models else f">= {method.min_models}"
-        raise MergeError(f"{src}: models: {method.name} merges {want} models (besides the base), got {n}")
+        raise MergeError(f"{src}: models: {name} merges {want} models (besides the base), got {n}")
     ref_id = data.get("reference_model")
     if ref_id is None:
         ref = base if (method.reference == "base" and base is not None) else models[0]
@@ -320,7 +322,7 @@ def load_plan(path: str | Path) -> MergePlan:
     if layer_pattern.groups < 1:
         raise MergeError(f"{src}: layer_pattern: needs one capture group for the layer index")
     plan = MergePlan(
-        source=src, text=text, method=method, models=tuple(models), base=base, reference=ref,
+        source=src, text=text, method_name=name, method=method, models=tuple(models), base=base, reference=ref,
         params=_params(method.config_cls, data.get("parameters"), f"{src}: parameters", per_model=False),
         out_dtype=DTYPES[out_dtype] if out_dtype else None,
         tokenizer_source=Path(tok).expanduser() if tok else None,

@@ -108,9 +108,12 @@ def fp32(t: torch.Tensor) -> torch.Tensor:
 
 
 class MergeMethod:
-    """Base class of merge methods; subclasses set the class variables and ``merge``."""
+    """Base class of merge methods; subclasses set the class variables and ``merge``.
 
-    name: ClassVar[str]
+    A method's name is its key in ``mllm.registry.MERGE_METHODS`` and nowhere else; a loaded plan
+    carries it as ``MergePlan.method_name``.
+    """
+
     config_cls: ClassVar[type]
     base: ClassVar[Literal["required", "none"]] = "required"  # none: base_model is refused
     min_models: ClassVar[int] = 1

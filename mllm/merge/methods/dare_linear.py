@@ -16,7 +16,6 @@ class DareParams(TaskArithmeticParams):
 
 
 class DareLinear(TaskArithmetic):
-    name = "dare_linear"
     config_cls = DareParams
     sparsifier = "random"
     consensus = False

@@ -9,7 +9,6 @@ from mllm.merge.methods.task_arithmetic import TaskArithmetic
 
 
 class DareTies(TaskArithmetic):
-    name = "dare_ties"
     config_cls = DareParams
     sparsifier = "random"
     consensus = True

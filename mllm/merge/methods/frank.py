@@ -111,7 +111,6 @@ def load_share(path: str | Path) -> list[float]:
 
 
 class Frank(MergeMethod):
-    name = "frank"
     config_cls = FrankParams
     min_models = 2
     max_models = 2

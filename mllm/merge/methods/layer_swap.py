@@ -51,7 +51,6 @@ def donor_weight(layer: int | None, num_layers: int, p: LayerSwapParams) -> floa
 
 
 class LayerSwap(MergeMethod):
-    name = "layer_swap"
     config_cls = LayerSwapParams
     base = "none"
     min_models = 2

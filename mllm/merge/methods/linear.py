@@ -26,7 +26,6 @@ class LinearParams:
 
 
 class Linear(MergeMethod):
-    name = "linear"
     config_cls = LinearParams
     base = "none"
 

@@ -60,7 +60,6 @@ class Lines(TaskArithmetic):
     """Task arithmetic (its magnitude-threshold ``prepare`` included) with a per-block scale; the
     sparsifier and sign consensus are parameters here, not fixed by the class."""
 
-    name = "lines"
     config_cls = LinesParams
 
     @classmethod

@@ -140,7 +140,6 @@ def merged_delta(tensors: dict[str, torch.Tensor], base: torch.Tensor, params: T
 class TaskArithmetic(MergeMethod):
     """theta_0 + lambda * sum_t w_t tau_t (mergekit ``task_arithmetic``)."""
 
-    name = "task_arithmetic"
     config_cls = TaskArithmeticParams
     sparsifier: ClassVar[Sparsifier] = "none"
     consensus: ClassVar[bool] = False

@@ -15,7 +15,6 @@ class TiesParams(TaskArithmeticParams):
 
 
 class Ties(TaskArithmetic):
-    name = "ties"
     config_cls = TiesParams
     sparsifier = "magnitude"
     consensus = True

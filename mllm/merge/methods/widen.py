@@ -87,7 +87,6 @@ def _accumulate(state: dict[str, Any], parts: dict[str, torch.Tensor], size: int
 
 
 class Widen(MergeMethod):
-    name = "widen"
     config_cls = WidenParams
 
     @classmethod

@@ -11,6 +11,7 @@ import torch
 
 from mllm.merge import MergeError, load_plan, run_merge
 from mllm.merge.methods.ties import TiesParams
+from mllm.registry import MERGE_METHODS
 
 
 def _ties(ckpt, tmp_path: Path, llamas, **extra) -> Path:
@@ -36,6 +37,7 @@ def test_plan_resolves_per_model_defaults_and_conditional_values(tmp_path: Path,
     assert p.weight == {a: 0.6, b: 0.9} and p.density == {a: 0.5, b: 0.8}  # model value, else top-level
     assert plan.params_for("model.layers.0.mlp.up_proj.weight").weight[b] == 0.4
     assert plan.reference.id == str(llamas["base"]) and [m.id for m in plan.models] == [a, b]
+    assert plan.method_name == "ties" and plan.method is MERGE_METHODS.get("ties")  # the YAML key names it
 
 
 def test_base_listed_among_models_is_not_a_task_vector(tmp_path: Path, ckpt, llamas) -> None:
