@@ -152,7 +152,7 @@ def import_llava(llava_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
     _check_target(out)
     if not (src / "config.json").is_file():
         raise HFInteropError(f"--from-hf {src}: not a folder with a transformers config.json")
-    config = AutoConfig.from_pretrained(src, local_files_only=True)
+    config = _read_config(src, AutoConfig)
     if not isinstance(config, LlavaConfig):
         raise HFInteropError(f"{src / 'config.json'}: model_type {config.model_type!r}; expected 'llava'")
     where = str(src / "config.json")
@@ -167,7 +167,7 @@ def import_llava(llava_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
         tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
         image_processor = AutoImageProcessor.from_pretrained(src, local_files_only=True)
     except (OSError, ValueError) as err:
-        raise HFInteropError(f"{src}: cannot load its tokenizer and image processor: {err}") from err
+        raise HFInteropError(f"{src}: cannot load its tokenizer and image processor: {_one_line(err)}") from err
     image_size = processed_size(image_processor, str(src))
     strategy = config.vision_feature_select_strategy
     prefix = _tower_prefix(vision, image_size, where)
@@ -180,9 +180,7 @@ def import_llava(llava_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
     image_token = tokenizer.convert_ids_to_tokens(config.image_token_id) if config.image_token_id < len(tokenizer) else None
     if not isinstance(image_token, str):
         raise HFInteropError(f"{where}: image_token_index {config.image_token_id} is not a token of the tokenizer")
-    llava, info = LlavaForConditionalGeneration.from_pretrained(
-        src, local_files_only=True, dtype="auto", output_loading_info=True
-    )
+    llava, info = _read_llava(src, LlavaForConditionalGeneration)
     if info["missing_keys"]:
         raise HFInteropError(f"{src}: the checkpoint lacks weights for {sorted(info['missing_keys'])[:3]}")
     text = copy.deepcopy(config.text_config)
@@ -205,6 +203,40 @@ def import_llava(llava_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
     _copy_from_llava(model, llava)
     _check_plain_head(model.llm, where)
     return model.save_pretrained(out)
+
+
+def _one_line(err: BaseException) -> str:
+    """A library's message, first line only (some run to a paragraph of advice)."""
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+
+
+def _read_config(src: Path, auto_config: Any) -> Any:
+    """``src/config.json`` as a transformers config; unreadable JSON or an unknown model is one error naming it."""
+    path = src / "config.json"
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise HFInteropError(f"{path}: not a readable JSON file ({_one_line(err)})") from err
+    try:
+        return auto_config.from_pretrained(src, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise HFInteropError(f"{path}: not a transformers model config ({_one_line(err)})") from err
+
+
+def _read_llava(src: Path, llava_cls: Any) -> tuple[Any, dict[str, Any]]:
+    """The Llava model of ``src`` and its loading info; a corrupt weight file is one error naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(src.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):  # reads and checks the header only
+                pass
+        except (SafetensorError, OSError) as err:
+            raise HFInteropError(f"{path}: not a readable safetensors file ({_one_line(err)})") from err
+    try:
+        return llava_cls.from_pretrained(src, local_files_only=True, dtype="auto", output_loading_info=True)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise HFInteropError(f"{src}: cannot load the Llava weights ({_one_line(err)})") from err
 
 
 @torch.no_grad()

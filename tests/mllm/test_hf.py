@@ -34,7 +34,7 @@ from mllm.config import ModelConfig, from_dict
 from mllm.hf import HFInteropError, export_llava, import_llava, llava_layer_to_ours, ours_to_llava_layer
 from mllm.model import MLLM
 from train.data.collate import Collator
-from train.data.templates import encode_prompt
+from train.templates import encode_prompt
 
 TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8)
 VISION = {  # (config, image processor, prefix tokens)
@@ -265,3 +265,27 @@ def test_cli_convert_both_ways_and_refuses_existing_output(tmp_path: Path, word_
     torch.testing.assert_close(hf_logits(back, batch), hf_logits(original, batch), atol=1e-5, rtol=0)
     assert main(["convert", "--to-hf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "back")]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+
+CORRUPT = {  # file: (bytes written over it, the error after the file's path)
+    "model.safetensors": (b"\xff" * 16,
+                          "not a readable safetensors file (Error while deserializing header: header too large)"),
+    "config.json": (b'{"model_type": "llava", ', "not a readable JSON file (Expecting property name enclosed in "
+                    "double quotes: line 1 column 25 (char 24))"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPT))
+def test_corrupt_file_in_import_is_one_line_naming_it(name: str, tmp_path: Path, word_tokenizer: Any,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    write_llava(tmp_path / "llava", word_tokenizer, "clip", "llama")
+    garbage, expected = CORRUPT[name]
+    (tmp_path / "llava" / name).write_bytes(garbage)
+    with pytest.raises(HFInteropError) as err:
+        import_llava(tmp_path / "llava", tmp_path / "out")
+    assert str(err.value) == f"{tmp_path / 'llava' / name}: {expected}"
+    assert main(["convert", "--from-hf", str(tmp_path / "llava"), "--out", str(tmp_path / "out")]) == 2
+    lines = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines[-1] == f"mllm convert: error: {err.value}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llava"]
