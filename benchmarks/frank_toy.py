@@ -1,16 +1,16 @@
-"""FRANK end to end at toy scale (issue 8); same as ``mllm bench frank-toy``.
+"""FRANK end to end at toy scale (issue 8).
 
     python benchmarks/frank_toy.py --out runs/frank_toy --results benchmarks/results   # the experiment
     python benchmarks/frank_toy.py --fast --out /tmp/frank_fast                         # plumbing, ~30 s
 
-See mllm/bench/frank_toy.py for the stages and their caching.
+See benchmarks/frank/study.py for the stages and their caching.
 """
 
 from __future__ import annotations
 
 import sys
 
-from mllm.bench.frank_toy import main
+from frank.study import main  # benchmarks/frank/: this script's folder is first on sys.path
 
 if __name__ == "__main__":
     sys.exit(main())

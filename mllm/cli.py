@@ -1,4 +1,4 @@
-"""The ``mllm`` command: demo | train | eval (merge, probe, convert, bench join as they land).
+"""The ``mllm`` command: demo | train | eval | merge | probe | convert.
 
 Each sub-command parses its flags and calls one function of :mod:`mllm.run`; user-input errors
 (ConfigError, missing files, ...) print one line naming the file/field and exit with status 2.
@@ -75,9 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     way.add_argument("--to-hf", metavar="CKPT", help="our checkpoint (save_pretrained folder) to export as Llava")
     conv.add_argument("--out", required=True, help="new output folder (an existing one is refused)")
 
-    bench = sub.add_parser("bench", help="run an end-to-end experiment: frank-toy (FRANK at toy scale)")
-    bench.add_argument("name", choices=["frank-toy"])
-    bench.add_argument("args", nargs=argparse.REMAINDER, help="the experiment's own flags (--out, --fast, --set ...)")
     return parser
 
 
@@ -99,10 +96,6 @@ def main(argv: list[str] | None = None) -> int:
                 options=args.options, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                 limit=args.limit, resume=args.resume,
             )
-        elif args.command == "bench":
-            from mllm.bench.frank_toy import main as frank_toy
-
-            return frank_toy(args.args)
         elif args.command == "merge":
             from mllm.merge import run_merge
 

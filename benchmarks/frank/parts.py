@@ -1,4 +1,4 @@
-"""The pieces the FRANK toy experiment trains and measures (orchestrated by mllm/bench/frank_toy.py).
+"""The pieces the FRANK toy experiment trains and measures (orchestrated by benchmarks/frank/study.py).
 
 * :func:`pretrain_base` -- theta_0: a Llama-family LM trained from scratch with full-sequence
   next-token loss on text covering both domains (ShapesWorld Q/A rendered as text, one-step
@@ -7,7 +7,7 @@
 * :func:`train_mllm` -- theta_V: vision encoder + projector + a copy of theta_0, trained on ShapesWorld
   with the LLM's decoder blocks updated.
   Both fine-tunes keep theta_0's (tied) embeddings and final norm frozen, so every task vector lives
-  in the decoder blocks, the only tensors FRANK defines a rule for (METHODS.md 1.8); the merges then
+  in the decoder blocks, the only tensors FRANK (arXiv 2505.16151) defines a rule for; the merges then
   differ only where the methods differ.
 * :class:`TextGenerator` -- the eval runner's generator protocol for an LLM on text prompts (the
   arithmetic task, for the reasoner and for every MLLM's language model).
@@ -27,9 +27,9 @@ from PIL import Image
 from torch import nn
 
 from mllm.config import LLMConfig, RunConfig
-from train.data.templates import IGNORE_INDEX, encode_segments, get_template
+from train.templates import IGNORE_INDEX, encode_segments, get_template
 
-log = logging.getLogger("mllm.bench")
+log = logging.getLogger("frank_toy")
 
 
 class TextLM(nn.Module):
@@ -153,7 +153,7 @@ class TextGenerator:
 def probe_batches(model: Any, images: Sequence[Image.Image], question: str,
                   batch_size: int = 16) -> Iterator[dict[str, torch.Tensor]]:
     """Probe batches for :func:`mllm.merge.probe.run_probe`: every image with the same question."""
-    from train.data.templates import encode_prompt
+    from train.templates import encode_prompt
 
     row = encode_prompt(model.tokenizer, question, model.template, model.cfg.image_token, model.num_image_tokens)
     for start in range(0, len(images), batch_size):

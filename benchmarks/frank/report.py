@@ -1,4 +1,4 @@
-"""Evaluation, analysis and the report of the FRANK toy experiment (see mllm/bench/frank_toy.py).
+"""Evaluation, analysis and the report of the FRANK toy experiment (see benchmarks/frank/study.py).
 
 The JSON holds ``{"models": {NAME: {"shapesworld_vqa", "grounding", "arithmetic", "compositional",
 "compositional_count"}}, "task_arithmetic_best": {...}, "layers": [...], "frank": {...}, "goals": {...},
@@ -20,6 +20,9 @@ import torch
 from common.atomic import atomic_write
 from mllm.config import to_dict
 
+from .config import data_config
+from .parts import TextGenerator
+
 FRANK_VARIANTS = ("frank", "frank_max", "frank_noprior")
 TEXT_ONLY = ("reasoner",)
 
@@ -28,7 +31,6 @@ def _tasks(cfg: Any) -> dict[str, Any]:
     from eval.tasks.arithmetic import ArithmeticTask
     from eval.tasks.compositional import CompositionalConfig, CompositionalTask
     from eval.tasks.shapesworld import ShapesWorldTask
-    from mllm.bench.frank_toy import data_config
     from train.data.arithmetic import ArithmeticConfig
 
     return {
@@ -40,8 +42,6 @@ def _tasks(cfg: Any) -> dict[str, Any]:
 
 def _generator(name: str, path: Path, task: str, cache: dict[str, Any]) -> Any:
     """The model as the runner's generator: an MLLM on image tasks, its LLM (or the reasoner) on text."""
-    from mllm.bench.toy_parts import TextGenerator
-
     if name not in cache:
         if name in TEXT_ONLY:
             from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -1,13 +1,13 @@
-"""FRANK end to end at toy scale (issue 8): ``mllm bench frank-toy`` / ``benchmarks/frank_toy.py``.
+"""FRANK end to end at toy scale (issue 8), run by ``python benchmarks/frank_toy.py``.
 
 Stages, each in its own folder under ``--out`` and reused when its config hash (which includes the
 hashes of the stages it reads) matches the one recorded in its ``stage.json``:
 
-1. ``base``      theta_0 pre-trained from scratch on text of both domains (toy_parts.pretrain_base);
+1. ``base``      theta_0 pre-trained from scratch on text of both domains (parts.pretrain_base);
                  its tokenizer is built from both generators' vocabulary texts.
 2. ``reasoner``  theta_R = theta_0 fine-tuned on arithmetic chains.
 3. ``mllm``      theta_V = ViT + projector + copy of theta_0, trained on ShapesWorld.
-4. ``probe``     per-layer visual attention share of theta_V (METHODS.md 1.7), JSON + plot.
+4. ``probe``     per-layer visual attention share of theta_V (FRANK's prior, Wei & Chen 2025, arXiv 2505.16151, §3.2.3), JSON + plot.
 5. ``merges/*``  theta_V's LLM blocks with theta_R over theta_0 through ``mllm merge`` YAML; vision
                  tower, projector, embeddings and final norm from theta_V (frozen = theta_0's in both
                  fine-tunes): FRANK (fitted prior, sum / max normalisation), FRANK without prior
@@ -18,85 +18,39 @@ hashes of the stages it reads) matches the one recorded in its ``stage.json``:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from common.atomic import atomic_write
-from mllm.config import RunConfig, from_dict, to_dict
+from mllm.config import from_dict, to_dict
 from train.data.arithmetic import Arithmetic, ArithmeticConfig
-from train.data.shapesworld import ShapesWorld, ShapesWorldConfig
+from train.data.shapesworld import ShapesWorld
+from train.data.tokenizer import build_tokenizer
+from train.templates import get_template
 from train.trainer import TrainConfig
 
-log = logging.getLogger("mllm.bench")
+from .config import (
+    PROBE_QUESTION,
+    FrankToyConfig,
+    base_corpus,
+    data_config,
+    fast_config,
+    mllm_run_config,
+    train_config,
+)
+from .parts import finetune_reasoner, pretrain_base, probe_batches, train_mllm
+from .report import evaluate, report
+
+log = logging.getLogger("frank_toy")
 STAGE_FILE = "stage.json"
-TASKS = ("shapesworld", "arithmetic", "compositional")
-METRICS = ("shapesworld_vqa", "grounding", "arithmetic", "compositional")
-PROBE_QUESTION = "How many objects are there?"
-
-
-@dataclass
-class FrankToyConfig:
-    seed: int = 0
-    llm: dict[str, Any] = field(default_factory=lambda: {
-        "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
-        "num_key_value_heads": 4, "max_position_embeddings": 192, "tie_word_embeddings": True})
-    # theta_V's vision side is the `tiny` recipe's (conv stem, object heads): its LLM is theta_0's copy
-    encoder: dict[str, Any] = field(default_factory=lambda: {
-        "name": "timm_vit", "model_name": "vit_tiny_patch16_224", "image_size": 64, "patch_size": 16,
-        "embed_dim": 128, "depth": 4, "num_heads": 4, "layers": [-1], "stem": "conv", "stem_width": 32})
-    mllm_model: dict[str, Any] = field(default_factory=lambda: {  # theta_V's other model keys (mllm.config)
-        "object_heads": {"weight": 1.0}, "loss_reduction": "sample"})
-    mllm_data: dict[str, Any] = field(default_factory=lambda: {  # theta_V's training data (ShapesWorldConfig)
-        "questions_per_image": 1, "grounding_fraction": 0.25})
-    base_steps: int = 1500
-    base_lr: float = 2e-3
-    base_scenes: int = 2000  # ShapesWorld scenes whose Q/A become pre-training text
-    base_arithmetic: int = 6000  # one-step facts, and as many direct-answer problems
-    reasoner_steps: int = 600
-    reasoner_lr: float = 1e-3
-    mllm_steps: int = 3000
-    mllm_lr: float = 5e-4
-    mllm_batch_size: int = 64
-    mllm_llm_lr: float | None = None  # the LLM's learning rate in theta_V's training (None: mllm_lr)
-    train_images: int = 500000  # generated on demand: every theta_V training sample is a fresh scene
-    batch_size: int = 32
-    max_length: int = 192
-    eval_scenes: int = 50  # ShapesWorld test scenes (about 6 questions each) and compositional questions
-    eval_arithmetic: int = 100
-    eval_batch_size: int = 64
-    probe_images: int = 32
-    ta_lambdas: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 1.0])
-    ties_density: float = 0.2
-    lines_alpha: float = 0.5
-    lines_beta: float = 0.5
-    threads: int = 1  # torch intra-op threads: tiny ops gain nothing from more, and spin-waits hurt on a busy CPU
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.llm["num_hidden_layers"])
-
-
-def fast_config() -> FrankToyConfig:
-    """Tiny sizes and a few steps: the plumbing test (tests/mllm/test_frank_toy.py)."""
-    return FrankToyConfig(
-        llm={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
-             "num_key_value_heads": 2, "max_position_embeddings": 192, "tie_word_embeddings": True},
-        encoder={"name": "timm_vit", "model_name": "vit_tiny_patch16_224", "image_size": 64, "patch_size": 16,
-                 "embed_dim": 32, "depth": 1, "num_heads": 2, "layers": [-1]},
-        base_steps=6, base_scenes=16, base_arithmetic=64, reasoner_steps=4, mllm_steps=4, train_images=64,
-        batch_size=8, mllm_batch_size=8, eval_scenes=3, eval_arithmetic=4, eval_batch_size=16, probe_images=4,
-        ta_lambdas=[0.5, 1.0], threads=1,
-    )
 
 
 # --- stage caching -----------------------------------------------------------------------------
@@ -125,40 +79,6 @@ class Stages:
         atomic_write(marker, json.dumps({"hash": h, "key": key, "seconds": seconds}, indent=2, default=str))
         self.seconds[name] = {"seconds": seconds, "cached": False}
         return folder, h
-
-
-# --- configs of the parts ------------------------------------------------------------------------
-def data_config(cfg: FrankToyConfig) -> ShapesWorldConfig:
-    return ShapesWorldConfig(seed=cfg.seed, image_size=cfg.encoder["image_size"], train_images=cfg.train_images,
-                             val_images=max(cfg.probe_images, 1), test_images=cfg.eval_scenes)
-
-
-def train_config(cfg: FrankToyConfig, steps: int, lr: float, batch_size: int | None = None) -> dict[str, Any]:
-    batch_size = batch_size or cfg.batch_size
-    return {"steps": steps, "batch_size": batch_size, "micro_batch_size": batch_size, "lr": lr,
-            "warmup_steps": max(1, steps // 20), "seed": cfg.seed, "log_every": max(1, steps // 10)}
-
-
-def mllm_run_config(cfg: FrankToyConfig, base: Path) -> RunConfig:
-    return from_dict(RunConfig, {
-        "model": {"encoder": cfg.encoder, "projector": {"name": "mlp"}, "tokenizer": str(base),
-                  "llm": {"path": str(base), "attn_implementation": "sdpa"}, "template": "plain",
-                  "max_length": cfg.max_length, **cfg.mllm_model},
-        "data": {**dataclasses.asdict(data_config(cfg)), **cfg.mllm_data},
-        "train": {**train_config(cfg, cfg.mllm_steps, cfg.mllm_lr, cfg.mllm_batch_size),
-                  "trainable": ["encoder", "projector", "llm"],
-                  "lr_groups": {} if cfg.mllm_llm_lr is None else {"llm": cfg.mllm_llm_lr}},
-    }, where="frank_toy.mllm")
-
-
-def base_corpus(cfg: FrankToyConfig) -> list[str]:
-    """ShapesWorld Q/A as text, one-step arithmetic facts, direct-answer arithmetic questions."""
-    scenes = ShapesWorld(dataclasses.replace(data_config(cfg), seed=cfg.seed + 1, train_images=cfg.base_scenes))
-    texts = [f"USER: {it['question']} ASSISTANT: {it['answer']}" for s in scenes.split("train") for it in s["items"]]
-    arith = Arithmetic(ArithmeticConfig(seed=cfg.seed + 1, train_size=cfg.base_arithmetic))
-    texts += arith.statements(cfg.base_arithmetic)
-    texts += [f"USER: {p['items'][0]['question']} ASSISTANT: {p['answer']}" for p in arith.split("train")]
-    return texts
 
 
 def merge_specs(cfg: FrankToyConfig, base: Path, mllm: Path, reasoner: Path, probe: Path) -> dict[str, dict[str, Any]]:
@@ -192,10 +112,6 @@ def merge_specs(cfg: FrankToyConfig, base: Path, mllm: Path, reasoner: Path, pro
 
 # --- the stages ------------------------------------------------------------------------------------
 def build_base(cfg: FrankToyConfig, folder: Path) -> None:
-    from mllm.bench.toy_parts import pretrain_base
-    from train.data.templates import get_template
-    from train.data.tokenizer import build_tokenizer
-
     tokenizer = build_tokenizer([*ShapesWorld(data_config(cfg)).vocabulary_texts(),
                                  *Arithmetic(ArithmeticConfig()).vocabulary_texts(),
                                  *get_template("plain").vocabulary_texts()])
@@ -204,15 +120,12 @@ def build_base(cfg: FrankToyConfig, folder: Path) -> None:
 
 
 def build_reasoner(cfg: FrankToyConfig, base: Path, folder: Path) -> None:
-    from mllm.bench.toy_parts import finetune_reasoner
-
     data = Arithmetic(ArithmeticConfig(seed=cfg.seed, train_size=cfg.reasoner_steps * cfg.batch_size)).split("train")
     train = from_dict(TrainConfig, train_config(cfg, cfg.reasoner_steps, cfg.reasoner_lr), where="frank_toy.reasoner")
     finetune_reasoner(base, data, train, folder / "model", cfg.max_length)
 
 
 def build_probe(cfg: FrankToyConfig, mllm: Path, folder: Path) -> None:
-    from mllm.bench.toy_parts import probe_batches
     from mllm.merge.probe import run_probe
     from mllm.model import MLLM
 
@@ -237,8 +150,6 @@ def build_merge(spec: dict[str, Any], mllm: Path, folder: Path) -> None:
 def run(cfg: FrankToyConfig, out: Path, results: Path | None = None) -> dict[str, Any]:
     """The whole experiment into ``out`` (stages reused where cached); returns the report dict."""
     import torch
-
-    from mllm.bench.frank_report import evaluate, report
 
     torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
@@ -270,18 +181,16 @@ def run(cfg: FrankToyConfig, out: Path, results: Path | None = None) -> dict[str
 
 
 def train_mllm_stage(cfg: FrankToyConfig, base: Path, folder: Path) -> None:
-    from mllm.bench.toy_parts import train_mllm
-
     train_mllm(mllm_run_config(cfg, base), folder / "model")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``mllm bench frank-toy`` / ``python benchmarks/frank_toy.py``: run, print the Markdown table."""
+    """``python benchmarks/frank_toy.py``: run, print the Markdown table."""
     import argparse
 
     from mllm.config import apply_overrides
 
-    p = argparse.ArgumentParser(prog="mllm bench frank-toy", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="benchmarks/frank_toy.py", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/frank_toy", help="stage folders (cached between runs)")
     p.add_argument("--results", default=None, help="also copy frank_toy.json/.md and plots here")
     p.add_argument("--fast", action="store_true", help="tiny sizes, few steps (the test-suite variant)")

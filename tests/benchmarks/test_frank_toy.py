@@ -1,13 +1,15 @@
-"""The FRANK toy experiment's plumbing at tiny sizes (mllm/bench/frank_toy.py, fast_config).
+"""The FRANK toy experiment's plumbing at tiny sizes (benchmarks/frank/, fast_config).
 
 One run trains theta_0 / theta_R / theta_V for a few steps, probes, merges with every method and
 evaluates; the checks: every merge loads and was evaluated on every task, the FRANK coefficients
 equal the closed form recomputed here from the saved norms and probe, the merged blocks hold those
-coefficients, the norms agree with the checkpoints, and a second run reuses every stage.
+coefficients, the norms agree with the checkpoints, and a second run reuses every stage. Its
+modules import each other without a circle.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 from pathlib import Path
@@ -15,11 +17,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from frank.config import METRICS, fast_config  # benchmarks/frank/ (tests/benchmarks/conftest.py)
+from frank.study import merge_specs, run
 from safetensors.torch import load_file
 
-from mllm.bench.frank_toy import METRICS, fast_config, merge_specs, run
-
 VARIANTS = ("frank", "frank_max", "frank_noprior")
+PACKAGE = Path(__file__).resolve().parents[2] / "benchmarks" / "frank"
+
+
+def test_the_modules_import_each_other_without_a_circle() -> None:
+    edges = {}
+    for path in PACKAGE.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        edges[path.stem] = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
+        edges[path.stem] |= {f"{n.module}".removeprefix("frank.") for n in ast.walk(tree)
+                             if isinstance(n, ast.ImportFrom) and n.level == 0 and (n.module or "").startswith("frank")}
+    assert edges["study"] == {"config", "parts", "report"} and edges["report"] == {"config", "parts"}
+    order: list[str] = []  # topological order: a module comes after everything it imports
+    while len(order) < len(edges):
+        ready = sorted(m for m in edges if m not in order and edges[m] <= set(order))
+        assert ready, f"import circle among {sorted(set(edges) - set(order))}"
+        order += ready
 
 
 @pytest.fixture(scope="module")

@@ -1,1 +1,0 @@
-"""Experiments that run whole pipelines (``mllm bench NAME``): frank_toy (issue 8)."""
