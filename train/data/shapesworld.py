@@ -1,7 +1,7 @@
 """ShapesWorld: a deterministic, seeded generator of coloured-shape scenes with VQA and grounding items.
 
-The embedded default data set (DESIGN.md, "ShapesWorld, the embedded default"). A scene places
-1..``max_objects`` shapes in distinct cells of a ``grid x grid`` layout of the image, each jittered
+The embedded default data set: what ``mllm demo`` trains and evaluates on, and what the tests use.
+A scene places 1..``max_objects`` shapes in distinct cells of a ``grid x grid`` layout of the image, each jittered
 inside its cell with a one-pixel margin, so objects never touch and "left of" / "above" are defined by
 cell column / row. Scene ``i`` of split ``s`` is drawn from its own generator
 ``np.random.default_rng([seed, s, i])``: random access, byte-identical repeats, splits disjoint by seed.
