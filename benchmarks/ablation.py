@@ -1,4 +1,4 @@
-"""The fusion ablation of issues 3 and 4: every fusion recipe against ``tiny``, same data and step budget.
+"""The fusion and injection ablation: every recipe against ``tiny``, same data and step budget.
 
     python benchmarks/ablation.py train --out runs/ablation [--steps N] [--seed S] RECIPE ...   # train + test-split eval
     python benchmarks/ablation.py table --out runs/ablation [runs/ablation_s1 ...]   # the table of every run there

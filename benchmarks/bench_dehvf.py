@@ -1,4 +1,4 @@
-"""DEHVF FFN memory vs plain LLaVA splicing: forward time at 576 visual tokens, same LLM (issue 4).
+"""DEHVF FFN memory vs plain LLaVA splicing: forward time at 576 visual tokens, same LLM.
 
     python benchmarks/bench_dehvf.py [--repeats 5] [--batch 1] [--threads 1] [--taps 4]
 

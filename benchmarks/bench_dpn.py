@@ -1,4 +1,4 @@
-"""DPN pyramid vs plain LLaVA splicing: LLM FLOPs spent on visual tokens, and forward time (issue 4).
+"""DPN pyramid vs plain LLaVA splicing: LLM FLOPs spent on visual tokens, and forward time.
 
     python benchmarks/bench_dpn.py [--repeats 5] [--batch 1] [--threads 1]
 

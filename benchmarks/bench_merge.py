@@ -11,7 +11,7 @@ process, so that this script's own memory is not counted: see LAUNCHER). Prints 
 per method and merger, then as the last line a JSON object: for TIES (or the first method when TIES
 is not run) ratio (our wall time / mergekit's), peak_rss_gib, mergekit_peak_rss_gib,
 largest_tensor_gib and the raw figures, as before; under "methods" the same figures per method.
-Goals (issue 6): ratio <= 0.5, peak RSS <= 2 x largest tensor + 1 GiB. Not part of the test run.
+Goals: ratio <= 0.5, peak RSS <= 2 x largest tensor + 1 GiB. Not part of the test run.
 DARE draws its masks from its own RNG in each merger, so only its time and memory compare.
 """
 
