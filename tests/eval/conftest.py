@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from eval.tasks.shapesworld import ShapesWorldTask
+from mllm.registry import EVAL_TASKS
 from train.data.shapesworld import ShapesWorldConfig
 
 
@@ -158,7 +159,7 @@ def make_textvqa(root: Path) -> dict[str, Any]:
             "ocr": _dump(root / "TextVQA_Rosetta_OCR_v0.2_val.json", ocr)}
 
 
-def make_scienceqa(root: Path) -> dict[str, Any]:
+def make_scienceqa_img(root: Path) -> dict[str, Any]:
     def problem(question, choices, answer, hint, image, subject, split):  # type: ignore[no-untyped-def]
         return {"question": question, "choices": choices, "answer": answer, "hint": hint, "image": image,
                 "subject": subject, "split": split, "lecture": "", "solution": ""}
@@ -201,8 +202,9 @@ def make_refcoco(root: Path) -> dict[str, Any]:
     return {"data": _dump(root / "refcoco_val.json", rows), "images": str(root / "images")}
 
 
-BENCHMARKS = {"vqav2": make_vqav2, "gqa": make_gqa, "textvqa": make_textvqa, "scienceqa_img": make_scienceqa,
-              "pope": make_pope, "refcoco": make_refcoco}
+# make_<task> per registered task that reads files (the others generate their data; refcoco+ and
+# refcocog read refcoco's format, see test_prompts.FIXTURE)
+BENCHMARKS = {name: globals()[f"make_{name}"] for name in EVAL_TASKS.names() if f"make_{name}" in globals()}
 
 
 @pytest.fixture

@@ -20,10 +20,13 @@ DPN = {"name": "pyramid", "layers": [0, 1], "min_tokens": 2, "skip_below": 2}
 DEHVF = {"name": "ffn_embed", "layers": [1, 3]}
 
 
-def test_registered_injectors() -> None:
-    assert INJECTORS.names() == ["ffn_embed", "gated_xattn", "pyramid"]
-    for name in INJECTORS.names():
-        assert INJECTORS.get(name).needs <= {"tokens", "layers", "splice"}
+CONFIGS = {c["name"]: c for c in (XATTN, DPN, DEHVF)}  # a small config per registered injector
+
+
+@pytest.mark.parametrize("name", INJECTORS.names())
+def test_registered_injectors(name: str) -> None:
+    assert INJECTORS.get(name).needs <= {"tokens", "layers", "splice"}
+    assert name in CONFIGS, f"{name}: add a small config to CONFIGS"
 
 
 def test_layer_helpers() -> None:
