@@ -36,7 +36,7 @@ from mllm.hf import export_llava
 from mllm.model import MLLM
 from train.data.collate import Collator
 from train.data.shapesworld import ShapesWorld, ShapesWorldConfig
-from train.data.templates import get_template
+from train.templates import get_template
 from train.data.tokenizer import build_tokenizer
 
 MODEL = {

@@ -28,7 +28,7 @@ from eval.metrics import grounding_hit, parse_box
 from mllm import run
 from mllm.config import load_config
 from train.data.shapesworld import ShapesWorld
-from train.data.templates import IGNORE_INDEX
+from train.templates import IGNORE_INDEX
 from train.trainer import build_optimizer
 
 VAL_SAMPLES, VAL_BATCH = 1536, 256  # about 180 items per VQA type: a 3-point standard error

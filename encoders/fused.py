@@ -5,13 +5,10 @@ one encoder whose single output ``{0: [B, N, D]}`` is the fusion's output::
 
     pixels -> unpack -> tower_t(x_t) -> tapped layers -> resample to `grid` -> fusion -> [B, N, D]
 
-Construction respects the dependency direction (encoders/ imports nothing of mllm/): the caller
-builds the towers from ``cfg.towers`` and passes them in, with a factory that builds the fusion from
-the towers' :class:`FeatureSpec` (which exist only once the towers do). In mllm/ that is::
-
-    towers = [build_encoder(EncoderPart.from_value(t, ...)) for t in cfg.towers]
-    fusion = FusionPart.from_value(cfg.fusion, ...)
-    FusedEncoder(cfg, towers, lambda specs: ENCODER_FUSIONS.build(fusion.name, fusion.cfg, inputs=specs))
+It is composed from built modules (encoders/ imports nothing of mllm/): the caller builds the towers,
+asks :func:`tower_specs` what each gives on the common grid, builds the fusion for those specs and
+passes all of it in — ``FusedEncoder(towers, fusion, grid)``. The roof does that from typed config
+parts (``mllm/fused.py``).
 
 Per-tower transforms: ``preprocess`` runs every tower's own transform and packs the results into
 one tensor ``[3·T, H_max, W_max]`` (tower ``t`` in channels ``3t..3t+2``, top-left aligned, zero
@@ -22,9 +19,7 @@ normalisation (CLIP vs ImageNet mean/std).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from PIL import Image
@@ -37,61 +32,46 @@ from encoders.grid import GridMode, check_grid, resample
 FUSED_LAYER = 0  # the one key of a fused encoder's output
 
 
-@dataclass
-class FusedEncoderConfig:
-    towers: list[dict[str, Any]]  # encoder parts {name: <encoder>, <its fields>}, built by the caller
-    fusion: dict[str, Any]  # fusion part {name: <fusion>, <its fields>}, built by the caller
-    grid: list[int] | None = None  # common [rows, cols] for every tower; None = keep each tower's grid
-    grid_mode: GridMode = "area"  # how a tower reaches `grid` (encoders/grid.py)
-
-    def __post_init__(self) -> None:
-        if not self.towers:
-            raise ValueError("towers: give at least one encoder part")
-        for t, tower in enumerate(self.towers):
-            if not isinstance(tower, dict) or "name" not in tower:
-                raise ValueError(f"towers[{t}]: expected a mapping with a 'name' key (a registered encoder)")
-        if not isinstance(self.fusion, dict) or "name" not in self.fusion:
-            raise ValueError("fusion: expected a mapping with a 'name' key (a registered encoder fusion)")
+def tower_specs(towers: Sequence[VisionEncoder], grid: Sequence[int] | None) -> list[FeatureSpec]:
+    """What each tower hands the fusion: its tapped layers' widths, on ``grid`` (``None``: its own grid)."""
+    target = check_grid(grid, "grid")
+    specs = []
+    for index, tower in enumerate(towers):
+        tower_grid, tokens = tower.grid_size, tower.num_patches
+        if target is not None and tower_grid != target:
+            prefix = tokens - tower_grid[0] * tower_grid[1]
+            if prefix:
+                raise EncoderError(
+                    f"towers[{index}]: keeps {prefix} prefix token(s), which cannot be resampled from grid "
+                    f"{tower_grid} to {target}; set its drop_prefix: true"
+                )
+            tower_grid, tokens = target, target[0] * target[1]
+        specs.append(FeatureSpec(tuple(tower.layer_dims[layer] for layer in tower.layers), tower_grid, tokens))
+    return specs
 
 
 class FusedEncoder(VisionEncoder):
     """Towers -> grid alignment -> fusion, presented as one encoder with one output layer."""
 
-    config_cls = FusedEncoderConfig
-
     def __init__(
         self,
-        cfg: FusedEncoderConfig,
         towers: Sequence[VisionEncoder],
-        make_fusion: Callable[[list[FeatureSpec]], EncoderFusion],
+        fusion: EncoderFusion,
+        grid: Sequence[int] | None = None,
+        grid_mode: GridMode = "area",
     ) -> None:
+        """``grid``: common ``[rows, cols]`` for every tower (``None`` keeps each tower's grid);
+        ``grid_mode``: how a tower reaches it (encoders/grid.py)."""
         super().__init__()
-        if len(towers) != len(cfg.towers):
-            raise EncoderError(f"towers: {len(cfg.towers)} configured but {len(towers)} built")
-        self.cfg = cfg
+        if not towers:
+            raise EncoderError("towers: give at least one encoder")
         self.towers = nn.ModuleList(towers)
-        self._target = check_grid(cfg.grid, "grid")
-        self.specs = [self._spec(t, tower) for t, tower in enumerate(towers)]
-        self.fusion = make_fusion(self.specs)
+        self.grid_mode = grid_mode
+        self.specs = tower_specs(towers, grid)
+        self.fusion = fusion
         self.layers = [FUSED_LAYER]
         self._sizes = [tower.image_size for tower in towers]
         self._canvas = (max(h for h, _ in self._sizes), max(w for _, w in self._sizes))
-        # With keep_towers set, forward with grad enabled also leaves each tower's last tapped layer (on the common grid) in
-        # tower_tokens, for a loss on the towers themselves (mllm/object_heads.py, `towers: true`).
-        self.keep_towers = False
-        self.tower_tokens: list[torch.Tensor] = []
-
-    def _spec(self, index: int, tower: VisionEncoder) -> FeatureSpec:
-        grid, tokens = tower.grid_size, tower.num_patches
-        if self._target is not None and grid != self._target:
-            prefix = tokens - grid[0] * grid[1]
-            if prefix:
-                raise EncoderError(
-                    f"towers[{index}]: keeps {prefix} prefix token(s), which cannot be resampled from grid "
-                    f"{grid} to {self._target}; set its drop_prefix: true"
-                )
-            grid, tokens = self._target, self._target[0] * self._target[1]
-        return FeatureSpec(tuple(tower.layer_dims[layer] for layer in tower.layers), grid, tokens)
 
     @property
     def embed_dim(self) -> int:
@@ -124,9 +104,13 @@ class FusedEncoder(VisionEncoder):
         return packed
 
     def forward(self, pixels: torch.Tensor) -> dict[int, torch.Tensor]:
+        return self.forward_towers(pixels)[0]
+
+    def forward_towers(self, pixels: torch.Tensor) -> tuple[dict[int, torch.Tensor], list[torch.Tensor]]:
+        """:meth:`forward`'s output and, beside it, each tower's last tapped layer on the common grid (what
+        a loss on the towers themselves reads), returned explicitly: nothing is kept on the module."""
         feats = self.tower_features(pixels)
-        self.tower_tokens = [layers[-1] for layers in feats] if self.keep_towers and torch.is_grad_enabled() else []
-        return {FUSED_LAYER: self.fusion(feats)}
+        return {FUSED_LAYER: self.fusion(feats)}, [layers[-1] for layers in feats]
 
     def tower_features(self, pixels: torch.Tensor) -> list[list[torch.Tensor]]:
         """Each tower's tapped layers on the common grid, exactly as the fusion receives them."""
@@ -139,5 +123,5 @@ class FusedEncoder(VisionEncoder):
         for t, (tower, spec) in enumerate(zip(self.towers, self.specs, strict=True)):
             rows, cols = self._sizes[t]
             out = tower(pixels[:, 3 * t : 3 * t + 3, :rows, :cols])
-            feats.append([resample(out[layer], tower.grid_size, spec.grid, self.cfg.grid_mode) for layer in tower.layers])
+            feats.append([resample(out[layer], tower.grid_size, spec.grid, self.grid_mode) for layer in tower.layers])
         return feats

@@ -1,30 +1,30 @@
-"""Dataclass configs, loaded from / saved to YAML; one schema, validated before any I/O.
+"""The run schema (model, data, training, evaluation), read from recipe YAML and ``--set`` overrides.
 
-Every config is a (nested) dataclass. ``from_dict`` checks unknown keys and value types and names
-the offending dotted key in its error. Registry-named parts (encoder, projector, ...) are written in
-YAML as ``{name: <registry name>, <that part's config fields>}`` and held as :class:`Part`.
+Every config is a (nested) dataclass checked by the one validator, :mod:`mllm.schema`, before any
+I/O. Registry-named parts (encoder, projector, ...) are written in YAML as ``{name: <registry name>,
+<that part's config fields>}`` and held as typed :class:`~mllm.schema.Part` subclasses. An error says
+where the bad value came from: the recipe file that wrote the key (through its ``base:`` chain) or
+the ``--set`` argument, with the dotted key and, for a mistyped key, the closest valid one.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import types
-import typing
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
 from common.atomic import atomic_write
-from common.errors import UserError
 from eval.runner import EvalConfig
 from mllm.loss import LOSS_REDUCTIONS
 from mllm.numbers import NUMBER_INITS
-from mllm.object_heads import ObjectHeadsConfig
+from mllm.registry import AUX_HEADS, ENCODER_FUSIONS, ENCODERS, EVAL_TASKS, INJECTORS, PROJECTORS
+from mllm.schema import ConfigError, Part, from_dict, load_yaml, read_yaml, suggest, to_dict
 from train.data.llava import LlavaDataConfig
 from train.data.shapesworld import ShapesWorldConfig
 from train.data.tokenizer import NUMBER_MODES
@@ -33,149 +33,24 @@ from train.trainer import TrainConfig
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
 
-class ConfigError(UserError, ValueError):
-    """A config value or file is wrong; the message names the file and the dotted key."""
-
-
-# --- generic dataclass <-> dict ----------------------------------------------------------------
-def _check(tp: Any, value: Any, where: str) -> Any:
-    """Validate ``value`` against annotation ``tp`` and return it (converted where lossless)."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check(arg, value, where)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
-    if origin is typing.Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"{where}: expected one of {list(typing.get_args(tp))}, got {value!r}")
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
-        (arg,) = typing.get_args(tp)[:1] or (Any,)
-        return [_check(arg, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        _, vt = typing.get_args(tp) or (Any, Any)
-        return {str(k): _check(vt, v, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(tp, type) and issubclass(tp, Part):
-        return tp.from_value(value, where)
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        return from_dict(tp, value, where)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"{where}: unsupported annotation {tp!r}")
-
-
-def from_dict(cls: type, data: Any, where: str = "config") -> Any:
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"{where}.{unknown[0]}: unknown key for {cls.__name__}; expected one of: {', '.join(fields)}"
-        )
-    kwargs = {k: _check(hints[k], v, f"{where}.{k}") for k, v in data.items()}
-    missing = [
-        n for n, f in fields.items()
-        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        raise ConfigError(f"{where}.{missing[0]}: required key is missing")
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as err:  # __post_init__ checks
-        raise ConfigError(f"{where}: {err}") from err
-
-
-def to_dict(obj: Any) -> Any:
-    """Plain-data view of a config (dataclasses, Parts, lists, dicts)."""
-    if isinstance(obj, Part):
-        return {"name": obj.name, **to_dict(obj.cfg)}
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, Mapping):
-        return {k: to_dict(v) for k, v in obj.items()}
-    return obj
-
-
-@dataclass
-class Part:
-    """A registry-named part: ``name`` picks the class, ``cfg`` is that class's config dataclass.
-
-    Subclasses fix ``kind`` (the registry in ``mllm.registry.ALL_REGISTRIES``); a config field typed
-    ``EncoderPart`` accepts ``{name: timm_vit, <TimmViTConfig fields>}`` or just ``timm_vit``.
-    """
-
-    kind: typing.ClassVar[str] = ""
-    name: str
-    cfg: Any
-
-    @classmethod
-    def from_value(cls, value: Any, where: str) -> Part:
-        from mllm.registry import ALL_REGISTRIES, RegistryError
-
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, str):
-            value = {"name": value}
-        if not isinstance(value, Mapping) or "name" not in value:
-            raise ConfigError(f"{where}: expected a mapping with a 'name' key (a registered {cls.kind})")
-        params = {k: v for k, v in value.items() if k != "name"}
-        try:
-            cfg_cls = ALL_REGISTRIES[cls.kind].config_cls(value["name"])
-        except RegistryError as err:
-            raise ConfigError(f"{where}.name: {err}") from err
-        return cls(value["name"], from_dict(cfg_cls, params, where))
-
-
 class EncoderPart(Part):
-    kind = "encoder"
+    table = ENCODERS
 
 
 class ProjectorPart(Part):
-    kind = "projector"
+    table = PROJECTORS
 
 
 class FusionPart(Part):
-    kind = "encoder_fusion"  # a fused encoder's fusion: {name: concat | comm | ftz | dbfusion | convgate, ...}
+    table = ENCODER_FUSIONS  # a fused encoder's fusion: {name: concat | comm | ftz | dbfusion | convgate, ...}
 
 
 class InjectorPart(Part):
-    kind = "injector"  # LLM-side fusion (mllm/injection): {name: gated_xattn | ffn_embed | pyramid, ...}
+    table = INJECTORS  # LLM-side fusion (mllm/injection): {name: gated_xattn | ffn_embed | pyramid, ...}
+
+
+class AuxHeadPart(Part):
+    table = AUX_HEADS  # a training-only auxiliary loss (mllm/heads): {name: object_heads, ...}
 
 
 # --- the run schema ----------------------------------------------------------------------------
@@ -198,7 +73,7 @@ class ModelConfig:
     # is four coordinate tokens, train/data/tokenizer.py); ignored with a tokenizer folder
     tokenizer_numbers: str = "digits"
     image_token: str = "<image>"
-    template: str = "plain"  # prompt template name (train/data/templates.py)
+    template: str = "plain"  # prompt template name (train/templates.py)
     max_length: int = 192  # tokens per training sample after image expansion
     splice: bool = True  # visual tokens spliced at <image>; false = the sequence holds text only
     injectors: list[InjectorPart] = field(default_factory=list)  # LLM-side fusion, hooked in this order
@@ -206,9 +81,9 @@ class ModelConfig:
     # random | sincos: number tokens of a randomly initialised LLM start at a sinusoidal encoding of their value
     # (mllm/numbers.py), so nearby coordinates start nearby
     number_init: str = "random"
-    # auxiliary per-patch object classifiers + box regressor on the encoder (mllm/object_heads.py); ShapesWorld
-    # training with one encoder patch per grid cell only
-    object_heads: ObjectHeadsConfig | None = None
+    # training-only auxiliary losses, e.g. [{name: object_heads, weight: 1.0}] (mllm/heads): each reads the encoder
+    # features it asks for and the batch keys it declares
+    aux_heads: list[AuxHeadPart] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.loss_reduction not in LOSS_REDUCTIONS:
@@ -217,20 +92,15 @@ class ModelConfig:
             raise ValueError(f"number_init: expected one of {list(NUMBER_INITS)}, got {self.number_init!r}")
         if self.tokenizer_numbers not in NUMBER_MODES:
             raise ValueError(f"tokenizer_numbers: expected one of {list(NUMBER_MODES)}, got {self.tokenizer_numbers!r}")
-        fused_parts(self.encoder, "model.encoder")  # a fused encoder's towers/fusion are checked at load
 
 
-def fused_parts(part: EncoderPart, where: str) -> tuple[list[EncoderPart], FusionPart] | None:
-    """A fused encoder's validated tower and fusion parts (``None`` for a plain encoder).
+@dataclass
+class RunEvalConfig(EvalConfig):
+    """The run's evaluation: the batched runner's settings plus which generated task scores the model
+    (built from the run's ``data``) and which of its metrics the periodic evaluation logs."""
 
-    ``encoders/fused.py`` keeps them as plain mappings (it may not import this module), so the roof
-    checks them here, at config load, and the model builds them from the result.
-    """
-    towers = getattr(part.cfg, "towers", None)
-    if part.name != "fused" or towers is None:
-        return None
-    built = [EncoderPart.from_value(t, f"{where}.towers[{i}]") for i, t in enumerate(towers)]
-    return built, FusionPart.from_value(part.cfg.fusion, f"{where}.fusion")
+    task: str = "shapesworld"  # a generated task of mllm.registry.EVAL_TASKS, built from `data`
+    log_metrics: list[str] = field(default_factory=lambda: ["vqa_accuracy", "grounding_accuracy", "per_type"])
 
 
 @dataclass
@@ -239,31 +109,21 @@ class RunConfig:
     data: ShapesWorldConfig = field(default_factory=ShapesWorldConfig)  # ShapesWorld: eval, and training by default
     train_data: LlavaDataConfig | None = None  # LLaVA JSON / datasets to train on instead (train/data/llava.py)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: RunEvalConfig = field(default_factory=RunEvalConfig)
 
     def __post_init__(self) -> None:
-        if self.model.object_heads is not None and self.train_data is not None:
-            raise ValueError("model.object_heads: its targets are ShapesWorld's per-cell objects; train_data "
-                             "(LLaVA JSON) has none, so drop one of them")
+        for i, head in enumerate(self.model.aux_heads):
+            data = AUX_HEADS.get(head.name).data
+            if data is not None and self.train_data is not None:
+                raise ValueError(f"model.aux_heads[{i}] ({head.name}): its targets come from {data} samples; "
+                                 "train_data (LLaVA JSON) has none, so drop one of them")
+        fits = [n for n in EVAL_TASKS.names() if EVAL_TASKS.get(n).generated and EVAL_TASKS.config_cls(n) is type(self.data)]
+        if self.eval.task not in fits:
+            raise ValueError(f"eval.task: expected a task generated from `data` ({', '.join(fits)}), "
+                             f"got {self.eval.task!r}")
 
 
 # --- files -------------------------------------------------------------------------------------
-def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Parse a YAML mapping; any parse error names the file, line and column."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ConfigError(f"{path}: malformed YAML{at}: {getattr(err, 'problem', err)}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a YAML mapping at the top level, got {type(data).__name__}")
-    return data
-
-
 def recipe_names() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
@@ -277,36 +137,69 @@ def resolve_recipe(name_or_path: str) -> Path:
         return path
     candidate = RECIPES_DIR / f"{name_or_path}.yaml"
     if not candidate.is_file():
-        raise ConfigError(f"unknown recipe {name_or_path!r}; expected one of: {', '.join(recipe_names())} or a YAML path")
+        raise ConfigError(f"unknown recipe {name_or_path!r}{suggest(name_or_path, recipe_names())} "
+                          f"(expected one of: {', '.join(recipe_names())}, or a YAML path)")
     return candidate
 
 
-def _parse_value(raw: str) -> Any:
-    """YAML scalar parsing, plus the exponent floats YAML 1.1 leaves as strings ("1e-3")."""
-    value = yaml.safe_load(raw)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Dotted ``key.sub=value`` overrides (values parsed as YAML), on a copy of ``data``."""
+def apply_overrides(
+    data: dict[str, Any], overrides: list[str], origins: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Dotted ``key.sub=value`` overrides (values parsed as YAML, :func:`mllm.schema.load_yaml`), on a copy
+    of ``data``; ``key[i]`` (or ``key.i``) steps into item ``i`` of a list, e.g.
+    ``model.aux_heads[0].weight=0.5``. Each key set is recorded in ``origins`` with its ``--set`` argument."""
     out = json.loads(json.dumps(data))
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key.sub=value")
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a mapping")
-        node[parts[-1]] = _parse_value(raw)
+            raise ConfigError(f"--set {item}: expected KEY=VALUE with a dotted key, e.g. train.steps=100")
+        parts = re.sub(r"\[(\d+)\]", r".\1", key).split(".")
+        node: Any = out
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {item}: {'.'.join(parts[:depth]) or key} is a list of {len(node)}; "
+                                      f"expected an index below {len(node)}, got {part!r}")
+                index: Any = int(part)
+            elif isinstance(node, dict):
+                index = part
+                if not last:
+                    node.setdefault(part, {})
+            else:
+                raise ConfigError(f"--set {item}: {'.'.join(parts[:depth])} is not a mapping in the config")
+            if last:
+                node[index] = load_yaml(raw, f"--set {item}")
+            else:
+                node = node[index]
+        if origins is not None:
+            dotted = ".".join(p for p in parts if not p.isdigit())
+            origins.update(dict.fromkeys(_paths(load_yaml(raw, f"--set {item}"), dotted), f"--set {item}"))
     return out
+
+
+def _paths(value: Any, prefix: str) -> list[str]:
+    """The dotted paths of every leaf under ``value`` (a list is one leaf)."""
+    if isinstance(value, Mapping) and value:
+        return [p for k, v in value.items() for p in _paths(v, f"{prefix}.{k}" if prefix else str(k))]
+    return [prefix]
+
+
+def blame(key: str | None, origins: Mapping[str, str], default: str) -> str:
+    """Where the value at dotted ``key`` came from (list indices dropped): the ``--set`` arguments that
+    wrote into it, else the source recorded for its longest prefix, else ``default`` (a key no file
+    wrote, e.g. a missing required one)."""
+    if not key:
+        return default
+    parts = re.sub(r"\[\d+\]", "", key).split(".")
+    dotted = ".".join(parts)
+    overrides = sorted({s for k, s in origins.items() if k.startswith(f"{dotted}.") and s.startswith("--set ")})
+    if overrides:
+        return ", ".join(overrides)
+    for n in range(len(parts), 0, -1):
+        if (source := origins.get(".".join(parts[:n]))) is not None:
+            return source
+    return default
 
 
 def merge_recipe(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
@@ -321,16 +214,21 @@ def merge_recipe(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_recipe(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+def read_recipe(
+    path: Path, chain: tuple[Path, ...] = (), origins: dict[str, str] | None = None
+) -> dict[str, Any]:
     """A recipe file's mapping with its ``base:`` chain resolved (:func:`merge_recipe`).
 
     ``base: tiny`` (a shipped recipe name, or a YAML path relative to this file) makes the recipe the
     base's configuration plus what it writes itself, so an ablation recipe states only its difference
-    and follows every later change of the base.
+    and follows every later change of the base. ``origins`` collects, for every dotted key, the file
+    that wrote it last (for :func:`blame`).
     """
     chain = (*chain, path.resolve())
     data = read_yaml(path)
     if "base" not in data:
+        if origins is not None:
+            origins.update(dict.fromkeys(_paths(data, ""), str(path)))
         return data
     base = data.pop("base")
     if not isinstance(base, str):
@@ -339,18 +237,21 @@ def read_recipe(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     base_path = resolve_recipe(str(relative) if relative.suffix in (".yaml", ".yml") else base)
     if base_path.resolve() in chain:
         raise ConfigError(f"{path}: base: {base} leads back to {base_path} (a cycle of bases)")
-    return merge_recipe(read_recipe(base_path, chain), data)
+    merged = merge_recipe(read_recipe(base_path, chain, origins), data)
+    if origins is not None:
+        origins.update(dict.fromkeys(_paths(data, ""), str(path)))
+    return merged
 
 
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunConfig:
     """Load a recipe name or YAML path (with its ``base:`` chain) into a validated :class:`RunConfig`."""
     path = resolve_recipe(name_or_path)
-    data = apply_overrides(read_recipe(path), overrides or [])
+    origins: dict[str, str] = {}
+    data = apply_overrides(read_recipe(path, origins=origins), overrides or [], origins)
     try:
-        return from_dict(RunConfig, data, where=str(path))
+        return from_dict(RunConfig, data)
     except ConfigError as err:
-        msg = str(err)
-        raise ConfigError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from err
+        raise ConfigError(f"{blame(err.key, origins, str(path))}: {err}", err.key) from err
 
 
 def save_config(cfg: Any, directory: str | os.PathLike[str], stem: str = "config") -> None:

@@ -56,7 +56,7 @@ from encoders.hf import HFVisionEncoder, build_image_processor, processed_size
 from mllm.config import ConfigError, ModelConfig, from_dict
 from mllm.model import MLLM, ModelError
 from projectors.mlp import MLPProjector
-from train.data.templates import TemplateError
+from train.templates import TemplateError
 
 ENCODER = "hf_vision"  # the registry name of the one encoder Llava can hold
 LLAVA_MAX_LENGTH = 2048  # LLaVA-1.5's model_max_length, for training an imported model

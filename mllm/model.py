@@ -35,7 +35,8 @@ from torch import nn
 
 from common.atomic import atomic_folder
 from common.errors import UserError
-from mllm.config import EncoderPart, LLMConfig, ModelConfig, from_dict, fused_parts, read_yaml, to_dict
+from mllm.config import LLMConfig, ModelConfig
+from mllm.heads.base import AuxHead, HeadInputs, HeadSpec
 from mllm.injection.base import (
     InjectionError,
     InjectionSpec,
@@ -47,9 +48,9 @@ from mllm.injection.base import (
 )
 from mllm.loss import causal_lm_loss, supervised_positions
 from mllm.numbers import init_number_embeddings
-from mllm.object_heads import ObjectHeads
-from mllm.registry import ENCODER_FUSIONS, ENCODERS, INJECTORS, PROJECTORS
-from train.data.templates import IGNORE_INDEX, encode_prompt, get_template, image_token_id
+from mllm.registry import AUX_HEADS, ENCODERS, INJECTORS, PROJECTORS
+from mllm.schema import ConfigError, Part, from_dict, read_yaml, to_dict
+from train.templates import IGNORE_INDEX, encode_prompt, get_template, image_token_id
 
 log = logging.getLogger("mllm")
 
@@ -76,29 +77,20 @@ def resolve_attn_implementation(requested: str) -> str:
     return choice
 
 
-def build_encoder(part: EncoderPart, where: str = "model.encoder") -> nn.Module:
-    """An encoder from its part; a fused encoder gets its towers built here and a fusion factory
-    (the fusion is sized from the towers' feature specs), since ``encoders/`` cannot import the registry."""
-    fused = fused_parts(part, where)
-    if fused is None:
-        return ENCODERS.build(part.name, part.cfg)
-    from encoders.fused import FusedEncoder
-
-    tower_parts, fusion = fused
-    towers = [build_encoder(t, f"{where}.towers[{i}]") for i, t in enumerate(tower_parts)]
-    return FusedEncoder(part.cfg, towers, lambda specs: ENCODER_FUSIONS.build(fusion.name, fusion.cfg, inputs=specs))
-
-
-def _without_weight_files(part: EncoderPart) -> EncoderPart:
-    """The part with every ``weights`` file dropped (top level and towers): a checkpoint's own tensors
-    supersede them, and the original files may be gone. Folders holding an architecture (``path``) stay."""
-    cfg = part.cfg
-    if hasattr(cfg, "weights"):
-        cfg = dataclasses.replace(cfg, weights=None)
-    if fused_parts(part, "model.encoder") is not None:
-        towers = [{k: v for k, v in t.items() if k != "weights"} for t in cfg.towers]
-        cfg = dataclasses.replace(cfg, towers=towers)
-    return type(part)(part.name, cfg)
+def _without_weight_files(cfg: Any) -> Any:
+    """``cfg`` with every ``weights`` file dropped, through nested parts (a fused encoder's towers): a
+    checkpoint's own tensors supersede them, and the files may be gone. Folders holding an
+    architecture (``path``) stay."""
+    if isinstance(cfg, Part):
+        return type(cfg)(cfg.name, _without_weight_files(cfg.cfg))
+    if isinstance(cfg, list):
+        return [_without_weight_files(v) for v in cfg]
+    if not dataclasses.is_dataclass(cfg):
+        return cfg
+    changes = {f.name: _without_weight_files(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
+    if "weights" in changes:
+        changes["weights"] = None
+    return dataclasses.replace(cfg, **changes)
 
 
 def build_llm(cfg: LLMConfig, tokenizer: Any, llm_config: Any = None) -> nn.Module:
@@ -142,7 +134,7 @@ class MLLM(nn.Module):
         self.image_token_id = image_token_id(tokenizer, cfg.image_token)
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
             raise ModelError("tokenizer: a pad and an eos token are needed (padding and generation stop)")
-        self.encoder = build_encoder(cfg.encoder)
+        self.encoder = ENCODERS.build(cfg.encoder.name, cfg.encoder.cfg)
         self.llm = build_llm(cfg.llm, tokenizer, llm_config)
         if cfg.number_init == "sincos" and llm_config is None and cfg.llm.path is None:  # a random init only
             std = float(getattr(self.llm.config.get_text_config(), "initializer_range", 0.02))
@@ -175,26 +167,17 @@ class MLLM(nn.Module):
             self.injectors = nn.ModuleList(build_injectors(cfg.injectors, spec, self.llm))
         except InjectionError as err:
             raise ModelError(str(err)) from err
-        self.object_heads: ObjectHeads | None = None
-        self.tower_heads: nn.ModuleList | None = None  # object_heads.towers: one set per tower of a fused encoder
-        if cfg.object_heads is not None:
-            from train.data.cell_targets import CELL_ATTRIBUTES
-
-            tapped = self.encoder.layer_dims[self.encoder.layers[-1]]
-            classes = [len(values) + 1 for values in CELL_ATTRIBUTES.values()]
-            self.object_heads = ObjectHeads(tapped, classes, cfg.object_heads)
-            if cfg.object_heads.towers:
-                specs = getattr(self.encoder, "specs", None)
-                if specs is None:
-                    raise ModelError("model.object_heads.towers: true needs a fused encoder (model.encoder.name: fused)")
-                for t, spec in enumerate(specs):
-                    if spec.num_tokens != self.encoder.num_patches:
-                        raise ModelError(f"model.object_heads.towers: towers[{t}] gives {spec.num_tokens} tokens on the "
-                                         f"common grid, expected {self.encoder.num_patches} (one per patch of the fusion)")
-                self.tower_heads = nn.ModuleList(ObjectHeads(spec.dims[-1], classes, cfg.object_heads) for spec in specs)
-                self.encoder.keep_towers = True
+        self.aux_heads = nn.ModuleList(self._build_heads(cfg))
         if self.llm.get_input_embeddings().num_embeddings < len(tokenizer):
             raise ModelError(f"model.llm: vocabulary smaller than the tokenizer's {len(tokenizer)} tokens")
+
+    def _build_heads(self, cfg: ModelConfig) -> list[AuxHead]:
+        """Each ``model.aux_heads`` entry, sized for the encoder's last tapped layer (and its towers)."""
+        tapped = self.encoder.layer_dims[self.encoder.layers[-1]]
+        towers = getattr(self.encoder, "specs", [])
+        spec = HeadSpec(tapped, tuple(self.encoder.grid_size), self.encoder.num_patches,
+                        tuple(t.dims[-1] for t in towers), tuple(t.num_tokens for t in towers))
+        return [AUX_HEADS.build(part.name, part.cfg, spec=spec) for part in cfg.aux_heads]
 
     @property
     def device(self) -> torch.device:
@@ -211,11 +194,16 @@ class MLLM(nn.Module):
     # --- the data path ------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W] -> [B, num_visual_tokens, D_llm]``: tapped layers concatenated, projected."""
-        return self.project_layers(self.encoder_features(pixel_values))
+        return self.project_layers(self.encoder_features(pixel_values)[0])
 
-    def encoder_features(self, pixel_values: torch.Tensor) -> dict[int, torch.Tensor]:
+    def encoder_features(
+        self, pixel_values: torch.Tensor, towers: bool = False
+    ) -> tuple[dict[int, torch.Tensor], list[torch.Tensor]]:
+        """The encoder's tapped layers, and with ``towers`` each tower's last tapped layer of a fused
+        encoder (``[]`` otherwise)."""
         param = next(self.encoder.parameters())
-        return self.encoder(pixel_values.to(device=param.device, dtype=param.dtype))
+        pixels = pixel_values.to(device=param.device, dtype=param.dtype)
+        return self.encoder.forward_towers(pixels) if towers else (self.encoder(pixels), [])
 
     def project_layers(self, feats: dict[int, torch.Tensor]) -> torch.Tensor:
         return self.projector(torch.cat([feats[layer] for layer in self.encoder.layers], dim=-1))
@@ -271,20 +259,22 @@ class MLLM(nn.Module):
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         has_image: torch.Tensor | None = None,
-        cell_classes: torch.Tensor | None = None,
-        cell_boxes: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
         """The LLM's ``CausalLMOutputWithPast``; ``.loss`` is the shifted cross-entropy over ``labels``
-        (:mod:`mllm.loss`, reduced per ``model.loss_reduction``; plus the injectors' auxiliary losses in training,
-        and in training with ``cell_classes`` / ``cell_boxes`` (one row per image) the object heads' loss).
+        (:mod:`mllm.loss`, reduced per ``model.loss_reduction``), plus in training the injectors' auxiliary
+        losses and, while the encoder trains, each auxiliary head's loss on the batch keys it declares
+        (one row per image; the keys are taken out of ``kwargs`` before the LLM sees them).
 
         In training mode with labels the logits are computed only at the positions the loss reads (their
         union over the batch, the LLM's ``logits_to_keep``): ``.logits`` is then ``[B, K, V]``, with ``K``
         the length of :func:`mllm.loss.supervised_positions`. Otherwise it covers every position."""
-        heads = (self.object_heads is not None and self.training and labels is not None and cell_classes is not None
-                 and not self.encoder.frozen)
-        embeds, ctx, feats = self._inputs(input_ids, attention_mask, pixel_values, has_image, labels, features=heads)
+        targets = {key: kwargs.pop(key) for head in self.aux_heads for key in head.batch_keys if key in kwargs}
+        heads = [head for head in self.aux_heads if all(key in targets for key in head.batch_keys)]
+        if not (self.training and labels is not None and not self.encoder.frozen):
+            heads = []
+        embeds, ctx, feats = self._inputs(input_ids, attention_mask, pixel_values, has_image, labels,
+                                          features=bool(heads), towers=any(h.reads_towers for h in heads))
         keep = supervised_positions(labels, IGNORE_INDEX) if labels is not None and self.training else None
         if keep is not None:
             kwargs["logits_to_keep"] = keep
@@ -293,22 +283,19 @@ class MLLM(nn.Module):
             if labels is not None:
                 out.loss = causal_lm_loss(out.logits, labels, self.cfg.loss_reduction, keep, IGNORE_INDEX)
             aux = [loss for injector in self.injectors if (loss := injector.aux_loss()) is not None]
-        if heads and feats is not None:
-            assert self.object_heads is not None and cell_boxes is not None
-            aux.append(self.object_heads.loss(feats[self.encoder.layers[-1]], cell_classes, cell_boxes))
-            if self.tower_heads is not None:
-                for tower_heads, tokens in zip(self.tower_heads, self.encoder.tower_tokens, strict=True):
-                    aux.append(tower_heads.loss(tokens, cell_classes, cell_boxes))
+        if feats is not None:
+            aux += [head.loss(feats, targets) for head in heads]
         if labels is not None and aux:
             out.loss = out.loss + sum(aux)
         return out
 
     def _inputs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None,
-        has_image: torch.Tensor | None, labels: torch.Tensor | None, features: bool = False,
-    ) -> tuple[torch.Tensor, VisualContext | None, dict[int, torch.Tensor] | None]:
-        """``inputs_embeds``, with injectors the visual context of this call, and the encoder features
-        when injectors or ``features`` need them (``None`` otherwise, and for a batch without images).
+        has_image: torch.Tensor | None, labels: torch.Tensor | None, features: bool = False, towers: bool = False,
+    ) -> tuple[torch.Tensor, VisualContext | None, HeadInputs | None]:
+        """``inputs_embeds``, with injectors the visual context of this call, and with ``features`` what the
+        auxiliary heads read (``None`` otherwise, and for a batch without images); ``towers``: also each
+        tower's features of a fused encoder, returned by its forward beside the fused output.
 
         The context's query tokens are the prompt: the attended tokens before the first supervised
         label (all attended tokens without labels), exactly what ``generate`` prefills.
@@ -318,11 +305,13 @@ class MLLM(nn.Module):
         if self.injectors and (pixel_values is None or (has_image is not None and not bool(has_image.all()))):
             raise ModelError("model.injectors need one image per row; this batch has text-only rows")
         assert pixel_values is not None
-        feats = self.encoder_features(pixel_values)  # once, for the splice, the injectors and the object heads
+        # once, for the splice, the injectors and the heads
+        feats, tower_feats = self.encoder_features(pixel_values, towers=towers)
         tokens = self.project_layers(feats) if self._wants_tokens else None
         embeds = self.embed(input_ids, pixel_values, has_image, visual=tokens)
+        head_inputs = HeadInputs(feats[self.encoder.layers[-1]], tower_feats) if features else None
         if not self.injectors:
-            return embeds, None, feats
+            return embeds, None, head_inputs
         query = attention_mask.bool()
         if labels is not None:
             query = query & ((labels != IGNORE_INDEX).long().cumsum(dim=1) == 0)
@@ -331,7 +320,7 @@ class MLLM(nn.Module):
             image_mask=(input_ids == self.image_token_id) if self.cfg.splice else None,
             tokens=tokens, layers=feats, project=self.projector,
         )
-        return embeds, ctx, feats
+        return embeds, ctx, head_inputs
 
     @torch.no_grad()
     def generate_ids(
@@ -450,9 +439,7 @@ class MLLM(nn.Module):
         # its batch-norm statistics (conv stem) do not drift while the projector / LLM train
         trains_encoder = "encoder" in groups or "fusion" in groups
         self.encoder.frozen = bool(getattr(self.cfg.encoder.cfg, "frozen", False)) or not trains_encoder
-        for heads in (self.object_heads, self.tower_heads):  # they only teach the encoder: idle while it is frozen
-            if heads is not None:
-                heads.requires_grad_(not self.encoder.frozen)
+        self.aux_heads.requires_grad_(not self.encoder.frozen)  # they only teach the encoder: idle while it is frozen
         self.encoder.train(self.training)
         if "llm" in groups and self.has_lora:
             for pname, param in self.llm.named_parameters():
@@ -502,7 +489,10 @@ class MLLM(nn.Module):
         for name in (WEIGHTS_FILE, CONFIG_FILE, f"{LLM_DIR}/config.json", TOKENIZER_DIR):
             if not (root / name).exists():
                 raise FileNotFoundError(f"{root / name}: missing from the checkpoint (written by save_pretrained)")
-        cfg = from_dict(ModelConfig, read_yaml(root / CONFIG_FILE), where=str(root / CONFIG_FILE))
+        try:
+            cfg = from_dict(ModelConfig, read_yaml(root / CONFIG_FILE))
+        except ConfigError as err:
+            raise ConfigError(f"{root / CONFIG_FILE}: {err}", err.key) from err
         cfg = dataclasses.replace(cfg, encoder=_without_weight_files(cfg.encoder))
         tokenizer = AutoTokenizer.from_pretrained(str(root / TOKENIZER_DIR), local_files_only=True)
         llm_config = AutoConfig.from_pretrained(str(root / LLM_DIR), local_files_only=True)

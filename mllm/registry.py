@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any, Generic, TypeVar
 
 from common.errors import UserError
+from mllm.schema import from_dict
 
 T = TypeVar("T")
 
@@ -73,8 +74,6 @@ class Registry(Generic[T]):
     def build(self, name: str, cfg: Any, **context: Any) -> T:
         """Instantiate part ``name`` from its config (a dataclass instance or a mapping)."""
         if isinstance(cfg, Mapping):
-            from mllm.config import from_dict
-
             cfg = from_dict(self.config_cls(name), cfg, where=f"{self.kind}:{name}")
         return self.get(name)(cfg, **context)
 
@@ -85,7 +84,7 @@ ENCODERS.register("timm_vit", "encoders.dino:TimmViTEncoder")
 ENCODERS.register("open_clip", "encoders.clip:OpenClipEncoder")
 ENCODERS.register("hf_vision", "encoders.hf:HFVisionEncoder")
 ENCODERS.register("florence2", "encoders.florence:FlorenceEncoder")
-ENCODERS.register("fused", "encoders.fused:FusedEncoder")  # built with its towers + fusion (encoders/fused.py)
+ENCODERS.register("fused", "mllm.fused:FusedFromParts")  # towers + fusion, parsed as typed parts (mllm/fused.py)
 
 ENCODER_FUSIONS: Registry[Any] = Registry("encoder fusion")  # built as CLS(cfg, inputs=[FeatureSpec, ...])
 ENCODER_FUSIONS.register("concat", "encoders.fusion.concat:ConcatFusion")
@@ -107,6 +106,9 @@ INJECTORS.register("pyramid", "mllm.injection.pyramid:PyramidInjector")
 
 # Merge methods are not config-built parts: each class exposes a pure per-tensor ``merge`` and its
 # params dataclass as ``config_cls`` (mllm/merge/methods/base.py), so the table is kept out of ALL_REGISTRIES.
+AUX_HEADS: Registry[Any] = Registry("auxiliary head")  # built as CLS(cfg, spec=HeadSpec): a training-only loss
+AUX_HEADS.register("object_heads", "mllm.heads.object_heads:ObjectHeads")
+
 MERGE_METHODS: Registry[Any] = Registry("merge method")
 MERGE_METHODS.register("linear", "mllm.merge.methods.linear:Linear")
 MERGE_METHODS.register("task_arithmetic", "mllm.merge.methods.task_arithmetic:TaskArithmetic")
@@ -136,5 +138,6 @@ ALL_REGISTRIES: dict[str, Registry[Any]] = {
     "encoder_fusion": ENCODER_FUSIONS,
     "projector": PROJECTORS,
     "injector": INJECTORS,
+    "aux_head": AUX_HEADS,
     "eval_task": EVAL_TASKS,
 }

@@ -6,7 +6,6 @@ hands the model to the trainer (as a loss module) and to the eval runner (as a g
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
@@ -20,18 +19,18 @@ log = logging.getLogger("mllm")
 
 
 def build_tokenizer_for(cfg: RunConfig, train_data: Any = None) -> Any:
-    """The configured local tokenizer folder, or a word-level one trained on ShapesWorld's closed
-    vocabulary (plus the texts of ``train_data`` when it can list them)."""
+    """The configured local tokenizer folder, or a word-level one trained on the closed vocabulary of
+    the run's evaluation task (``eval.task`` built from ``data``), its template and the texts of
+    ``train_data`` when it can list them."""
     if cfg.model.tokenizer is not None:
         from transformers import AutoTokenizer
 
         path = Path(cfg.model.tokenizer)
         if not path.is_dir():
-            raise FileNotFoundError(f"model.tokenizer: {path} is not a folder")
+            raise ConfigError(f"model.tokenizer: {path} is not a folder")
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    from train.data.shapesworld import ShapesWorld
-    from train.data.templates import get_template
     from train.data.tokenizer import build_tokenizer
+    from train.templates import get_template
 
     if cfg.model.template == "chat":
         raise ConfigError("model.template: chat reads the tokenizer's chat template; set model.tokenizer to its folder")
@@ -39,8 +38,15 @@ def build_tokenizer_for(cfg: RunConfig, train_data: Any = None) -> Any:
         raise ConfigError("model.tokenizer: a streamed train_data cannot be scanned for a vocabulary; give a tokenizer folder")
     template = get_template("plain" if cfg.model.template == "auto" else cfg.model.template)
     data_texts = train_data.vocabulary_texts() if train_data is not None else []
-    texts = [*ShapesWorld(cfg.data).vocabulary_texts(), *template.vocabulary_texts(), *data_texts]
+    texts = [*eval_task(cfg).vocabulary_texts(), *template.vocabulary_texts(), *data_texts]
     return build_tokenizer(texts, numbers=cfg.model.tokenizer_numbers)
+
+
+def eval_task(cfg: RunConfig, split: str = "test") -> Any:
+    """The run's generated evaluation task (``eval.task``, e.g. ShapesWorld) on ``split`` of ``data``."""
+    from mllm.registry import EVAL_TASKS
+
+    return EVAL_TASKS.build(cfg.eval.task, cfg.data, split=split)
 
 
 def build_model(cfg: RunConfig, tokenizer: Any) -> Any:
@@ -90,20 +96,13 @@ def load_train_data(cfg: RunConfig) -> Any:
 
 
 def make_collator(model: Any, cfg: RunConfig) -> Any:
+    """The training collator, also collating each auxiliary head's targets from the run's data."""
     from train.data.collate import Collator
 
     m = cfg.model
-    targets = None
-    if m.object_heads is not None:
-        from train.data.cell_targets import cell_targets
-
-        grid = cfg.data.grid
-        if tuple(model.encoder.grid_size) != (grid, grid):
-            raise ConfigError(f"model.object_heads: need one encoder patch per ShapesWorld cell, but the encoder's "
-                              f"patch grid is {tuple(model.encoder.grid_size)} and data.grid is {grid}")
-        targets = functools.partial(cell_targets, grid=grid)
+    targets = [head.sample_targets(cfg.data) for head in model.aux_heads]
     return Collator(model.tokenizer, m.template, m.image_token, model.num_image_tokens, model.preprocess, m.max_length,
-                    cell_targets=targets)
+                    image_targets=targets)
 
 
 def train(
@@ -163,11 +162,13 @@ def _full_model(trainer: Any, cfg: RunConfig, tokenizer: Any) -> Any:
 
 
 def _periodic_eval(model: Any, cfg: RunConfig, out_dir: Path) -> Any:
-    """Trainer callback: the val split (``data.val_images`` scenes), flattened to scalars."""
+    """Trainer callback: the evaluation task on the val split, its ``eval.log_metrics`` as scalars."""
     def eval_fn(step: int) -> dict[str, float]:
         metrics = evaluate_model(model, cfg, out_dir / "val" / f"step-{step:07d}", split="val")
-        flat = {"vqa_accuracy": metrics["vqa_accuracy"], "grounding_accuracy": metrics["grounding_accuracy"]}
-        flat.update({f"{k}_accuracy": v for k, v in metrics["per_type"].items()})
+        flat = {}
+        for key in cfg.eval.log_metrics:  # a mapping of scores (per question type) logs one scalar each
+            value = metrics[key]
+            flat.update({f"{k}_accuracy": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
         return flat
 
     return eval_fn
@@ -176,13 +177,11 @@ def _periodic_eval(model: Any, cfg: RunConfig, out_dir: Path) -> Any:
 def evaluate_model(
     model: Any, cfg: RunConfig, out_dir: Path, resume: bool = False, split: str = "test"
 ) -> dict[str, Any]:
-    """A ShapesWorld split through the batched runner; returns the metrics dict."""
+    """The run's evaluation task on ``split`` through the batched runner; returns the metrics dict."""
     from eval.runner import run_task
-    from eval.tasks.shapesworld import ShapesWorldTask
 
-    task = ShapesWorldTask(cfg.data, split=split)
     model.eval()
-    return run_task(model, task, cfg.eval, out_dir, resume=resume, progress=False)
+    return run_task(model, eval_task(cfg, split), cfg.eval, out_dir, resume=resume, progress=False)
 
 
 def evaluate_checkpoint(

@@ -37,6 +37,10 @@ class ShapesWorldTask(BaseTask):
         # The training form of a first user turn (train/data/shapesworld.py first_turn).
         self.prompt = first_turn("{question}", cfg.image_first)
 
+    def vocabulary_texts(self) -> list[str]:
+        """Every text the generator can write, for a word-level tokenizer that must cover them all."""
+        return ShapesWorld(self.cfg).vocabulary_texts()
+
     def samples(self) -> Iterator[EvalSample]:
         data = self._data if self._data is not None else ShapesWorld(self.cfg).split(self.split)
         for scene in data:

@@ -1,5 +1,5 @@
-"""Shared fixtures for encoder tests: a real photograph, and the model's encoder builder
-(mllm.model.build_encoder: towers from their parts, then the fusion from the towers' feature specs)."""
+"""Shared fixtures for encoder tests: a real photograph, and the model's encoder builder (the encoder
+table: a fused encoder's towers from their parts, then the fusion from the towers' feature specs)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,6 @@ def astronaut() -> Image.Image:
 
 @pytest.fixture(scope="session")
 def build_encoder() -> Callable[[EncoderPart], VisionEncoder]:
-    from mllm.model import build_encoder as build
+    from mllm.registry import ENCODERS
 
-    return build
+    return lambda part: ENCODERS.build(part.name, part.cfg)

@@ -1,5 +1,5 @@
 """FusedEncoder: per-tower transforms packed into one tensor, explicit grid alignment, the fusion's
-output as the only layer, train/eval of frozen towers, and YAML parts validated by mllm/config."""
+output as the only layer, train/eval of frozen towers, and YAML parts parsed once into typed parts."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from encoders.base import EncoderError, VisionEncoder
-from encoders.fused import FusedEncoder, FusedEncoderConfig
+from encoders.fused import FusedEncoder
 from mllm.config import ConfigError, EncoderPart, FusionPart
+from mllm.fused import FusedConfig
 
 TEXT = dict(context_length=8, vocab_size=64, width=16, heads=2, layers=1)
 CLIP_TOWER: dict[str, Any] = {  # open_clip ViT, 32 px / patch 8 -> 4x4 grid, width 32, CLIP mean/std
@@ -94,10 +95,12 @@ def test_frozen_towers_stay_in_eval_while_the_fusion_trains(fused: Callable[...,
 
 def test_parts_are_validated_by_the_config_layer(fused: Callable[..., FusedEncoder]) -> None:
     part = EncoderPart.from_value({"name": "fused", "towers": [CLIP_TOWER], "fusion": {"name": "concat"}}, "model.encoder")
-    assert isinstance(part.cfg, FusedEncoderConfig) and part.cfg.grid_mode == "area"
+    assert isinstance(part.cfg, FusedConfig) and part.cfg.grid_mode == "area"
+    assert [type(t) for t in part.cfg.towers] == [EncoderPart] and isinstance(part.cfg.fusion, FusionPart)
+    assert part.cfg.towers[0].cfg.layers == [-1]  # a typed tower config, not a mapping
     with pytest.raises(ConfigError, match=r"towers\[0\]: expected a mapping with a 'name' key"):
         EncoderPart.from_value({"name": "fused", "towers": [{"layers": [-1]}], "fusion": {"name": "concat"}}, "e")
-    with pytest.raises(ConfigError, match="e.name: unknown encoder fusion 'nope'; expected one of: comm, concat"):
+    with pytest.raises(ConfigError, match=r"e.name: unknown encoder fusion 'nope' \(expected one of: comm, concat"):
         FusionPart.from_value({"name": "nope"}, "e")
     with pytest.raises(ConfigError, match="e.mlp_ratio: expected a number"):
         FusionPart.from_value({"name": "comm", "mlp_ratio": "big"}, "e")
@@ -105,3 +108,18 @@ def test_parts_are_validated_by_the_config_layer(fused: Callable[..., FusedEncod
         EncoderPart.from_value({"name": "fused", "towers": [CLIP_TOWER], "fusion": {"name": "concat"}, "grid_mode": "x"}, "e")
     with pytest.raises(ConfigError, match=r"encoder.towers\[0\].widht: unknown key"):
         fused(towers=[{**CLIP_TOWER, "widht": 3}, SIGLIP_TOWER])
+
+
+def test_forward_towers_returns_the_tower_features_and_keeps_nothing(fused: Callable[..., FusedEncoder]) -> None:
+    enc = fused(grid=[2, 2])
+    pixels = torch.randn(2, 6, 48, 48)
+    with torch.no_grad():
+        out, towers = enc.forward_towers(pixels)
+        feats = enc.tower_features(pixels)
+        torch.testing.assert_close(out[0], enc(pixels)[0])
+    assert [t.shape for t in towers] == [(2, 4, 32), (2, 4, 16)]  # each tower's last layer on the 2x2 grid
+    for tower, layers in zip(towers, feats, strict=True):
+        torch.testing.assert_close(tower, layers[-1])
+    before = dict(vars(enc))
+    enc(pixels)
+    assert vars(enc).keys() == before.keys()  # no state left on the module by a call

@@ -15,7 +15,7 @@ from train.data.shapesworld import ShapesWorld
 
 RECIPES = {"comm": 256, "ftz": 128, "dbfusion": 512, "convgate": 128}  # recipe: fused width
 # dbfusion's four near-copy sets: the layers reading them train at tiny's lr / 4 (dbfusion.yaml), kept in step with tiny
-LR_GROUPS = {"dbfusion": ({"projector.layers.0", "object_heads"}, 0.25)}
+LR_GROUPS = {"dbfusion": ({"projector.layers.0", "aux_heads.0"}, 0.25)}
 
 
 @pytest.mark.parametrize("name", list(RECIPES))

@@ -21,7 +21,7 @@ from mllm.loss import supervised_positions
 from mllm.model import MLLM, ModelError
 from train.data.collate import Collator
 from train.data.shapesworld import ShapesWorldConfig
-from train.data.templates import IGNORE_INDEX, encode_prompt
+from train.templates import IGNORE_INDEX, encode_prompt
 
 ARCH = {
     "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,

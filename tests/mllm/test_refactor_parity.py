@@ -34,7 +34,7 @@ model:
       - {name: timm_vit, model_name: vit_tiny_patch16_224, image_size: 32, patch_size: 16, embed_dim: 16, depth: 1,
          num_heads: 2, layers: [-1]}
     fusion: {name: ftz, anchor: 0, heads: 2, gate: true, ffn: false}
-  object_heads: {weight: 1.0, towers: true}
+  aux_heads: [{name: object_heads, weight: 1.0, towers: true}]
 """
 RECORDED = {
     "tiny": [14.905644416809082, 14.679009437561035, 14.350767135620117, 14.321739196777344],

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from train.data.collate import Collator
-from train.data.templates import (
+from train.templates import (
     IGNORE_INDEX,
     ChatTemplate,
     PlainTemplate,

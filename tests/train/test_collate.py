@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from train.data.collate import CollateError, Collator
-from train.data.templates import (
+from train.templates import (
     IGNORE_INDEX,
     TEMPLATES,
     Segment,

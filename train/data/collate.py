@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from common.errors import UserError
-from train.data.templates import (
+from train.templates import (
     IGNORE_INDEX,
     Template,
     TemplateError,
@@ -35,7 +35,7 @@ class CollateError(UserError, ValueError):
     """A sample cannot be turned into a valid training row; the message names its id."""
 
 
-CellTargets = Callable[[Mapping[str, Any]], tuple[torch.Tensor, torch.Tensor]]
+ImageTargets = Callable[[Mapping[str, Any]], Mapping[str, torch.Tensor]]
 
 
 class Collator:
@@ -46,8 +46,8 @@ class Collator:
     ``pixel_values`` (``[n_images, 3, H, W]``) is left out when no row has an image; ``has_image``
     (bool ``[B]``) is added when some row has none. A ``None`` in place of a sample (one whose image
     a data set could not read and skips) is dropped and counted in ``skipped``.
-    With ``cell_targets`` (:func:`train.data.cell_targets.cell_targets` bound to a grid), the batch also
-    holds ``cell_classes`` / ``cell_boxes``: that function's tensors stacked over the rows with an image.
+    With ``image_targets`` (each a ``sample -> {key: tensor}`` function, e.g. an auxiliary head's targets),
+    the batch also holds every key they return, stacked over the rows with an image.
     """
 
     def __init__(
@@ -58,7 +58,7 @@ class Collator:
         num_image_tokens: int,
         preprocess: Callable[[Image.Image], torch.Tensor],
         max_length: int,
-        cell_targets: CellTargets | None = None,
+        image_targets: Sequence[ImageTargets] = (),
     ) -> None:
         if tokenizer.pad_token_id is None:
             raise CollateError("the tokenizer has no pad token, which right padding needs")
@@ -71,7 +71,7 @@ class Collator:
         self.num_image_tokens = num_image_tokens
         self.preprocess = preprocess
         self.max_length = max_length
-        self.cell_targets = cell_targets
+        self.image_targets = list(image_targets)
         self.skipped = 0  # samples dropped because the data set handed None (this process)
 
     def encode(self, sample: Mapping[str, Any], index: int = 0) -> tuple[list[int], list[int]]:
@@ -132,9 +132,9 @@ class Collator:
         if any(has_image):
             with_image = [s for s, h in zip(samples, has_image, strict=True) if h]
             batch["pixel_values"] = torch.stack([self.preprocess(s["image"]) for s in with_image])
-            if self.cell_targets is not None:
-                classes, boxes = zip(*(self.cell_targets(s) for s in with_image), strict=True)
-                batch["cell_classes"], batch["cell_boxes"] = torch.stack(classes), torch.stack(boxes)
+            for targets in self.image_targets:
+                rows = [targets(s) for s in with_image]
+                batch.update({key: torch.stack([row[key] for row in rows]) for key in rows[0]})
         if not all(has_image):
             batch["has_image"] = torch.tensor(has_image, dtype=torch.bool)
         return batch

@@ -11,7 +11,7 @@ from PIL import Image
 
 from mllm.config import ModelConfig, from_dict
 from mllm.model import MLLM
-from train.data.templates import IGNORE_INDEX, encode_prompt
+from train.templates import IGNORE_INDEX, encode_prompt
 
 ARCH = {
     "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,

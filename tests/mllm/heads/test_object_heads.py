@@ -1,4 +1,5 @@
-"""Object heads: the auxiliary per-patch loss, its targets, and how the model and the run use it."""
+"""Object heads: the auxiliary per-patch loss, its targets, and how the model and the run use it as a
+registered auxiliary head (``model.aux_heads: [{name: object_heads, ...}]``)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import torch
 
 from mllm import run
 from mllm.config import ConfigError, load_config
-from mllm.object_heads import ObjectHeads, ObjectHeadsConfig
+from mllm.heads.base import HeadError, HeadInputs, HeadSpec
+from mllm.heads.object_heads import ObjectHeads, ObjectHeadsConfig, PatchHeads
 from train.data.cell_targets import CellTargetError, cell_targets
-from train.data.shapesworld import ShapesWorld
+from train.data.shapesworld import ShapesWorld, ShapesWorldConfig
 
 SAMPLE = {
     "id": "s0",
@@ -37,8 +39,8 @@ def test_cell_targets_errors_name_the_sample() -> None:
         cell_targets(SAMPLE, grid=1)
 
 
-def _zero_heads(cfg: ObjectHeadsConfig) -> ObjectHeads:
-    heads = ObjectHeads(4, [3, 2], cfg)
+def _zero_heads(cfg: ObjectHeadsConfig) -> PatchHeads:
+    heads = PatchHeads(4, [3, 2], cfg)
     for p in heads.parameters():
         torch.nn.init.zeros_(p)
     return heads
@@ -77,7 +79,7 @@ def test_config_checks(field: str, value: float) -> None:
         ObjectHeadsConfig(**{field: value})
 
 
-TINY = ["model.encoder.depth=1", "model.llm.arch.num_hidden_layers=1", "model.object_heads.weight=0.5"]
+TINY = ["model.encoder.depth=1", "model.llm.arch.num_hidden_layers=1", "model.aux_heads[0].weight=0.5"]
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +100,9 @@ def test_training_loss_is_answer_loss_plus_heads_on_the_tapped_layer(tiny) -> No
     model.encoder.eval()  # batch-norm in eval mode: the separate encoder call below sees the same statistics
     plain = {k: v for k, v in batch.items() if not k.startswith("cell_")}
     answer = model(**plain).loss
-    feats = model.encoder_features(batch["pixel_values"])[model.encoder.layers[-1]]
-    heads = model.object_heads.loss(feats, batch["cell_classes"], batch["cell_boxes"])
+    assert [type(h) for h in model.aux_heads] == [ObjectHeads] and model.aux_heads[0].patches.cfg.weight == 0.5
+    feats = model.encoder_features(batch["pixel_values"])[0][model.encoder.layers[-1]]
+    heads = model.aux_heads[0].patches.loss(feats, batch["cell_classes"], batch["cell_boxes"])
     total = model(**batch).loss
     torch.testing.assert_close(total, answer + heads)
     model.eval()
@@ -112,10 +115,10 @@ def test_heads_teach_the_encoder_and_follow_its_freezing(tiny) -> None:  # noqa:
     model.zero_grad()
     model.set_trainable(["encoder", "projector", "llm"])
     model(**batch).loss.backward()
-    assert model.object_heads.box.weight.grad is not None and model.object_heads.box.weight.grad.abs().sum() > 0
+    assert model.aux_heads[0].patches.box.weight.grad is not None and model.aux_heads[0].patches.box.weight.grad.abs().sum() > 0
     model.zero_grad()
     model.set_trainable(["projector", "llm"])  # a frozen encoder: the heads would teach nothing
-    assert not any(p.requires_grad for p in model.object_heads.parameters())
+    assert not any(p.requires_grad for p in model.aux_heads.parameters())
     plain = {k: v for k, v in batch.items() if not k.startswith("cell_")}
     torch.testing.assert_close(model(**batch).loss, model(**plain).loss)
     model.set_trainable(["encoder", "projector", "llm"])
@@ -124,11 +127,12 @@ def test_heads_teach_the_encoder_and_follow_its_freezing(tiny) -> None:  # noqa:
 def test_run_refuses_a_grid_mismatch_and_llava_data(tmp_path) -> None:  # noqa: ANN001
     cfg = load_config("tiny", [*TINY, "data.grid=2", "data.max_objects=4"])
     model = run.build_model(cfg, run.build_tokenizer_for(cfg))
-    with pytest.raises(ConfigError, match=r"patch grid is \(4, 4\) and data.grid is 2"):
+    with pytest.raises(HeadError, match=r"patch grid is \(4, 4\) and data.grid is 2"):
         run.make_collator(model, cfg)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("base: tiny\nmodel:\n  object_heads: {}\ntrain_data:\n  path: x.json\n")
-    with pytest.raises(ConfigError, match="object_heads: its targets are ShapesWorld.s per-cell objects; train_data"):
+    recipe.write_text("base: tiny\ntrain_data:\n  path: x.json\n")
+    with pytest.raises(ConfigError, match=r"model.aux_heads\[0\] \(object_heads\): its targets come from ShapesWorld "
+                                          r"samples; train_data \(LLaVA JSON\) has none"):
         load_config(str(recipe))
 
 
@@ -138,7 +142,7 @@ def test_saved_model_keeps_the_heads(tiny, tmp_path) -> None:  # noqa: ANN001
     _, model, batch, _ = tiny
     model.save_pretrained(tmp_path / "m")
     loaded = MLLM.from_pretrained(tmp_path / "m")
-    torch.testing.assert_close(loaded.object_heads.box.weight, model.object_heads.box.weight)
+    torch.testing.assert_close(loaded.aux_heads[0].patches.box.weight, model.aux_heads[0].patches.box.weight)
 
 
 def _fused_model(overrides: list[str]):  # noqa: ANN202
@@ -150,29 +154,26 @@ def _fused_model(overrides: list[str]):  # noqa: ANN202
 
 
 def test_tower_heads_add_one_loss_per_tower_of_a_fused_encoder() -> None:
-    model, batch = _fused_model(["model.object_heads.towers=true"])
-    assert len(model.tower_heads) == 2 and model.encoder.keep_towers
+    model, batch = _fused_model(["model.aux_heads[0].towers=true"])
+    assert len(model.aux_heads[0].towers) == 2 and model.aux_heads[0].reads_towers
     model.train()
     model.encoder.eval()  # batch-norm in eval mode: the separate tower calls below see the same statistics
     plain = {k: v for k, v in batch.items() if not k.startswith("cell_")}
     answer = model(**plain).loss
-    fused = model.object_heads.loss(model.encoder_features(batch["pixel_values"])[0], batch["cell_classes"],
-                                    batch["cell_boxes"])
+    fused = model.aux_heads[0].patches.loss(model.encoder_features(batch["pixel_values"])[0][0],
+                                            batch["cell_classes"], batch["cell_boxes"])
     per_tower = []
-    for t, (tower, heads) in enumerate(zip(model.encoder.towers, model.tower_heads, strict=True)):
+    for t, (tower, heads) in enumerate(zip(model.encoder.towers, model.aux_heads[0].towers, strict=True)):
         tokens = tower(batch["pixel_values"][:, 3 * t : 3 * t + 3])[tower.layers[-1]]  # both towers: 64 px, 4x4
         assert tokens.shape == (2, 16, 128)
         per_tower.append(heads.loss(tokens, batch["cell_classes"], batch["cell_boxes"]))
     torch.testing.assert_close(model(**batch).loss, answer + fused + per_tower[0] + per_tower[1])
-    with torch.no_grad():  # inference keeps no tower tokens alive
-        model.encoder_features(batch["pixel_values"])
-    assert model.encoder.tower_tokens == []
 
 
 @pytest.mark.parametrize("towers", [False, True])
 def test_tower_heads_reach_a_tower_behind_a_closed_gate(towers: bool) -> None:
     # FtZ's zero-initialised gate: at step 0 the augmenting tower (1) gets no gradient from the fused output
-    model, batch = _fused_model([f"model.object_heads.towers={str(towers).lower()}", "model.encoder.fusion.gate=true"])
+    model, batch = _fused_model([f"model.aux_heads[0].towers={str(towers).lower()}", "model.encoder.fusion.gate=true"])
     model.train()
     model(**batch).loss.backward()
     grads = [p.grad for p in model.encoder.towers[1].parameters()]
@@ -180,8 +181,20 @@ def test_tower_heads_reach_a_tower_behind_a_closed_gate(towers: bool) -> None:
 
 
 def test_tower_heads_need_a_fused_encoder() -> None:
-    from mllm.model import ModelError
-
-    cfg = load_config("tiny", [*TINY, "model.object_heads.towers=true"])
-    with pytest.raises(ModelError, match="object_heads.towers: true needs a fused encoder"):
+    cfg = load_config("tiny", [*TINY, "model.aux_heads[0].towers=true"])
+    with pytest.raises(HeadError, match="object_heads.towers: true needs a fused encoder"):
         run.build_model(cfg, run.build_tokenizer_for(cfg))
+
+
+def test_object_heads_is_a_registered_head_that_declares_its_batch_keys() -> None:
+    spec = HeadSpec(dim=4, grid=(2, 2), num_tokens=4)
+    head = ObjectHeads(ObjectHeadsConfig(weight=1.0, box_weight=0.0), spec)
+    for p in head.parameters():
+        torch.nn.init.zeros_(p)
+    assert ObjectHeads.batch_keys == ("cell_classes", "cell_boxes") and not head.reads_towers
+    targets = head.sample_targets(ShapesWorldConfig(grid=2, image_size=32, max_objects=3))(SAMPLE)
+    assert set(targets) == {"cell_classes", "cell_boxes"} and targets["cell_classes"].shape == (4, 3)
+    batch = {k: v.unsqueeze(0) for k, v in targets.items()}
+    # zero weights: uniform logits over 4 shapes + empty, 6 colours + empty, 2 sizes + empty (cell_targets' classes)
+    loss = head.loss(HeadInputs(torch.randn(1, 4, 4)), batch)
+    assert loss.item() == pytest.approx(math.log(5) + math.log(7) + math.log(3), rel=1e-6)

@@ -1,0 +1,1 @@
+"""Auxiliary training objectives, registered like injectors (``mllm.registry.AUX_HEADS``)."""
