@@ -46,13 +46,13 @@ class OpenClipConfig:
 
     def __post_init__(self) -> None:
         if self.model.startswith("hf-hub:"):
-            raise ValueError(f"model: {self.model!r} downloads from the hub; use a local-dir:<folder> or a file in weights")
+            raise EncoderError(f"model: {self.model!r} downloads from the hub; use a local-dir:<folder> or a file in weights")
         if self.image_size is not None and "vision_cfg" in self.overrides:
             # open_clip replaces the whole vision config by overrides.vision_cfg, size included
-            raise ValueError("image_size: with overrides.vision_cfg, set image_size inside vision_cfg")
+            raise EncoderError("image_size: with overrides.vision_cfg, set image_size inside vision_cfg")
         unknown = sorted(set(self.preprocess) - set(PREPROCESS_KEYS))
         if unknown:
-            raise ValueError(f"preprocess.{unknown[0]}: unknown key; expected some of {list(PREPROCESS_KEYS)}")
+            raise EncoderError(f"preprocess.{unknown[0]}: unknown key; expected some of {list(PREPROCESS_KEYS)}")
         # a local-dir: model carries its weights, which a conv stem would silently drop
         check_stem(self.stem, self.stem_width, self.weights or (self.model if self.model.startswith("local-dir:") else None))
 

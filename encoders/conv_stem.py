@@ -32,11 +32,11 @@ STEMS = ("patch", "conv")
 def check_stem(stem: str, stem_width: int | None, weights: str | None) -> None:
     """Validate a tower config's ``stem`` / ``stem_width`` (``ValueError`` naming the field)."""
     if stem not in STEMS:
-        raise ValueError(f"stem: expected {' or '.join(STEMS)}, got {stem!r}")
+        raise EncoderError(f"stem: expected {' or '.join(STEMS)}, got {stem!r}")
     if stem_width is not None and stem != "conv":
-        raise ValueError(f"stem_width: sets the conv stem's channels; this encoder has stem: {stem}")
+        raise EncoderError(f"stem_width: sets the conv stem's channels; this encoder has stem: {stem}")
     if stem == "conv" and weights is not None:
-        raise ValueError("stem: a conv stem has no pretrained weights; use stem: patch with weights")
+        raise EncoderError("stem: a conv stem has no pretrained weights; use stem: patch with weights")
 
 
 class ConvStem(nn.Sequential):

@@ -44,9 +44,9 @@ class TimmViTConfig:
 
     def __post_init__(self) -> None:
         if self.image_size <= 0:
-            raise ValueError(f"image_size: expected a positive integer, got {self.image_size}")
+            raise EncoderError(f"image_size: expected a positive integer, got {self.image_size}")
         if not self.layers:
-            raise ValueError("layers: tap at least one block")
+            raise EncoderError("layers: tap at least one block")
         check_stem(self.stem, self.stem_width, self.weights)
 
 

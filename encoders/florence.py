@@ -55,9 +55,9 @@ class FlorenceConfig:
     def __post_init__(self) -> None:
         check_stem(self.stem, self.stem_width, self.path)
         if not (self.layers or self.image_features or self.prompts):
-            raise ValueError("layers: tap a block, or set image_features or prompts")
+            raise EncoderError("layers: tap a block, or set image_features or prompts")
         if any(not ids for ids in self.prompts):
-            raise ValueError("prompts: every prompt needs at least one token id")
+            raise EncoderError("prompts: every prompt needs at least one token id")
 
 
 def _stage_grids(davit: nn.Module, size: tuple[int, int]) -> list[tuple[int, int]]:

@@ -16,6 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from common.errors import UserError
+
+
+class ProjectorError(UserError, ValueError):
+    """A projector's config does not fit its field's rules or the encoder's tokens; the message names the field."""
+
 
 @dataclass
 class MLPProjectorConfig:
@@ -23,7 +29,7 @@ class MLPProjectorConfig:
 
     def __post_init__(self) -> None:
         if self.depth < 1:
-            raise ValueError(f"depth: expected an integer >= 1, got {self.depth}")
+            raise ProjectorError(f"depth: expected an integer >= 1, got {self.depth}")
 
 
 class PerTokenProjector(nn.Module):
@@ -32,7 +38,7 @@ class PerTokenProjector(nn.Module):
     def __init__(self, cfg: Any, in_dim: int, out_dim: int, what: str) -> None:
         super().__init__()
         if in_dim <= 0 or out_dim <= 0:
-            raise ValueError(f"{what}: in_dim and out_dim must be positive, got {in_dim}, {out_dim}")
+            raise ProjectorError(f"{what}: in_dim and out_dim must be positive, got {in_dim}, {out_dim}")
         self.cfg = cfg
         self.in_dim, self.out_dim = in_dim, out_dim
 
@@ -61,7 +67,7 @@ def square_side(num_tokens: int, what: str, hint: str = "") -> int:
     """The side ``s`` of the ``s x s`` patch grid that ``num_tokens`` raster-order tokens form."""
     side = math.isqrt(num_tokens)
     if side * side != num_tokens:
-        raise ValueError(f"{what}: {num_tokens} tokens are not a square patch grid{hint}")
+        raise ProjectorError(f"{what}: {num_tokens} tokens are not a square patch grid{hint}")
     return side
 
 

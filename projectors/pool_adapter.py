@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from projectors.mlp import GridPoolMLPProjector, square_side
+from projectors.mlp import GridPoolMLPProjector, ProjectorError, square_side
 
 
 @dataclass
@@ -26,7 +26,7 @@ class PoolAdapterConfig:
 
     def __post_init__(self) -> None:
         if self.kernel < 1:
-            raise ValueError(f"kernel: expected a positive integer, got {self.kernel}")
+            raise ProjectorError(f"kernel: expected a positive integer, got {self.kernel}")
 
 
 class PoolAdapterProjector(GridPoolMLPProjector):
@@ -40,7 +40,7 @@ class PoolAdapterProjector(GridPoolMLPProjector):
         side = square_side(num_tokens, "pool_adapter", " (drop prefix tokens)")
         k = self.cfg.kernel
         if side % k:
-            raise ValueError(f"pool_adapter.kernel: {k} does not divide the {side}x{side} patch grid")
+            raise ProjectorError(f"pool_adapter.kernel: {k} does not divide the {side}x{side} patch grid")
         return side // k
 
     def num_output_tokens(self, num_tokens: int) -> int:
@@ -49,7 +49,7 @@ class PoolAdapterProjector(GridPoolMLPProjector):
     def output_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
         """The (rows, cols) raster of the output tokens for an input patch grid."""
         if grid[0] != grid[1]:
-            raise ValueError(f"pool_adapter: the {grid[0]}x{grid[1]} patch grid is not square")
+            raise ProjectorError(f"pool_adapter: the {grid[0]}x{grid[1]} patch grid is not square")
         side = self._side(grid[0] * grid[1])
         return side, side
 

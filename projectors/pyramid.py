@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from projectors.mlp import GridPoolMLPProjector, square_side
+from projectors.mlp import GridPoolMLPProjector, ProjectorError, square_side
 
 
 @dataclass
@@ -30,7 +30,7 @@ class PyramidPoolConfig:
 
     def __post_init__(self) -> None:
         if not self.levels or min(self.levels) < 1:
-            raise ValueError(f"levels: expected positive bin counts, got {self.levels}")
+            raise ProjectorError(f"levels: expected positive bin counts, got {self.levels}")
 
 
 class PyramidPoolProjector(GridPoolMLPProjector):
@@ -42,7 +42,7 @@ class PyramidPoolProjector(GridPoolMLPProjector):
     def _side(self, num_tokens: int) -> int:
         side = square_side(num_tokens, "pyramid projector")
         if max(self.cfg.levels) > side:
-            raise ValueError(f"pyramid.levels: {max(self.cfg.levels)} bins exceed the {side}x{side} patch grid")
+            raise ProjectorError(f"pyramid.levels: {max(self.cfg.levels)} bins exceed the {side}x{side} patch grid")
         return side
 
     def num_output_tokens(self, num_tokens: int) -> int:

@@ -35,9 +35,9 @@ class CommConfig:
 
     def __post_init__(self) -> None:
         if self.mlp_layers < 1:
-            raise ValueError(f"mlp_layers: expected >= 1, got {self.mlp_layers}")
+            raise EncoderError(f"mlp_layers: expected >= 1, got {self.mlp_layers}")
         if self.mlp_ratio <= 0:
-            raise ValueError(f"mlp_ratio: expected a positive number, got {self.mlp_ratio}")
+            raise EncoderError(f"mlp_ratio: expected a positive number, got {self.mlp_ratio}")
 
 
 class LayerScaleMerge(nn.Module):

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from encoders.base import EncoderError
 from encoders.fusion.base import EncoderFusion, FeatureSpec
 from encoders.grid import to_map, to_tokens
 
@@ -34,7 +35,7 @@ class ConvGateConfig:
 
     def __post_init__(self) -> None:
         if self.kernel < 1 or self.kernel % 2 == 0:
-            raise ValueError(f"kernel: expected an odd positive size, got {self.kernel}")
+            raise EncoderError(f"kernel: expected an odd positive size, got {self.kernel}")
 
 
 class ConvGateFusion(EncoderFusion):

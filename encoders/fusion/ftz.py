@@ -37,9 +37,9 @@ class FtZConfig:
 
     def __post_init__(self) -> None:
         if self.anchor not in (0, 1):
-            raise ValueError(f"anchor: expected 0 or 1 (tower index), got {self.anchor}")
+            raise EncoderError(f"anchor: expected 0 or 1 (tower index), got {self.anchor}")
         if self.heads < 1:
-            raise ValueError(f"heads: expected >= 1, got {self.heads}")
+            raise EncoderError(f"heads: expected >= 1, got {self.heads}")
 
 
 class FtZFusion(EncoderFusion):

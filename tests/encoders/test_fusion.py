@@ -85,7 +85,7 @@ def test_comm_shape_errors() -> None:
         CommFusion(CommConfig(), [spec(4)])
     with pytest.raises(EncoderError, match="tapped layers must share one width"):
         CommFusion(CommConfig(), [spec(4, 8), spec(4)])
-    with pytest.raises(ValueError, match="mlp_layers: expected >= 1"):
+    with pytest.raises(EncoderError, match="mlp_layers: expected >= 1"):
         CommConfig(mlp_layers=0)
     assert len(CommFusion(CommConfig(mlp_layers=1), [spec(4), spec(6)]).mlp) == 1  # a plain Linear
 

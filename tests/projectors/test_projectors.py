@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
+from common.errors import UserError
 from mllm.registry import PROJECTORS
 from projectors.linear import LinearProjector, LinearProjectorConfig
-from projectors.mlp import MLPProjector, MLPProjectorConfig
+from projectors.mlp import MLPProjector, MLPProjectorConfig, ProjectorError
 
 W1 = [[1.0, 2.0], [3.0, 4.0]]
 B1 = [0.5, -1.0]
@@ -63,8 +64,9 @@ def test_mlp_depth_and_shapes(depth: int, linears: int) -> None:
 
 
 def test_mlp_rejects_bad_depth() -> None:
-    with pytest.raises(ValueError, match="depth"):
+    with pytest.raises(ProjectorError) as err:  # a user error: one line, exit 2 at the command line
         MLPProjectorConfig(depth=0)
+    assert isinstance(err.value, UserError) and str(err.value) == "depth: expected an integer >= 1, got 0"
 
 
 @pytest.mark.parametrize("name", PROJECTORS.names())
