@@ -57,15 +57,15 @@ class FrankParams:
 
     def __post_init__(self) -> None:
         if self.prior is not None and self.alpha is not None:
-            raise ValueError("set either prior (a probe JSON) or alpha, not both")
+            raise MergeError("set either prior (a probe JSON) or alpha, not both")
 
 
 def fit_decay(share: Sequence[float]) -> tuple[float, float]:
     """OLS fit of ln a_l = ln C - alpha l over l = 1..L (Eq. 40-44); returns (alpha, C)."""
     if len(share) < 2:
-        raise ValueError("at least two layers are needed to fit the decay")
+        raise MergeError("at least two layers are needed to fit the decay")
     if min(share) <= 0:
-        raise ValueError(f"visual shares must be > 0 to take logs, got {min(share)}")
+        raise MergeError(f"visual shares must be > 0 to take logs, got {min(share)}")
     xs = range(1, len(share) + 1)
     ys = [math.log(a) for a in share]
     xm, ym = sum(xs) / len(share), sum(ys) / len(share)

@@ -34,7 +34,7 @@ class LayerSwapParams:
 
     def __post_init__(self) -> None:
         if min(self.bottom, self.top, self.transition) < 0:
-            raise ValueError("bottom, top and transition must be >= 0")
+            raise MergeError("bottom, top and transition must be >= 0")
 
 
 def donor_weight(layer: int | None, num_layers: int, p: LayerSwapParams) -> float:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from mllm.merge.methods.base import MergeMethod, TensorInfo, fp32, per_model
+from mllm.merge.tensors import MergeError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -22,7 +23,7 @@ class LinearParams:
 
     def __post_init__(self) -> None:
         if self.normalize and abs(sum(self.weight.values())) < 1e-8:
-            raise ValueError("weights sum to 0; set normalize: false or change the weights")
+            raise MergeError("weights sum to 0; set normalize: false or change the weights")
 
 
 class Linear(MergeMethod):

@@ -34,6 +34,7 @@ from typing import ClassVar, Literal
 import torch
 
 from mllm.merge.methods.base import MergeMethod, TensorInfo, fp32, per_model, tensor_seed, yaml_key
+from mllm.merge.tensors import MergeError
 
 Sparsifier = Literal["none", "magnitude", "random"]
 
@@ -50,7 +51,7 @@ class TaskArithmeticParams:
     def __post_init__(self) -> None:
         for mid, d in self.density.items():
             if not 0.0 <= d <= 1.0:
-                raise ValueError(f"density of {mid!r} must be in [0, 1], got {d}")
+                raise MergeError(f"density of {mid!r} must be in [0, 1], got {d}")
 
 
 RNG_BLOCK = 1 << 16  # elements per independently seeded block of DARE's uniform draws. Small next to the engine's

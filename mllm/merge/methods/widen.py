@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from mllm.merge.methods.base import MergeMethod, TensorInfo, fp32
+from mllm.merge.tensors import MergeError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,7 +46,7 @@ class WidenParams:
         try:
             re.compile(self.embedding_pattern)
         except re.error as err:
-            raise ValueError(f"embedding_pattern: invalid regex: {err}") from err
+            raise MergeError(f"embedding_pattern: invalid regex: {err}") from err
 
 
 def within_model_rank(x: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ def test_linear_weighted_average_and_unnormalised_sum() -> None:
     assert torch.allclose(out, T([2.5, 0.5, 5.0]))  # (a + 3b) / 4
     out = Linear.merge({"a": a, "b": b}, None, LinearParams(weight={"a": 1.0, "b": 3.0}, normalize=False), INFO)
     assert torch.allclose(out, T([10.0, 2.0, 20.0]))
-    with pytest.raises(ValueError, match="sum to 0"):
+    with pytest.raises(MergeError, match="sum to 0"):
         LinearParams(weight={"a": 1.0, "b": -1.0})
 
 
