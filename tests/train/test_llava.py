@@ -199,9 +199,9 @@ def test_datasets_with_embedded_images_and_chat_messages(root: Path) -> None:
 
 
 def test_config_checks() -> None:
-    with pytest.raises(ValueError, match="bad_images: expected skip or error"):
+    with pytest.raises(DataError, match="bad_images: expected skip or error"):
         LlavaDataConfig(path="x.json", bad_images="ignore")
-    with pytest.raises(ValueError, match="streaming: source llava_json is read whole"):
+    with pytest.raises(DataError, match="streaming: source llava_json is read whole"):
         LlavaDataConfig(path="x.json", source="llava_json", streaming=True)
     with pytest.raises(DataError, match="cannot tell the format"):
         load_llava(LlavaDataConfig(path="x.csv"))

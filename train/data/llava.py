@@ -52,13 +52,13 @@ class LlavaDataConfig:
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
-            raise ValueError(f"source: expected one of {', '.join(SOURCES)}, got {self.source!r}")
+            raise DataError(f"source: expected one of {', '.join(SOURCES)}, got {self.source!r}")
         if self.bad_images not in ("skip", "error"):
-            raise ValueError(f"bad_images: expected skip or error, got {self.bad_images!r}")
+            raise DataError(f"bad_images: expected skip or error, got {self.bad_images!r}")
         if self.streaming and self.source in ("llava_json", "hf_disk"):
-            raise ValueError(f"streaming: source {self.source} is read whole; use hf_json or hf_parquet")
+            raise DataError(f"streaming: source {self.source} is read whole; use hf_json or hf_parquet")
         if self.limit is not None and self.limit <= 0:
-            raise ValueError(f"limit: expected a positive count, got {self.limit}")
+            raise DataError(f"limit: expected a positive count, got {self.limit}")
 
 
 def resolve_image_path(root: Path, relative: str, where: str) -> Path:
