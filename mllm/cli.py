@@ -1,7 +1,10 @@
 """The ``mllm`` command: demo | train | eval | merge | probe | convert.
 
-Each sub-command parses its flags and calls one function of :mod:`mllm.run`; user-input errors
-(ConfigError, missing files, ...) print one line naming the file/field and exit with status 2.
+Each sub-command parses its flags and calls one function of :mod:`mllm.run` (or the merge / convert
+entry point). Flags are checked by argparse before anything is loaded; a user error — any
+:class:`~common.errors.UserError`, or an ``OSError`` on a file we were pointed at — prints one line
+naming the file / field and what was expected, as the last line on the terminal, and exits with
+status 2. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,9 +14,29 @@ import logging
 import sys
 from pathlib import Path
 
-from encoders.base import EncoderError
-from mllm.config import ConfigError
-from train.trainer import TrainingError
+from common.errors import UserError
+from mllm.registry import EVAL_TASKS
+from mllm.schema import suggest
+
+
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1 (checked before any model is loaded)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _task(name: str) -> str:
+    """argparse type: a registered eval task name."""
+    if name not in EVAL_TASKS:
+        names = EVAL_TASKS.names()
+        raise argparse.ArgumentTypeError(f"unknown eval task {name!r}{suggest(name, names)} "
+                                         f"(expected one of: {', '.join(names)})")
+    return name
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -34,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="recipe name or YAML path")
     train.add_argument("--out", required=True, help="run directory")
     train.add_argument("--resume", default=None, help="'auto' (latest complete checkpoint in --out) or a checkpoint path")
-    train.add_argument("--no-eval", action="store_true", help="skip the final ShapesWorld evaluation")
+    train.add_argument("--no-eval", action="store_true", help="skip the final evaluation (the recipe's eval.task)")
     train.add_argument("--stage", choices=["align", "instruct"], default=None,
                        help="freeze plan: align (projector / fusion) or instruct (projector + LLM); "
                        "same as --set train.stage=NAME")
@@ -42,31 +65,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a saved checkpoint")
     ev.add_argument("checkpoint", help="folder written by save_pretrained (e.g. RUN/model)")
-    ev.add_argument("--task", default="shapesworld",
-                    help="shapesworld | vqav2 | gqa | textvqa | scienceqa_img | pope | refcoco | refcoco+ | refcocog")
+    ev.add_argument("--task", default="shapesworld", type=_task, help=" | ".join(EVAL_TASKS.names()))
     ev.add_argument("--data", default=None, help="the benchmark's question/annotation file (public format)")
     ev.add_argument("--images", default=None, help="image folder of the benchmark")
     ev.add_argument("--opt", dest="options", action="append", default=[], metavar="KEY=VALUE",
                     help="task option, e.g. --opt annotations=v2_mscoco_val2014_annotations.json (repeatable)")
     ev.add_argument("--out", required=True, help="output directory for predictions.jsonl and metrics.json")
-    ev.add_argument("--batch-size", type=int, default=None)
-    ev.add_argument("--max-new-tokens", type=int, default=None)
-    ev.add_argument("--limit", type=int, default=None, help="evaluate the first N samples only")
+    ev.add_argument("--batch-size", type=_positive, default=None)
+    ev.add_argument("--max-new-tokens", type=_positive, default=None)
+    ev.add_argument("--limit", type=_positive, default=None, help="evaluate the first N samples only")
     ev.add_argument("--resume", action="store_true", help="keep finished samples of an interrupted run")
 
     merge = sub.add_parser("merge", help="merge models from a mergekit-style YAML (streaming, training-free)")
     merge.add_argument("config", help="merge YAML (models, merge_method, base_model, parameters, dtype, ...)")
     merge.add_argument("--out", required=True, help="output folder (written atomically)")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    merge.add_argument("--threads", type=int, default=1, help="torch threads for the merge arithmetic")
+    merge.add_argument("--threads", type=_positive, default=1, help="torch threads for the merge arithmetic")
 
     probe = sub.add_parser("probe", help="per-layer attention mass on visual tokens (FRANK's prior)")
     probe.add_argument("checkpoint", help="an mllm checkpoint folder (RUN/model)")
     probe.add_argument("--data", default="shapesworld",
                        help="'shapesworld' (the run's generator, val split) or a LLaVA JSON/JSONL file")
     probe.add_argument("--images", default=None, help="image root of a LLaVA JSON file")
-    probe.add_argument("--limit", type=int, default=256, help="probe samples (FRANK used ~1k images)")
-    probe.add_argument("--batch-size", type=int, default=16)
+    probe.add_argument("--limit", type=_positive, default=256, help="probe samples (FRANK used ~1k images)")
+    probe.add_argument("--batch-size", type=_positive, default=16)
     probe.add_argument("--out", required=True, help="folder for probe.json and probe.png")
 
     conv = sub.add_parser("convert", help="import / export transformers LlavaForConditionalGeneration folders")
@@ -111,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 hf.export_llava(args.to_hf, args.out)
             print(f"wrote {args.out}")
-    except (ConfigError, TrainingError, EncoderError, ValueError, OSError) as err:
-        print(f"mllm {args.command}: error: {err}", file=sys.stderr)
+    except (UserError, OSError) as err:
+        print(f"mllm {args.command}: error: {err}", file=sys.stderr, flush=True)
         return 2
     return 0
 

@@ -74,6 +74,9 @@ class ModelConfig:
     tokenizer_numbers: str = "digits"
     image_token: str = "<image>"
     template: str = "plain"  # prompt template name (train/templates.py)
+    # where a prompt without an <image> marker gets it: before the question (LLaVA) or after it; set from
+    # data.image_first when the run trains on ShapesWorld, and saved with the model, so Python prompts match training
+    image_first: bool = True
     max_length: int = 192  # tokens per training sample after image expansion
     splice: bool = True  # visual tokens spliced at <image>; false = the sequence holds text only
     injectors: list[InjectorPart] = field(default_factory=list)  # LLM-side fusion, hooked in this order

@@ -2,7 +2,9 @@
 ``LlavaForConditionalGeneration`` folder into an :class:`~mllm.model.MLLM` checkpoint, and
 :func:`export_llava` writes one back, so that plain transformers loads it.
 
-Both compute the same function (LLaVA-1.5, Liu et al. 2023, §3.2; METHODS.md, LLaVA splice):
+Both compute the same function (LLaVA-1.5: Liu et al. 2023, "Improved Baselines with Visual Instruction
+Tuning", arXiv:2310.03744; the projected tokens are spliced at the ``<image>`` placeholder as in LLaVA,
+Liu et al. 2023, arXiv:2304.08485):
 ``H_v = W_2 GELU(W_1 concat_k h_k[s:] + b_1) + b_2`` scattered into the ``<image>`` slots of the text
 embeddings, then the LLM. The parts correspond one to one:
 

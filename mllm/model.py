@@ -194,13 +194,15 @@ class MLLM(nn.Module):
     # --- the data path ------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W] -> [B, num_visual_tokens, D_llm]``: tapped layers concatenated, projected."""
-        return self.project_layers(self.encoder_features(pixel_values)[0])
+        return self.project_layers(self.encoder_features(pixel_values))
 
-    def encoder_features(
-        self, pixel_values: torch.Tensor, towers: bool = False
-    ) -> tuple[dict[int, torch.Tensor], list[torch.Tensor]]:
-        """The encoder's tapped layers, and with ``towers`` each tower's last tapped layer of a fused
-        encoder (``[]`` otherwise)."""
+    def encoder_features(self, pixel_values: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The encoder's tapped layers ``{layer: [B, N, D]}``."""
+        return self._encode(pixel_values, towers=False)[0]
+
+    def _encode(self, pixel_values: torch.Tensor, towers: bool) -> tuple[dict[int, torch.Tensor], list[torch.Tensor]]:
+        """:meth:`encoder_features`, and with ``towers`` each tower's last tapped layer of a fused encoder
+        (returned by its ``forward_towers``; ``[]`` otherwise)."""
         param = next(self.encoder.parameters())
         pixels = pixel_values.to(device=param.device, dtype=param.dtype)
         return self.encoder.forward_towers(pixels) if towers else (self.encoder(pixels), [])
@@ -306,7 +308,7 @@ class MLLM(nn.Module):
             raise ModelError("model.injectors need one image per row; this batch has text-only rows")
         assert pixel_values is not None
         # once, for the splice, the injectors and the heads
-        feats, tower_feats = self.encoder_features(pixel_values, towers=towers)
+        feats, tower_feats = self._encode(pixel_values, towers)
         tokens = self.project_layers(feats) if self._wants_tokens else None
         embeds = self.embed(input_ids, pixel_values, has_image, visual=tokens)
         head_inputs = HeadInputs(feats[self.encoder.layers[-1]], tower_feats) if features else None
@@ -331,7 +333,8 @@ class MLLM(nn.Module):
         if len(images) != len(prompts) or not prompts:
             raise ModelError(f"generate: expected as many images as prompts (>= 1), got {len(images)} and {len(prompts)}")
         rows = [
-            encode_prompt(self.tokenizer, p, self.template, self.cfg.image_token, self.num_image_tokens)
+            encode_prompt(self.tokenizer, p, self.template, self.cfg.image_token, self.num_image_tokens,
+                          self.cfg.image_first)
             for p in prompts
         ]
         width = max(len(r) for r in rows)
@@ -485,10 +488,10 @@ class MLLM(nn.Module):
 
         root = Path(directory)
         if not root.is_dir():
-            raise FileNotFoundError(f"{root}: checkpoint folder not found")
+            raise ModelError(f"{root}: checkpoint folder not found")
         for name in (WEIGHTS_FILE, CONFIG_FILE, f"{LLM_DIR}/config.json", TOKENIZER_DIR):
             if not (root / name).exists():
-                raise FileNotFoundError(f"{root / name}: missing from the checkpoint (written by save_pretrained)")
+                raise ModelError(f"{root / name}: missing from the checkpoint (written by save_pretrained)")
         try:
             cfg = from_dict(ModelConfig, read_yaml(root / CONFIG_FILE))
         except ConfigError as err:

@@ -3,9 +3,10 @@
 A table maps a short name to a lazy ``"module:Class"`` path, so ``import mllm`` never imports
 open_clip, Florence-2 or flash-attn; the class is imported the first time it is built. Every
 registered class carries its config dataclass as ``config_cls`` (the leaves never import this
-module: the dependency arrow points down, see DESIGN.md).
+module: the dependency arrow points down, see README, "Layout", checked by tests/test_layering.py).
 
-Adding a part = one file in its package + one line in a table below + one test.
+Adding a part = one file in its package + one line in a table below + its own test
+(tests/test_registry_contract.py checks that every registered part has one).
 """
 
 from __future__ import annotations

@@ -50,9 +50,14 @@ def eval_task(cfg: RunConfig, split: str = "test") -> Any:
 
 
 def build_model(cfg: RunConfig, tokenizer: Any) -> Any:
+    """The run's model; trained on ShapesWorld, it records the data's prompt order (``data.image_first``)
+    so that its own ``generate`` asks as training did."""
+    import dataclasses
+
     from mllm.model import MLLM
 
-    return MLLM(cfg.model, tokenizer)
+    model_cfg = cfg.model if cfg.train_data is not None else dataclasses.replace(cfg.model, image_first=cfg.data.image_first)
+    return MLLM(model_cfg, tokenizer)
 
 
 def freeze(model: Any, cfg: RunConfig) -> dict[str, tuple[int, int]]:
@@ -114,8 +119,6 @@ def train(
     from train.trainer import Trainer
 
     cfg = load_config(recipe, overrides)  # validated before any I/O
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir)
     data = load_train_data(cfg)
     tokenizer = build_tokenizer_for(cfg, data if cfg.train_data is not None else None)
     set_seed(cfg.train.seed)  # the random init is a function of the config, in every process and run
@@ -129,6 +132,10 @@ def train(
     eval_fn = _periodic_eval(model, cfg, out_dir) if cfg.train.eval_every else None
     collator = make_collator(model, cfg)
     trainer = Trainer(model, data, collator, cfg.train, out_dir, eval_fn=eval_fn, lengths=lengths)
+    # Written only now: a run that fails while its data, model or trainer are set up leaves no config
+    # behind that would make --out look like a started run.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir)
     t0 = time.perf_counter()
     history = trainer.fit(resume=resume)
     train_seconds = time.perf_counter() - t0
@@ -202,7 +209,7 @@ def evaluate_checkpoint(
     from mllm.registry import EVAL_TASKS
 
     if not (checkpoint / "mllm_config.yaml").is_file():
-        raise FileNotFoundError(f"{checkpoint}: not a checkpoint folder (no mllm_config.yaml); pass RUN/model")
+        raise ConfigError(f"{checkpoint}: not a checkpoint folder (no mllm_config.yaml); pass RUN/model")
     opts = apply_overrides({}, options or [])
     if EVAL_TASKS.get(task).generated:
         if data is not None or images is not None:
@@ -283,7 +290,7 @@ def probe(
     from train.data.collate import Collator
 
     if not (checkpoint / "mllm_config.yaml").is_file():
-        raise FileNotFoundError(f"{checkpoint}: not a checkpoint folder (no mllm_config.yaml); pass RUN/model")
+        raise ConfigError(f"{checkpoint}: not a checkpoint folder (no mllm_config.yaml); pass RUN/model")
     if data == "shapesworld":
         run_cfg = checkpoint.parent / "config.yaml"
         if not run_cfg.is_file():

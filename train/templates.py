@@ -247,14 +247,16 @@ def encode_conversation(
 
 
 def encode_prompt(
-    tokenizer: Any, question: str, template: str | Template, image_token: str, num_image_tokens: int
+    tokenizer: Any, question: str, template: str | Template, image_token: str, num_image_tokens: int,
+    image_first: bool = True,
 ) -> list[int]:
     """Generation prompt ids, ending at the assistant header.
 
     As in LLaVA's evaluation, a question without an ``<image>`` marker gets ``"<image>\n"``
-    prepended, so the prompt matches the first training turn exactly.
+    prepended (``image_first``; else ``"\n<image>"`` appended), so the prompt matches the first
+    training turn exactly.
     """
     if IMAGE_MARKER not in question:
-        question = f"{IMAGE_MARKER}\n{question}"
+        question = f"{IMAGE_MARKER}\n{question}" if image_first else f"{question}\n{IMAGE_MARKER}"
     segments = get_template(template, tokenizer).render_prompt(question)
     return encode_segments(tokenizer, segments, image_token, num_image_tokens)[0]

@@ -1,6 +1,6 @@
 """LLM-side fusion: injectors hook the decoder layers of any Hugging Face decoder-only causal LM.
 
-DESIGN.md data path (b): visual context reaches the LLM *inside* its decoder layers instead of (or
+LLM-side injection: visual context reaches the LLM *inside* its decoder layers instead of (or
 besides) as spliced tokens. An injector never forks model code and never replaces a module, so the
 LLM's ``state_dict``, checkpoints and merges are untouched; it registers PyTorch hooks
 (``register_forward_pre_hook`` / ``register_forward_hook``) on the layers it finds generically in

@@ -21,7 +21,7 @@ TINY = [
     "model.llm.arch.hidden_size=32", "model.llm.arch.intermediate_size=64", "model.llm.arch.num_hidden_layers=1",
     "model.llm.arch.num_attention_heads=2", "model.llm.arch.num_key_value_heads=2", "model.max_length=96",
     "train.steps=3", "train.batch_size=4", "train.micro_batch_size=2", "train.warmup_steps=1", "train.log_every=1",
-    "train.group_by_length=2", "train.stage=align", "model.object_heads=null",  # tiny's heads learn from ShapesWorld only
+    "train.group_by_length=2", "train.stage=align", "model.aux_heads=[]",  # tiny's heads learn from ShapesWorld only
 ]
 
 

@@ -2,8 +2,8 @@
 
 ShapesWorld puts at most one object in each cell of a ``grid x grid`` layout, so when the vision
 encoder has one patch per cell (the tiny recipe: 64 px, patch 16, grid 4) every patch token has an
-exact label: the attributes of its cell's object, or "empty". ``mllm.object_heads`` turns them into
-a loss on the patch tokens.
+exact label: the attributes of its cell's object, or "empty". The ``object_heads`` auxiliary head
+(``mllm.heads.object_heads``) turns them into a loss on the patch tokens.
 """
 
 from __future__ import annotations

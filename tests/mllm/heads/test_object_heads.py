@@ -101,7 +101,7 @@ def test_training_loss_is_answer_loss_plus_heads_on_the_tapped_layer(tiny) -> No
     plain = {k: v for k, v in batch.items() if not k.startswith("cell_")}
     answer = model(**plain).loss
     assert [type(h) for h in model.aux_heads] == [ObjectHeads] and model.aux_heads[0].patches.cfg.weight == 0.5
-    feats = model.encoder_features(batch["pixel_values"])[0][model.encoder.layers[-1]]
+    feats = model.encoder_features(batch["pixel_values"])[model.encoder.layers[-1]]
     heads = model.aux_heads[0].patches.loss(feats, batch["cell_classes"], batch["cell_boxes"])
     total = model(**batch).loss
     torch.testing.assert_close(total, answer + heads)
@@ -160,7 +160,7 @@ def test_tower_heads_add_one_loss_per_tower_of_a_fused_encoder() -> None:
     model.encoder.eval()  # batch-norm in eval mode: the separate tower calls below see the same statistics
     plain = {k: v for k, v in batch.items() if not k.startswith("cell_")}
     answer = model(**plain).loss
-    fused = model.aux_heads[0].patches.loss(model.encoder_features(batch["pixel_values"])[0][0],
+    fused = model.aux_heads[0].patches.loss(model.encoder_features(batch["pixel_values"])[0],
                                             batch["cell_classes"], batch["cell_boxes"])
     per_tower = []
     for t, (tower, heads) in enumerate(zip(model.encoder.towers, model.aux_heads[0].towers, strict=True)):
