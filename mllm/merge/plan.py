@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,10 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from mllm.merge.methods.base import MergeMethod, TensorInfo, tensor_seed
 from mllm.merge.tensors import DTYPES, MergeError, ModelReader, TensorSpec, tokenizer_files
+from mllm.schema import ConfigError, check_value, load_yaml, suggest
 
 NAME_MAP_PRESETS: dict[str, dict[str, str]] = {
     # LLaVA checkpoints as on the hub and as transformers' save_pretrained writes them:
@@ -139,40 +138,15 @@ def _pick(value: Any, name: str | None) -> Any:
 
 
 # --- YAML -> plan -------------------------------------------------------------------------------
-def _expected(tp: Any) -> str:
-    """How an error message names type ``tp``."""
-    if typing.get_origin(tp) is typing.Literal:
-        return f"one of {list(typing.get_args(tp))}"
-    return getattr(tp, "__name__", str(tp))
-
-
 def _coerce(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None and len(args) < len(typing.get_args(tp)):
-            return None
-        for arg in args:  # the first member that accepts the value (LiNeS' alpha: a number or 'auto')
-            try:
-                return _coerce(arg, value, where)
-            except MergeError:
-                continue
-        raise MergeError(f"{where}: expected {' or '.join(_expected(a) for a in args)}, got {value!r}")
-    if origin is typing.Literal:
-        if value not in typing.get_args(tp):
-            raise MergeError(f"{where}: expected {_expected(tp)}, got {value!r}")
-        return value
-    if origin is dict:  # per-model field: the value type of one model
-        return _coerce(typing.get_args(tp)[1], value, where)
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-    }[tp]
-    if not ok:
-        raise MergeError(f"{where}: expected {_expected(tp)}, got {value!r}")
-    return float(value) if tp is float else value
+    """``value`` checked against a parameter's annotation by the one validator (:mod:`mllm.schema`); a
+    per-model field (``dict[model id, T]``) takes one model's ``T``."""
+    if typing.get_origin(tp) is dict:
+        tp = typing.get_args(tp)[1]
+    try:
+        return check_value(tp, value, where)
+    except ConfigError as err:
+        raise MergeError(str(err)) from err
 
 
 def _param(tp: Any, value: Any, where: str) -> Any:
@@ -223,7 +197,8 @@ def _params(cls: type, raw: Any, where: str, per_model: bool) -> dict[str, Any]:
     out = {}
     for key, value in raw.items():
         if key not in fields:
-            raise MergeError(f"{where}.{key}: unknown parameter; expected one of: {', '.join(fields)}")
+            raise MergeError(f"{where}.{key}: unknown parameter{suggest(str(key), list(fields))} "
+                             f"(expected one of: {', '.join(fields)})")
         if per_model and not fields[key].metadata.get("per_model"):
             raise MergeError(f"{where}.{key}: a shared parameter; set it under the top-level 'parameters'")
         out[key] = _param(hints[fields[key].name], value, f"{where}.{key}")
@@ -250,16 +225,15 @@ def load_plan(path: str | Path) -> MergePlan:
         raise MergeError(f"{src}: merge config not found")
     text = src.read_text()
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise MergeError(f"{src}: malformed YAML{at}: {getattr(err, 'problem', err)}") from err
+        data = load_yaml(text, str(src))
+    except ConfigError as err:
+        raise MergeError(str(err)) from err
     if not isinstance(data, dict):
         raise MergeError(f"{src}: expected a YAML mapping at the top level")
     unknown = sorted(set(data) - set(_TOP_KEYS))
     if unknown:
-        raise MergeError(f"{src}: {unknown[0]}: unknown key; expected one of: {', '.join(_TOP_KEYS)}")
+        raise MergeError(f"{src}: {unknown[0]}: unknown key{suggest(unknown[0], list(_TOP_KEYS))} "
+                         f"(expected one of: {', '.join(_TOP_KEYS)})")
     name = str(data.get("merge_method"))
     try:
         method = MERGE_METHODS.get(name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -51,8 +52,11 @@ def test_base_listed_among_models_is_not_a_task_vector(tmp_path: Path, ckpt, lla
 @pytest.mark.parametrize(("edit", "message"), [
     ({"merge_method": "slerp"}, "merge_method: unknown merge method 'slerp'; expected one of: dare_linear"),
     ({"slices": []}, "slices: unknown key"),
-    ({"parameters": {"densty": 0.5}}, r"parameters.densty: unknown parameter; expected one of: weight, density"),
-    ({"parameters": {"normalize": "yes"}}, "parameters.normalize: expected bool, got 'yes'"),
+    ({"parameters": {"densty": 0.5}},
+     r"parameters.densty: unknown parameter; did you mean 'density'\? \(expected one of: weight, density"),
+    ({"parameters": {"normalize": "yes"}}, "parameters.normalize: expected true/false, got 'yes'"),
+    ({"parameters": {"lambda": "big"}}, "parameters.lambda: expected a number, got 'big'"),
+    ({"merge_methd": "ties"}, r"merge_methd: unknown key; did you mean 'merge_method'\?"),
     ({"parameters": {"lambda": [0.1, 0.2]}}, r"lambda\[0\]: expected \{filter"),
     ({"parameters": {"lambda": [{"filter": "mlp", "value": 2.0}]}}, "last entry must have no filter"),
     ({"parameters": {"lambda": [{"filter": "(", "value": 2.0}, {"value": 1.0}]}}, "invalid regex"),
@@ -152,3 +156,15 @@ def test_refuses_missing_tensor_and_existing_output(tmp_path: Path, ckpt, llamas
     (tmp_path / "taken").mkdir()
     with pytest.raises(MergeError, match="already exists"):
         run_merge(_ties(ckpt, tmp_path, llamas), tmp_path / "taken")
+
+
+def test_yaml_numbers_without_a_dot_are_numbers(tmp_path: Path, llamas) -> None:
+    # PyYAML's YAML 1.1 resolver reads "5e-1" as a string; the one validator reads it as YAML 1.2 does
+    path = tmp_path / "merge.yaml"
+    path.write_text(f"merge_method: ties\nbase_model: {llamas['base']}\nmodels:\n"
+                    f"  - model: {llamas['a']}\n    parameters: {{weight: 6e-1, density: 5e-1}}\n"
+                    f"  - model: {llamas['b']}\n    parameters: {{weight: 4E-1}}\nparameters: {{density: 8e-1}}\n")
+    plan = load_plan(path)
+    params = plan.params_for(None)
+    assert dataclasses.asdict(params)["weight"] == {str(llamas["a"]): 0.6, str(llamas["b"]): 0.4}
+    assert dataclasses.asdict(params)["density"] == {str(llamas["a"]): 0.5, str(llamas["b"]): 0.8}
