@@ -105,11 +105,11 @@ INJECTORS.register("gated_xattn", "mllm.injection.gated_xattn:GatedXAttnInjector
 INJECTORS.register("ffn_embed", "mllm.injection.ffn_embed:FFNEmbedInjector")
 INJECTORS.register("pyramid", "mllm.injection.pyramid:PyramidInjector")
 
-# Merge methods are not config-built parts: each class exposes a pure per-tensor ``merge`` and its
-# params dataclass as ``config_cls`` (mllm/merge/methods/base.py), so the table is kept out of ALL_REGISTRIES.
 AUX_HEADS: Registry[Any] = Registry("auxiliary head")  # built as CLS(cfg, spec=HeadSpec): a training-only loss
 AUX_HEADS.register("object_heads", "mllm.heads.object_heads:ObjectHeads")
 
+# Merge methods are not built: each class exposes a pure per-tensor ``merge`` and its params dataclass as
+# ``config_cls`` (mllm/merge/methods/base.py); the registry key is the method's only name.
 MERGE_METHODS: Registry[Any] = Registry("merge method")
 MERGE_METHODS.register("linear", "mllm.merge.methods.linear:Linear")
 MERGE_METHODS.register("task_arithmetic", "mllm.merge.methods.task_arithmetic:TaskArithmetic")
@@ -133,12 +133,3 @@ EVAL_TASKS.register("refcoco+", "eval.tasks.refcoco:RefCOCOPlusTask")
 EVAL_TASKS.register("refcocog", "eval.tasks.refcoco:RefCOCOgTask")
 EVAL_TASKS.register("arithmetic", "eval.tasks.arithmetic:ArithmeticTask")  # FRANK toy: text-only skill
 EVAL_TASKS.register("compositional", "eval.tasks.compositional:CompositionalTask")  # FRANK toy: count + arithmetic
-
-ALL_REGISTRIES: dict[str, Registry[Any]] = {
-    "encoder": ENCODERS,
-    "encoder_fusion": ENCODER_FUSIONS,
-    "projector": PROJECTORS,
-    "injector": INJECTORS,
-    "aux_head": AUX_HEADS,
-    "eval_task": EVAL_TASKS,
-}
