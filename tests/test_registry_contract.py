@@ -1,4 +1,4 @@
-"""Every registered part has a hand-computed test of its own (CONVENTIONS: one file per part, one test beside it).
+"""Every registered part has a hand-computed test of its own (one file per part, one test beside it).
 
 The rule, checked on the test sources with ``ast`` (no test is run here), for every name in every
 ``Registry`` table of ``mllm/registry.py``:
