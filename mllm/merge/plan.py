@@ -253,10 +253,10 @@ def load_plan(path: str | Path) -> MergePlan:
     if method.base == "none" and base is not None:
         raise MergeError(f"{src}: base_model: {name} takes no base model (list it under models, "
                          f"or set reference_model to take names, config and tokenizer from it)")
-    if method.base == "required":
-        if base is None:
-            raise MergeError(f"{src}: base_model: required by merge_method {name}")
-        models = [m for m in models if m.path.resolve() != base.path.resolve()]  # mergekit: base is no delta
+    if method.base == "required" and base is None:
+        raise MergeError(f"{src}: base_model: required by merge_method {name}")
+    if base is not None:  # mergekit: the base is no delta, nor listed twice among the inputs
+        models = [m for m in models if m.path.resolve() != base.path.resolve()]
     n = len(models)
     if n < method.min_models or (method.max_models is not None and n > method.max_models):
         want = method.min_models if method.max_models == method.min_models else f">= {method.min_models}"

@@ -115,7 +115,9 @@ class MergeMethod:
     """
 
     config_cls: ClassVar[type]
-    base: ClassVar[Literal["required", "none"]] = "required"  # none: base_model is refused
+    # none: base_model is refused; optional: the base is used when the YAML names one (and is then no
+    # merged model, even when also listed under models, as in mergekit)
+    base: ClassVar[Literal["required", "optional", "none"]] = "required"
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
     # Which model supplies output names, unmerged tensors, config and tokenizer when the YAML sets no
