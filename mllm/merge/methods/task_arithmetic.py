@@ -21,6 +21,8 @@ For base theta_0 and models t with task vectors tau_t = theta_t - theta_0 (fp32)
 Task arithmetic (Ilharco et al., ICLR 2023, arXiv 2212.04089) = no sparsifier, no consensus; TIES
 (Yadav et al., NeurIPS 2023, arXiv 2306.01708) = magnitude + consensus + normalize; DARE (Yu et al.,
 ICML 2024, arXiv 2311.03099) = random + rescale, with (dare_ties) or without (dare_linear) consensus.
+Methods with a sparsifier of their own (Breadcrumbs' magnitude band, DELLA's ranked drop probabilities)
+return it from ``sparsifier_for``; steps 2-4 are this module's.
 This follows mergekit's generalized_task_arithmetic, so the same YAML gives the same numbers (tested for TA and TIES) up to
 the tie rule above, and up to mergekit's compute dtype: its ``dtype`` (bfloat16, say) is the dtype it
 computes tau in, ours is only the output's.
@@ -28,8 +30,9 @@ computes tau in, ours is only the output's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -37,6 +40,8 @@ from mllm.merge.methods.base import MergeMethod, TensorInfo, fp32, per_model, te
 from mllm.merge.tensors import MergeError
 
 Sparsifier = Literal["none", "magnitude", "random"]
+# A method's own sparsifier (Breadcrumbs, DELLA): (tau, model id, model position) -> tau sparsified in place
+SparsifyFn = Callable[[torch.Tensor, str, int], torch.Tensor]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,21 +112,32 @@ def sparsify_(tau: torch.Tensor, density: float, method: Sparsifier, rescale: bo
     return tau.div_(density) if rescale else tau
 
 
+def elected_sign(deltas: torch.Tensor) -> torch.Tensor:
+    """TIES' elected sign of stacked deltas [n_models, ...]: sign(sum_t d_t), 0 counted as + (mergekit's
+    ``sum`` consensus); d_t takes part where d_t * sign > 0 (a zero entry never does)."""
+    return torch.where(deltas.sum(0) >= 0, 1.0, -1.0)
+
+
 def merged_delta(tensors: dict[str, torch.Tensor], base: torch.Tensor, params: TaskArithmeticParams,
-                 info: TensorInfo, sparsifier: Sparsifier, consensus: bool) -> torch.Tensor:
-    """tau_m of steps 1-4 (before lambda) for an fp32 ``base``; peak about n_models + 3 fp32 copies."""
+                 info: TensorInfo, sparsifier: Sparsifier | SparsifyFn, consensus: bool) -> torch.Tensor:
+    """tau_m of steps 1-4 (before lambda) for an fp32 ``base``; peak about n_models + 3 fp32 copies.
+    ``sparsifier``: one of the built-in ones, or a method's own function (step 1)."""
     weights = [params.weight[m] for m in tensors]
     offset = info.offset(base)
     deltas = torch.empty((len(tensors), *base.shape)) if consensus else None
     mixed: torch.Tensor | None = None
     for i, (mid, t) in enumerate(tensors.items()):
         tau = torch.sub(t, base, out=deltas[i]) if deltas is not None else fp32(t) - base
-        sparsify_(tau, params.density[mid], sparsifier, params.rescale, info.prepared.get(mid),
-                  tensor_seed(info.seed, f"model{i}"), offset).mul_(weights[i])
+        if callable(sparsifier):
+            sparsifier(tau, mid, i)
+        else:
+            sparsify_(tau, params.density[mid], sparsifier, params.rescale, info.prepared.get(mid),
+                      tensor_seed(info.seed, f"model{i}"), offset)
+        tau.mul_(weights[i])
         if deltas is None:
             mixed = tau if mixed is None else mixed.add_(tau)
     if deltas is not None:  # TIES: elected sign (0 counts as +), disjoint sum
-        sign = torch.where(deltas.sum(0) >= 0, 1.0, -1.0)
+        sign = elected_sign(deltas)
         divisor = torch.zeros(base.shape) if params.normalize else None
         for w, d in zip(weights, deltas, strict=True):
             keep = d.mul(sign) > 0
@@ -156,8 +172,15 @@ class TaskArithmetic(MergeMethod):
         return delta_threshold(tensor, base, params.density[model_id])
 
     @classmethod
+    def sparsifier_for(cls, params: Any, info: TensorInfo, base: torch.Tensor) -> Sparsifier | SparsifyFn:
+        """Step 1 for one row block of ``base``'s rows: the class's built-in sparsifier, or (overridden
+        by Breadcrumbs, DELLA) a function of the method's own."""
+        return cls.sparsifier
+
+    @classmethod
     def merge(cls, tensors: dict[str, torch.Tensor], base: torch.Tensor | None,
               params: TaskArithmeticParams, info: TensorInfo) -> torch.Tensor:
         assert base is not None
         base = fp32(base)
-        return merged_delta(tensors, base, params, info, cls.sparsifier, cls.consensus).mul_(params.lambda_).add_(base)
+        sparsifier = cls.sparsifier_for(params, info, base)
+        return merged_delta(tensors, base, params, info, sparsifier, cls.consensus).mul_(params.lambda_).add_(base)
