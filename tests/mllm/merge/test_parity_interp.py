@@ -89,3 +89,19 @@ def test_streamed_row_blocks_equal_whole_tensors(tmp_path: Path, ckpt, llamas, m
     blocked = ckpt.state_of(run_merge(path, tmp_path / "blocked"))
     for n in whole:
         assert torch.allclose(blocked[n], whole[n], rtol=1e-6, atol=1e-7), n
+
+
+@pytest.mark.parametrize("case", ["slerp", "nuslerp:row_wise", "multislerp", "karcher", "model_stock", "nearswap",
+                                  "arcee_fusion"])
+def test_bf16_models_differ_from_mergekit_by_rounding_only(tmp_path: Path, ckpt, bf16_llamas, case: str) -> None:
+    """bf16 inputs computed in fp32 by both (mergekit's ``dtype`` is its compute dtype, ``out_dtype`` the
+    output's): each entry is mergekit's, or one bf16 step away from it where the two fp32 results round
+    to neighbouring bf16 numbers (arcee_fusion's threshold ties are decided alike: ``>=``)."""
+    models, with_base, parameters = PARITY[case]
+    cfg = _config(bf16_llamas, _case(case), models, with_base, parameters, out_dtype="bfloat16")
+    ours = ckpt.state_of(run_merge(ckpt.write_yaml(tmp_path / "m.yaml", cfg), tmp_path / "ours"))
+    theirs = ckpt.state_of(_mergekit(cfg, tmp_path / "mk"))
+    for n, out in ours.items():
+        assert out.dtype == torch.bfloat16, n
+        step = theirs[n].float().abs() * 2.0**-7  # one bf16 step (8 significant bits) or more
+        assert ((out.float() - theirs[n].float()).abs() <= step).all(), n
