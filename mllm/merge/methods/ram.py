@@ -1,4 +1,5 @@
-"""RAM: Reinforced Agent Merging (arXiv 2601.13572, the reference mergekit gives for ``ram``).
+"""RAM: Reinforced Agent Merging (Yuan, Shi, Zhang, Liu, Yao, Vosoughi & Lee, 2026, "Behavior Knowledge
+Merge in Reinforced Agentic Models", arXiv 2601.13572), as mergekit's ``ram`` computes it.
 
 Entries a task vector changes by at most epsilon count as unchanged. Per entry i, with task vectors
 tau_t = theta_t - theta_0 (fp32), a_t[i] = [|tau_t[i]| > epsilon] and c[i] = sum_t a_t[i] models that

@@ -1,7 +1,8 @@
-"""RAM+ (tensor-local): Reinforced Agent Merging Plus (arXiv 2601.13572, the reference mergekit gives for
-``ramplus_tl``). RAM (see ``ram.py``: entries one model alone changes by more than epsilon take its value,
-shared ones the mean of the models changing them), with the unique entries of model t scaled up by how
-much of what t changes it shares with other models, per tensor::
+"""RAM+ (tensor-local): Reinforced Agent Merging Plus (Yuan et al., 2026, arXiv 2601.13572), as mergekit's
+``ramplus_tl`` computes it (tensor-local: the counts below are taken per tensor). RAM (see ``ram.py``:
+entries one model alone changes by more than epsilon take its value, shared ones the mean of the models
+changing them), with the unique entries of model t scaled up by how much of what t changes it shares
+with other models::
 
     rho_t    = S_t / max(U_t, epsilon)      S_t = #{i: a_t[i], c[i] > 1},  U_t = #{i: a_t[i], c[i] = 1}
     lambda_t = 1 + r * clip(rho_t, 0, alpha)

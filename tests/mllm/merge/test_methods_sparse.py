@@ -245,3 +245,23 @@ def test_ramplus_tl_scales_unique_entries_by_the_shared_ratio() -> None:
     p = RamPlusParams(r=0.3, alpha=2.5)
     whole = RamPlusTL.merge(mat, torch.zeros(9, 4), p, INFO)
     assert torch.allclose(_blocks(RamPlusTL, mat, torch.zeros(9, 4), p, INFO, rows=2), whole, atol=1e-6)
+
+
+SPARSE_METHODS = {
+    "breadcrumbs": (Breadcrumbs, BreadcrumbsParams(weight={"a": 0.5, "b": 0.5}, density={"a": 0.3, "b": 0.3},
+                                                   rescale=True)),
+    "breadcrumbs_ties": (BreadcrumbsTies, BreadcrumbsParams(weight={"a": 0.5, "b": 0.5}, density={"a": 0.3, "b": 0.3})),
+    "della": (Della, DellaParams(weight={"a": 0.5, "b": 0.5}, density={"a": 0.3, "b": 0.3})),
+    "della_linear": (DellaLinear, DellaLinearParams(weight={"a": 0.5, "b": 0.5}, density={"a": 0.3, "b": 0.3})),
+    "sce": (Sce, SceParams(select_topk=0.3)),
+    "ram": (Ram, RamParams()),
+    "ramplus_tl": (RamPlusTL, RamPlusParams()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPARSE_METHODS))
+def test_copies_of_the_base_merge_to_the_base(name: str) -> None:
+    method, params = SPARSE_METHODS[name]
+    base = torch.randn(7, 3, generator=torch.Generator().manual_seed(8)) * 2.5
+    out = method.merge({"a": base.clone(), "b": base.clone()}, base, params, INFO)
+    assert torch.isfinite(out).all() and torch.allclose(out, base, atol=1e-6)
