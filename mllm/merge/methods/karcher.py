@@ -1,7 +1,7 @@
 """Karcher mean (Riemannian centre of mass; Karcher, Comm. Pure Appl. Math. 30(5), 1977) of the
 models' tensors on the unit hypersphere, rescaled by their mean norm (mergekit ``karcher``, whose
 reference is arXiv:2603.04972). The inputs are the listed models and, when the YAML names one, the
-base model, as one more input (mergekit ignores the base role here); alpha_i = 1/n.
+base model, as one more input, the last (mergekit ignores the base role here); alpha_i = 1/n.
 
 Per tensor, flattened into one vector x_i:
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from mllm.merge.methods.base import MergeMethod, TensorInfo, fp32
-from mllm.merge.methods.spherical import Axis, add_block, block_gram, spans_rows, vector_axis
+from mllm.merge.methods.spherical import Axis, add_block, block_gram, spans_rows, task_vectors, vector_axis
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,11 +52,6 @@ class ModelStock(MergeMethod):
     def axis(params: ModelStockParams) -> Axis:
         return -1 if params.filter_wise else "all"
 
-    @staticmethod
-    def _deltas(tensors: dict[str, torch.Tensor], base: torch.Tensor) -> list[torch.Tensor]:
-        b = fp32(base)
-        return [fp32(t) - b for t in tensors.values()]
-
     @classmethod
     def needs_scan(cls, params: ModelStockParams) -> bool:
         return True  # whole-tensor and 1-D vectors span rows
@@ -67,7 +62,7 @@ class ModelStock(MergeMethod):
         assert base is not None
         axis = cls.axis(params)
         if spans_rows(len(info.shape), axis):
-            add_block(state, cls._deltas(tensors, base), vector_axis(len(info.shape), axis))
+            add_block(state, task_vectors(tensors, base), vector_axis(len(info.shape), axis))
 
     @classmethod
     def scan_result(cls, state: dict[str, Any], params: ModelStockParams, info: TensorInfo) -> dict[str, Any]:
@@ -78,7 +73,7 @@ class ModelStock(MergeMethod):
               info: TensorInfo) -> torch.Tensor:
         """One row block (a whole tensor when called directly, without ``info.prepared``)."""
         assert base is not None
-        deltas = cls._deltas(tensors, base)
+        deltas = task_vectors(tensors, base)
         axis = vector_axis(base.dim(), cls.axis(params))
         t = stock_ratio(block_gram(info.prepared, deltas, axis, base.dim())).to(torch.float32)
         if axis == -1:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from mllm.merge.methods.base import MergeMethod, TensorInfo, fp32, per_model
-from mllm.merge.methods.spherical import add_block, block_gram, combine
+from mllm.merge.methods.spherical import add_block, block_gram, combine, task_vectors
 from mllm.merge.tensors import MergeError
 
 
@@ -71,17 +71,10 @@ class Multislerp(MergeMethod):
         return True  # the norms span the whole tensor
 
     @classmethod
-    def _vectors(cls, tensors: dict[str, torch.Tensor], base: torch.Tensor | None) -> list[torch.Tensor]:
-        if base is None:
-            return [fp32(t) for t in tensors.values()]
-        b = fp32(base)
-        return [fp32(t) - b for t in tensors.values()]
-
-    @classmethod
     def scan_block(cls, state: dict[str, Any], tensors: dict[str, torch.Tensor], base: torch.Tensor | None,
                    params: MultislerpParams, info: TensorInfo) -> None:
         if len(tensors) > 1:
-            add_block(state, cls._vectors(tensors, base), "all")
+            add_block(state, task_vectors(tensors, base), "all")
 
     @classmethod
     def scan_result(cls, state: dict[str, Any], params: MultislerpParams, info: TensorInfo) -> dict[str, Any]:
@@ -97,7 +90,7 @@ class Multislerp(MergeMethod):
         if params.normalize_weights:
             total = sum(weights)
             weights = [w / total for w in weights]
-        vectors = cls._vectors(tensors, base)
+        vectors = task_vectors(tensors, base)
         coefs = multislerp_coefficients(block_gram(info.prepared, vectors, "all", vectors[0].dim()), weights,
                                         params.eps)
         if coefs is None:

@@ -28,7 +28,15 @@ from typing import Any
 import torch
 
 from mllm.merge.methods.base import MergeMethod, TensorInfo, fp32, per_model
-from mllm.merge.methods.spherical import Axis, add_block, block_gram, combine, spans_rows, vector_axis
+from mllm.merge.methods.spherical import (
+    Axis,
+    add_block,
+    block_gram,
+    combine,
+    spans_rows,
+    task_vectors,
+    vector_axis,
+)
 
 NORM_EPS = 1e-7  # mergekit's clamp of |v| when normalising
 EPS = 1e-8  # mergekit's collinearity tolerance: 1 - cos^2 <= EPS^2
@@ -73,18 +81,11 @@ class Nuslerp(MergeMethod):
         return True  # whole-tensor, column and 1-D vectors span rows
 
     @classmethod
-    def _vectors(cls, tensors: dict[str, torch.Tensor], base: torch.Tensor | None) -> list[torch.Tensor]:
-        if base is None:
-            return [fp32(t) for t in tensors.values()]
-        b = fp32(base)
-        return [fp32(t) - b for t in tensors.values()]
-
-    @classmethod
     def scan_block(cls, state: dict[str, Any], tensors: dict[str, torch.Tensor], base: torch.Tensor | None,
                    params: NuslerpParams, info: TensorInfo) -> None:
         axis = cls.axis(params)
         if spans_rows(len(info.shape), axis):
-            add_block(state, cls._vectors(tensors, base), vector_axis(len(info.shape), axis))
+            add_block(state, task_vectors(tensors, base), vector_axis(len(info.shape), axis))
 
     @classmethod
     def scan_result(cls, state: dict[str, Any], params: NuslerpParams, info: TensorInfo) -> dict[str, Any]:
@@ -94,7 +95,7 @@ class Nuslerp(MergeMethod):
     def merge(cls, tensors: dict[str, torch.Tensor], base: torch.Tensor | None, params: NuslerpParams,
               info: TensorInfo) -> torch.Tensor:
         """One row block (a whole tensor when called directly, without ``info.prepared``)."""
-        vectors = cls._vectors(tensors, base)
+        vectors = task_vectors(tensors, base)
         ndim = vectors[0].dim()
         axis = vector_axis(ndim, cls.axis(params))
         t = interpolation_t(params, list(tensors))

@@ -9,10 +9,12 @@ its own rows. Memory: one block plus k x k numbers per vector (k = the inputs ta
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
+
+from mllm.merge.methods.base import fp32
 
 Axis = Literal["all", 0, -1]  # the vector: the whole tensor, a column (along dim 0), a row (along dim -1)
 
@@ -50,12 +52,20 @@ def add_block(state: dict[str, Any], vectors: Sequence[torch.Tensor], axis: Axis
     state["gram"] = g if "gram" not in state else state["gram"].add_(g)
 
 
-def block_gram(info_prepared: Any, vectors: Sequence[torch.Tensor], axis: Axis, ndim: int) -> torch.Tensor:
+def block_gram(prepared: Any, vectors: Sequence[torch.Tensor], axis: Axis, ndim: int) -> torch.Tensor:
     """The inner products a row block is merged with: the scan's sums when the vectors span rows (and a
     scan ran), else those of the block itself (a row-local vector, or a whole tensor merged directly)."""
-    if spans_rows(ndim, axis) and "gram" in info_prepared:
-        return info_prepared["gram"]
+    if spans_rows(ndim, axis) and "gram" in prepared:
+        return prepared["gram"]
     return gram(vectors, vector_axis(ndim, axis))
+
+
+def task_vectors(tensors: Mapping[str, torch.Tensor], base: torch.Tensor | None) -> list[torch.Tensor]:
+    """theta_i - theta_0 in float32 for each model (theta_i itself without a base)."""
+    if base is None:
+        return [fp32(t) for t in tensors.values()]
+    b = fp32(base)
+    return [fp32(t) - b for t in tensors.values()]
 
 
 def combine(vectors: Sequence[torch.Tensor], coefs: Sequence[torch.Tensor | float], axis: Axis) -> torch.Tensor:
