@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, help="output folder (written atomically)")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     merge.add_argument("--threads", type=_positive, default=1, help="torch threads for the merge arithmetic")
+    merge.add_argument("--dry-run", action="store_true",
+                       help="print each output tensor's sources, method and resolved parameters (reads only "
+                       "the file headers) and write nothing")
 
     probe = sub.add_parser("probe", help="per-layer attention mass on visual tokens (FRANK's prior)")
     probe.add_argument("checkpoint", help="an mllm checkpoint folder (RUN/model)")
@@ -121,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "merge":
             from mllm.merge import run_merge
 
-            run_merge(args.config, args.out, overwrite=args.overwrite, progress=True, threads=args.threads)
+            run_merge(args.config, args.out, overwrite=args.overwrite, progress=not args.dry_run,
+                      threads=args.threads, dry_run=args.dry_run)
         elif args.command == "probe":
             run.probe(Path(args.checkpoint), args.data, Path(args.out), images=args.images,
                       limit=args.limit, batch_size=args.batch_size)

@@ -125,6 +125,7 @@ MERGE_METHODS.register("ram", "mllm.merge.methods.ram:Ram")
 MERGE_METHODS.register("ramplus_tl", "mllm.merge.methods.ramplus_tl:RamPlusTL")
 MERGE_METHODS.register("lines", "mllm.merge.methods.lines:Lines")
 MERGE_METHODS.register("layer_swap", "mllm.merge.methods.layer_swap:LayerSwap")
+MERGE_METHODS.register("passthrough", "mllm.merge.methods.passthrough:Passthrough")  # slices: layer stacking
 MERGE_METHODS.register("widen", "mllm.merge.methods.widen:Widen")
 MERGE_METHODS.register("frank", "mllm.merge.methods.frank:Frank")
 MERGE_METHODS.register("slerp", "mllm.merge.methods.slerp:Slerp")

@@ -36,9 +36,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import dataclasses
+import json
 import logging
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,8 +48,10 @@ from typing import Any
 import torch
 
 from common.atomic import atomic_folder
+from mllm.merge.layout import TensorJob, describe, plan_tensors
+from mllm.merge.lora import LoraReader
 from mllm.merge.methods.base import TensorInfo
-from mllm.merge.plan import MergePlan, TensorJob, load_plan, plan_tensors
+from mllm.merge.plan import MergePlan, load_plan
 from mllm.merge.tensors import (
     MergeError,
     ModelReader,
@@ -97,11 +100,12 @@ def release_memory() -> None:
 
 
 def open_readers(plan: MergePlan) -> dict[str, ModelReader]:
-    """Header-only readers for every input and the reference, keyed by model id."""
+    """Header-only readers for every input and the reference, keyed by model id (a ``model+lora`` input
+    reads with its adapter applied)."""
     readers: dict[str, ModelReader] = {}
     for entry in (*plan.inputs, plan.reference):
         if entry.id not in readers:
-            readers[entry.id] = ModelReader(entry.path)
+            readers[entry.id] = LoraReader(entry.path, entry.lora) if entry.lora else ModelReader(entry.path)
     return readers
 
 
@@ -116,8 +120,8 @@ def row_blocks(shape: tuple[int, ...]) -> list[tuple[int, int] | None]:
 
 def _inputs(plan: MergePlan, job: TensorJob, readers: Mapping[str, ModelReader], rows: tuple[int, int] | None
             ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    tensors = {m.id: readers[m.id].get(job.sources[m.id], rows) for m in plan.models}
-    base = readers[plan.base.id].get(job.sources[plan.base.id], rows) if plan.base is not None else None
+    tensors = {mid: readers[mid].get(job.sources[mid], rows) for mid in job.models}
+    base = readers[job.base].get(job.sources[job.base], rows) if job.base is not None else None
     return tensors, base
 
 
@@ -136,11 +140,11 @@ def read_fp32(reader: ModelReader, name: str) -> torch.Tensor:
 
 def _prepare_whole(plan: MergePlan, job: TensorJob, readers: Mapping[str, ModelReader]) -> dict[str, Any]:
     """``prepare`` on each model's whole tensor (a float32 copy it may overwrite), one model at a time."""
-    base = readers[plan.base.id].get(job.sources[plan.base.id]) if plan.base is not None else None
+    base = readers[job.base].get(job.sources[job.base]) if job.base is not None else None
     prepared: dict[str, Any] = {}
-    for m in plan.models:
-        tensor = read_fp32(readers[m.id], job.sources[m.id])
-        prepared[m.id] = plan.method.prepare(tensor, base, job.params, job.info, m.id)
+    for mid in job.models:
+        tensor = read_fp32(readers[mid], job.sources[mid])
+        prepared[mid] = plan.method.prepare(tensor, base, job.params, job.info, mid)
         del tensor
         release_memory()
     return prepared
@@ -182,7 +186,7 @@ def statistics_pass(plan: MergePlan, jobs: list[TensorJob], readers: Mapping[str
                 info = _block_info(job, rows, prepared=prepared[job.spec.name])
                 for key, value in plan.method.collect(tensors, base, job.params, info).items():
                     sums[job.info.group][key] += value
-    stats = plan.method.finalize(sums, plan.params_for(None), jobs[0].info.num_layers if jobs else 0)
+    stats = plan.method.finalize(sums, shared_params(plan), jobs[0].info.num_layers if jobs else 0)
     return stats, prepared
 
 
@@ -190,8 +194,10 @@ def output_blocks(plan: MergePlan, job: TensorJob, readers: Mapping[str, ModelRe
                   stats: Mapping[str, Any], prepared: Mapping[str, Any] | None = None) -> Iterator[torch.Tensor]:
     """The output tensor of one job as row blocks, in its output dtype (``prepared``: from pass 1)."""
     if job.params is None:
+        assert job.copy_from is not None
+        mid, name = job.copy_from
         for rows in row_blocks(job.spec.shape):
-            yield readers[plan.reference.id].get(job.spec.name, rows).to(job.spec.dtype)
+            yield readers[mid].get(name, rows).to(job.spec.dtype)
         return
     if prepared is None:
         prepared = prepared_for(plan, job, readers)
@@ -238,8 +244,13 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def shared_params(plan: MergePlan) -> Any:
+    """The method's parameters without tensor filters or gradients (the first slice's, with slices)."""
+    return plan.params_for(None, 0.0, plan.slices[0] if plan.slices else None)
+
+
 def run_merge(config_path: str | Path, out_dir: str | Path, *, overwrite: bool = False,
-              progress: bool = False, threads: int | None = 1) -> Path:
+              progress: bool = False, threads: int | None = 1, dry_run: bool = False) -> Path:
     """Merge the models of the YAML at ``config_path`` into ``out_dir``; returns ``out_dir``.
 
     Raises MergeError (a ValueError naming the file/field/tensor) on bad input, before any tensor is
@@ -247,7 +258,13 @@ def run_merge(config_path: str | Path, out_dir: str | Path, *, overwrite: bool =
     ``out_dir`` (atomically, at the end). ``threads``: torch intra-op threads while merging. The work
     is memory-bound and split into small blocks, where waking other threads for every op costs more
     than it gains (badly so on a busy machine), hence 1 by default; None keeps torch's setting.
+    ``dry_run`` prints the plan (:func:`mllm.merge.layout.describe`: each output tensor's sources, method
+    and resolved parameters) after the header checks, and reads no weights and writes nothing.
     """
+    if dry_run:
+        plan = load_plan(config_path)
+        print(describe(plan, plan_tensors(plan, open_readers(plan))), flush=True)
+        return Path(out_dir)
     tune_malloc()
     try:
         with torch_threads(threads):
@@ -275,7 +292,62 @@ def _run(plan: MergePlan, out: Path, overwrite: bool, progress: bool) -> Path:
         copy_side_files(plan.reference.path, tmp, plan.tokenizer_source)
         if plan.out_dtype is not None:
             set_config_dtype(tmp, plan.out_dtype)
+        if plan.slices is not None:
+            set_num_layers(tmp, jobs[0].info.num_layers if jobs else 0)
+        if plan.chat_template is not None:
+            set_chat_template(tmp, plan)
         (tmp / RECIPE_FILE).write_text(plan.text)
         (tmp / "README.md").write_text(_card(plan, shards))
-        plan.method.report(stats, plan.params_for(None), tmp)
+        plan.method.report(stats, shared_params(plan), tmp)
     return out
+
+
+def set_num_layers(out: Path, n: int) -> None:
+    """The output's decoder-layer count after slicing, in ``config.json`` (top level or ``text_config``),
+    as mergekit sets ``num_hidden_layers``; a per-layer ``layer_types`` list of one value is resized."""
+    path = out / "config.json"
+    if not path.is_file():
+        return
+    cfg = json.loads(path.read_text())
+    for node in (cfg, cfg.get("text_config")):
+        if isinstance(node, dict) and "num_hidden_layers" in node:
+            node["num_hidden_layers"] = n
+            kinds = node.get("layer_types")
+            if isinstance(kinds, list) and len(kinds) != n:
+                if len(set(kinds)) > 1:
+                    raise MergeError(f"{path}: layer_types mixes {sorted(set(kinds))}; slicing such a model "
+                                     f"needs the layer kinds of the slices (not supported yet)")
+                node["layer_types"] = kinds[:1] * n
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def _model_template(folder: Path) -> str | None:
+    """A model's chat template: chat_template.jinja, else tokenizer_config.json's (its 'default' if named)."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text()
+    cfg_path = folder / "tokenizer_config.json"
+    template = json.loads(cfg_path.read_text()).get("chat_template") if cfg_path.is_file() else None
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) and template else None
+
+
+def set_chat_template(out: Path, plan: MergePlan) -> None:
+    """Write ``chat_template`` into the output's tokenizer_config.json (and into a chat_template.jinja /
+    .json the tokenizer folder carries, which transformers reads first). 'auto' takes the template most of
+    the inputs share, as mergekit does; none at all leaves the tokenizer as it is."""
+    template = plan.chat_template
+    if template == "auto":
+        found = [t.strip() for m in plan.inputs if (t := _model_template(m.path))]
+        if not found:
+            log.warning("%s: chat_template: auto: no input has a chat template; the tokenizer's is kept", plan.source)
+            return
+        template = Counter(found).most_common(1)[0][0]
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = template
+    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    if (out / "chat_template.jinja").is_file():
+        (out / "chat_template.jinja").write_text(template)
+    if (out / "chat_template.json").is_file():
+        (out / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2) + "\n")

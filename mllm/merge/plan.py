@@ -1,19 +1,24 @@
-"""Merge YAML (mergekit style) -> a validated :class:`MergePlan`, checked before any tensor is read.
+"""Merge YAML (mergekit 0.1.x's schema) -> a validated :class:`MergePlan`, checked before any tensor is read.
 
-Accepted keys (mergekit's names where mergekit has them)::
+Accepted keys (mergekit's names and meaning where mergekit has them)::
 
     merge_method: ties                  # a name in mllm.registry.MERGE_METHODS
     base_model: /models/base            # required by task-vector methods
-    models:
-      - model: /models/a                # local HF folder (safetensors); the string is the model id
-        parameters: {weight: 0.5, density: 0.5}
-      - model: /models/b
-        parameters:
-          weight: [{filter: "self_attn", value: 0.7}, {value: 0.3}]   # per-module values, regex filter
-    parameters: {normalize: true, lambda: 1.0, int8_mask: true}       # shared values / model defaults
+    models:                             # whole models ...
+      - model: /models/a                # a local folder, org/name[@revision] from the local hub cache,
+        parameters: {weight: 0.5}       # ... or MODEL+LORA_ADAPTER (peft folder, applied before merging)
+    slices:                             # ... or, instead of models, output layers slice by slice
+      - sources:
+          - {model: /models/base, layer_range: [0, 16]}
+          - {model: /models/a, layer_range: [0, 16], parameters: {weight: [0.2, 0.8]}}
+        parameters: {density: 0.5}      # this slice's values (base_model: a slice's own base)
+    parameters:                         # shared values, and defaults of per-model values
+      weight: [{filter: self_attn, value: 0.7}, {value: 0.3}]   # filters are substrings of tensor names
+      density: [0.3, 0.5, 0.9]          # a layer gradient, interpolated over each slice's layers
     dtype: bfloat16                     # output dtype (deltas are always computed in fp32)
     out_dtype: bfloat16                 # overrides dtype for the output, as in mergekit
-    tokenizer_source: base              # 'base', or a folder; default: the reference model's tokenizer
+    tokenizer_source: base              # 'base' or a model ('union' is refused); or tokenizer: {source: ...}
+    chat_template: chatml               # set in the output's tokenizer_config.json ('auto', a name, Jinja)
     # mllm extensions
     reference_model: /models/mllm       # output names, config, unmerged tensors (default per method)
     name_map: llava                     # preset or {regex: replacement}: reference name -> LLM name
@@ -23,14 +28,16 @@ Accepted keys (mergekit's names where mergekit has them)::
     seed: 0                             # DARE masks: seeded per (seed, tensor name)
     shard_size: 5GB                     # bytes per output shard (KB/MB/GB decimal, KiB/MiB/GiB binary)
 
-:func:`plan_tensors` then checks, from the safetensors headers and config.json files only, that the
-models are of one architecture family and that every tensor to merge exists in every input with the
-reference shape, naming the first offending tensor / file / field.
+Parameter values (scalars, layer gradients, filter lists) are described in :mod:`mllm.merge.settings`;
+a value is looked up, as in mergekit, under the model in its slice, then the slice, then the top
+level, then the method's default. :func:`mllm.merge.layout.plan_tensors` then maps slices to tensors
+from the safetensors headers and config.json files only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import typing
 from collections.abc import Mapping
@@ -40,10 +47,13 @@ from typing import Any
 
 import torch
 
-from mllm.merge.methods.base import MergeMethod, TensorInfo, tensor_seed
-from mllm.merge.tensors import DTYPES, MergeError, ModelReader, TensorSpec, tokenizer_files
-from mllm.schema import ConfigError, check_value, load_yaml, suggest
+from mllm.merge.hub import ModelRef, parse_ref
+from mllm.merge.methods.base import MergeMethod
+from mllm.merge.settings import as_type, evaluate, parse_setting
+from mllm.merge.tensors import DTYPES, MergeError
+from mllm.schema import ConfigError, load_yaml, suggest
 
+log = logging.getLogger(__name__)
 NAME_MAP_PRESETS: dict[str, dict[str, str]] = {
     # LLaVA checkpoints as on the hub and as transformers' save_pretrained writes them:
     # language_model.model.layers.* / language_model.lm_head.*
@@ -55,17 +65,51 @@ NAME_MAP_PRESETS: dict[str, dict[str, str]] = {
 }
 DEFAULT_LAYER_PATTERN = r"^model\.layers\.(\d+)\."
 _TOP_KEYS = (
-    "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
+    "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
+    "tokenizer", "chat_template",
     "reference_model", "name_map", "include", "exclude", "layer_pattern", "seed", "shard_size",
 )
+_NOT_YET = {"modules": "per-module merges (mergekit's 'modules:') are not supported yet; use models: or slices:"}
 _SIZE_UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}  # powers of 1000 (or of 1024 with "iB")
+_MISSING = dataclasses.MISSING
 
 
 @dataclass(frozen=True)
 class ModelEntry:
-    id: str  # the YAML string
+    id: str  # the YAML string (MODEL[@REV][+LORA[@REV]])
     path: Path
-    params: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # YAML key -> raw value
+    params: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # YAML key -> parsed setting
+    lora: Path | None = None  # a peft LoRA adapter applied to the model before merging
+
+
+@dataclass(frozen=True)
+class SliceSource:
+    model: ModelEntry  # its params: this source's parameters
+    layer_range: tuple[int, int]  # [start, end) of the model's decoder layers
+
+
+@dataclass(frozen=True)
+class OutputSlice:
+    sources: tuple[SliceSource, ...]  # in YAML order, the base (if listed) included
+    base: ModelEntry | None  # the slice's base (a source), for methods that take one
+    params: Mapping[str, Any]
+
+    @property
+    def merged(self) -> tuple[SliceSource, ...]:
+        """The sources that are merged (every one but the base)."""
+        return tuple(s for s in self.sources if self.base is None or s.model.id != self.base.id)
+
+    @property
+    def num_layers(self) -> int:
+        return self.sources[0].layer_range[1] - self.sources[0].layer_range[0]
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    source: str  # 'base', 'union' or a model reference as written
+    path: Path | None  # the folder whose tokenizer files are copied
+    tokens: Mapping[str, Any] | None = None  # mergekit's per-token embedding sources (stored, not applied)
+    pad_to_multiple_of: int | None = None
 
 
 @dataclass(frozen=True)
@@ -74,10 +118,10 @@ class MergePlan:
     text: str
     method_name: str  # the merge_method key, its one name (mllm.registry.MERGE_METHODS)
     method: type[MergeMethod]
-    models: tuple[ModelEntry, ...]  # merged models (the base is not one of them)
+    models: tuple[ModelEntry, ...]  # merged models (the base is not one of them), in first-listed order
     base: ModelEntry | None
     reference: ModelEntry
-    params: Mapping[str, Any]  # top-level parameters, YAML key -> raw value
+    params: Mapping[str, Any]  # top-level parameters, YAML key -> parsed setting
     out_dtype: torch.dtype | None
     tokenizer_source: Path | None
     name_map: tuple[tuple[re.Pattern[str], str], ...]
@@ -86,11 +130,18 @@ class MergePlan:
     layer_pattern: re.Pattern[str]
     seed: int
     shard_bytes: int
+    slices: tuple[OutputSlice, ...] | None = None  # None: whole models (the models: form)
+    tokenizer: TokenizerSpec | None = None
+    chat_template: str | None = None  # 'auto' or a Jinja template
 
     @property
     def inputs(self) -> tuple[ModelEntry, ...]:
-        """Models whose tensors a merge reads: the merged models, then the base (if any)."""
-        return self.models + ((self.base,) if self.base is not None else ())
+        """Every model whose tensors a merge may read, once each (merged models, bases, slice sources)."""
+        seen: dict[str, ModelEntry] = {}
+        slice_models = [s.model for sl in self.slices or () for s in sl.sources]
+        for m in (*self.models, *([self.base] if self.base else []), *slice_models):
+            seen.setdefault(m.id, m)
+        return tuple(seen.values())
 
     def canonical(self, name: str) -> str:
         """``name`` after the first matching name_map rule (the LLM-side name)."""
@@ -104,21 +155,31 @@ class MergePlan:
             p.search(name) for p in self.exclude
         )
 
-    def params_for(self, name: str | None) -> Any:
-        """The method's params dataclass for tensor ``name`` (None: the values without filters)."""
+    def params_for(self, name: str | None, t: float = 0.0, slice_: OutputSlice | None = None,
+                   inputs: Mapping[str, str] | None = None) -> Any:
+        """The method's params dataclass for output tensor ``name`` at layer position ``t`` of ``slice_``
+        (None: the models: form). ``inputs`` names each model's own tensor, which per-model filters
+        match, as mergekit's do. ``name=None``: the values without filters."""
         cls = self.method.config_cls
+        hints = typing.get_type_hints(cls)
+        models = [s.model for s in slice_.merged] if slice_ is not None else list(self.models)
+        shared = (slice_.params if slice_ is not None else {}, self.params)
         kwargs: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             key = f.metadata.get("key", f.name)
             if f.metadata.get("per_model"):
-                values = {m.id: m.params.get(key, self.params.get(key, f.metadata["model_default"])) for m in self.models}
-                missing = [mid for mid, v in values.items() if v is dataclasses.MISSING]
-                if missing:
-                    raise MergeError(f"{self.source}: models: parameter {key!r} is required for model {missing[0]!r}")
-                kwargs[f.name] = {mid: _pick(v, name) for mid, v in values.items()}
-            elif key in self.params:
-                kwargs[f.name] = _pick(self.params[key], name)
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                values = {}
+                for m in models:
+                    tname = (inputs or {}).get(m.id, name)
+                    v = _lookup(key, (m.params, *shared), tname, t, hints[f.name], self.source)
+                    v = f.metadata["model_default"] if v is _MISSING else v
+                    if v is _MISSING:
+                        raise MergeError(f"{self.source}: models: parameter {key!r} is required for model {m.id!r}")
+                    values[m.id] = v
+                kwargs[f.name] = values
+            elif (v := _lookup(key, shared, name, t, hints[f.name], self.source)) is not _MISSING:
+                kwargs[f.name] = v
+            elif f.default is _MISSING and f.default_factory is _MISSING:
                 raise MergeError(f"{self.source}: parameters.{key}: required by merge_method {self.method_name}")
         try:
             return cls(**kwargs)
@@ -127,46 +188,18 @@ class MergePlan:
             raise MergeError(f"{self.source}: parameters{at}: {err}") from err
 
 
-def _pick(value: Any, name: str | None) -> Any:
-    """Resolve a conditional value (tuple of (regex | None, value)) for tensor ``name``."""
-    if not isinstance(value, tuple):
-        return value
-    for pattern, v in value:
-        if pattern is None or (name is not None and pattern.search(name)):
-            return v
-    raise AssertionError("conditional values always end with an unfiltered entry")  # checked in _param
+def _lookup(key: str, scopes: tuple[Mapping[str, Any], ...], name: str | None, t: float, tp: Any,
+            src: Path) -> Any:
+    """The first scope's value of ``key`` whose filters match ``name`` (mergekit's precedence)."""
+    for scope in scopes:
+        if key in scope:
+            value = evaluate(scope[key], name or "", t)
+            if value is not None:
+                return as_type(tp, value, f"{src}: parameters.{key}")
+    return _MISSING
 
 
 # --- YAML -> plan -------------------------------------------------------------------------------
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    """``value`` checked against a parameter's annotation by the one validator (:mod:`mllm.schema`); a
-    per-model field (``dict[model id, T]``) takes one model's ``T``."""
-    if typing.get_origin(tp) is dict:
-        tp = typing.get_args(tp)[1]
-    try:
-        return check_value(tp, value, where)
-    except ConfigError as err:
-        raise MergeError(str(err)) from err
-
-
-def _param(tp: Any, value: Any, where: str) -> Any:
-    """A scalar, or mergekit's conditional list [{filter: regex, value: x}, ..., {value: default}]."""
-    if not isinstance(value, list):
-        return _coerce(tp, value, where)
-    entries = []
-    for i, item in enumerate(value):
-        if not isinstance(item, Mapping) or "value" not in item or set(item) - {"filter", "value"}:
-            raise MergeError(
-                f"{where}[{i}]: expected {{filter: <regex>, value: <x>}} (a list of plain numbers, "
-                f"mergekit's layer gradient, is not supported)"
-            )
-        pattern = _regex(item["filter"], f"{where}[{i}].filter") if "filter" in item else None
-        entries.append((pattern, _coerce(tp, item["value"], f"{where}[{i}].value")))
-    if not entries or entries[-1][0] is not None:
-        raise MergeError(f"{where}: the last entry must have no filter (the value for all other tensors)")
-    return tuple(entries)
-
-
 def _regex(value: Any, where: str) -> re.Pattern[str]:
     if not isinstance(value, str):
         raise MergeError(f"{where}: expected a regex string, got {value!r}")
@@ -187,7 +220,8 @@ def _size(value: Any, where: str) -> int:
     return int(float(m.group(1)) * base ** _SIZE_UNITS[m.group(2) or ""])
 
 
-def _params(cls: type, raw: Any, where: str, per_model: bool) -> dict[str, Any]:
+def _params(cls: type, raw: Any, where: str, scope: str) -> dict[str, Any]:
+    """``parameters`` of one scope: 'model' (per-model keys only), 'slice' or 'top' (any key)."""
     if raw is None:
         return {}
     if not isinstance(raw, Mapping):
@@ -199,27 +233,154 @@ def _params(cls: type, raw: Any, where: str, per_model: bool) -> dict[str, Any]:
         if key not in fields:
             raise MergeError(f"{where}.{key}: unknown parameter{suggest(str(key), list(fields))} "
                              f"(expected one of: {', '.join(fields)})")
-        if per_model and not fields[key].metadata.get("per_model"):
-            raise MergeError(f"{where}.{key}: a shared parameter; set it under the top-level 'parameters'")
-        out[key] = _param(hints[fields[key].name], value, f"{where}.{key}")
+        if scope == "model" and not fields[key].metadata.get("per_model"):
+            raise MergeError(f"{where}.{key}: a shared parameter; set it under the top-level (or the slice's) "
+                             f"'parameters'")
+        out[key] = parse_setting(hints[fields[key].name], value, f"{where}.{key}")
     return out
+
+
+def _entry(text: Any, method: type[MergeMethod], where: str, params: Any = None, params_at: str = "") -> ModelEntry:
+    if not isinstance(text, str) or not text:
+        raise MergeError(f"{where}: expected a model folder, org/name[@revision] or MODEL+LORA, got {text!r}")
+    ref: ModelRef = parse_ref(text, where)
+    return ModelEntry(text, ref.path, _params(method.config_cls, params, params_at, "model"), ref.lora)
+
+
+def _same(a: ModelEntry, b: ModelEntry | None) -> bool:
+    return b is not None and (a.path.resolve(), a.lora) == (b.path.resolve(), b.lora)
 
 
 def _model(item: Any, method: type[MergeMethod], where: str) -> ModelEntry:
     if isinstance(item, str):
         item = {"model": item}
-    if not isinstance(item, Mapping) or not isinstance(item.get("model"), str):
+    if not isinstance(item, Mapping) or "model" not in item:
         raise MergeError(f"{where}: expected {{model: <folder>, parameters: {{...}}}}")
     if set(item) - {"model", "parameters"}:
-        raise MergeError(f"{where}.{sorted(set(item) - {'model', 'parameters'})[0]}: unknown key")
-    params = _params(method.config_cls, item.get("parameters"), f"{where}.parameters", per_model=True)
-    return ModelEntry(item["model"], Path(item["model"]).expanduser(), params)
+        raise MergeError(f"{where}.{sorted(set(item) - {'model', 'parameters'})[0]}: unknown key "
+                         f"(expected model, parameters)")
+    return _entry(item["model"], method, f"{where}.model", item.get("parameters"), f"{where}.parameters")
 
 
-def load_plan(path: str | Path) -> MergePlan:
-    """Read and validate a merge YAML (no model file is opened)."""
-    from mllm.registry import MERGE_METHODS, RegistryError
+def _count(method: type[MergeMethod], name: str, n: int, where: str) -> None:
+    if n < method.min_models or (method.max_models is not None and n > method.max_models):
+        want = method.min_models if method.max_models == method.min_models else f">= {method.min_models}"
+        if method.max_models is not None and method.max_models != method.min_models:
+            want = f"{method.min_models} to {method.max_models}"
+        raise MergeError(f"{where}: {name} merges {want} model{'' if want == 1 else 's'} (besides the base), got {n}")
 
+
+def _source(item: Any, method: type[MergeMethod], where: str) -> SliceSource:
+    if not isinstance(item, Mapping) or "model" not in item or "layer_range" not in item:
+        raise MergeError(f"{where}: expected {{model: <folder>, layer_range: [start, end], parameters: {{...}}}}")
+    extra = sorted(set(item) - {"model", "layer_range", "parameters"})
+    if extra:
+        raise MergeError(f"{where}.{extra[0]}: unknown key (expected model, layer_range, parameters)")
+    lr = item["layer_range"]
+    if (not isinstance(lr, list) or len(lr) != 2 or any(isinstance(x, bool) or not isinstance(x, int) for x in lr)
+            or not 0 <= lr[0] < lr[1]):
+        raise MergeError(f"{where}.layer_range: expected [start, end] with 0 <= start < end, got {lr!r}")
+    return SliceSource(_entry(item["model"], method, f"{where}.model", item.get("parameters"), f"{where}.parameters"),
+                       (lr[0], lr[1]))
+
+
+def _slice(item: Any, method: type[MergeMethod], name: str, base: ModelEntry | None, where: str) -> OutputSlice:
+    if not isinstance(item, Mapping) or not isinstance(item.get("sources"), list) or not item["sources"]:
+        raise MergeError(f"{where}.sources: expected a non-empty list of {{model, layer_range}}")
+    extra = sorted(set(item) - {"sources", "base_model", "parameters", "residual_weight"})
+    if extra:
+        raise MergeError(f"{where}.{extra[0]}: unknown key (expected sources, base_model, parameters, residual_weight)")
+    if item.get("residual_weight") is not None:  # in mergekit 0.1.x's schema, but read by no merge method
+        as_type(float, item["residual_weight"], f"{where}.residual_weight")
+        log.warning("%s.residual_weight: mergekit ignores it, and so does this merge", where)
+    sources = tuple(_source(s, method, f"{where}.sources[{j}]") for j, s in enumerate(item["sources"]))
+    n0 = sources[0].layer_range[1] - sources[0].layer_range[0]
+    for j, s in enumerate(sources):
+        if s.layer_range[1] - s.layer_range[0] != n0:
+            raise MergeError(f"{where}.sources[{j}].layer_range: {list(s.layer_range)} spans "
+                             f"{s.layer_range[1] - s.layer_range[0]} layers, sources[0] spans {n0} "
+                             f"(every source of a slice gives the same number of layers)")
+        if any(_same(s.model, o.model) for o in sources[:j]):
+            raise MergeError(f"{where}.sources[{j}].model: {s.model.id!r} is listed twice in this slice")
+    if item.get("base_model") is not None:
+        base = _entry(item["base_model"], method, f"{where}.base_model")
+    slice_base = None
+    if method.base == "none" and item.get("base_model") is not None:
+        raise MergeError(f"{where}.base_model: {name} takes no base model")
+    if method.base == "required" and base is None:
+        raise MergeError(f"{where}: base_model: required by merge_method {name} (top level or per slice)")
+    if base is not None and method.base in ("required", "optional"):
+        slice_base = next((s.model for s in sources if _same(s.model, base)), None)
+        if slice_base is None:
+            raise MergeError(f"{where}.sources: base_model {base.id!r} must be one of the sources "
+                             f"(the base's layers come from the slice, as in mergekit)")
+    sl = OutputSlice(sources, slice_base, _params(method.config_cls, item.get("parameters"), f"{where}.parameters",
+                                                  "slice"))
+    _count(method, name, len(sl.merged), f"{where}.sources")
+    return sl
+
+
+def _tokenizer(data: Mapping[str, Any], src: Path, base: ModelEntry | None, method: type[MergeMethod]
+               ) -> TokenizerSpec | None:
+    """``tokenizer_source`` or ``tokenizer: {source, tokens, pad_to_multiple_of}`` (mergekit's TokenizerConfig,
+    whose source defaults to 'union')."""
+    if data.get("tokenizer_source") is not None and data.get("tokenizer") is not None:
+        raise MergeError(f"{src}: tokenizer: give either tokenizer_source or tokenizer, not both")
+    tok, key = data.get("tokenizer"), "tokenizer.source"
+    tokens = pad = None
+    if tok is not None:
+        if not isinstance(tok, Mapping) or set(tok) - {"source", "tokens", "pad_to_multiple_of"}:
+            extra = sorted(set(tok) - {"source", "tokens", "pad_to_multiple_of"}) if isinstance(tok, Mapping) else []
+            at = f"tokenizer.{extra[0]}: unknown key" if extra else "tokenizer: expected a mapping"
+            raise MergeError(f"{src}: {at} (expected source, tokens, pad_to_multiple_of)")
+        source, tokens, pad = tok.get("source", "union"), tok.get("tokens"), tok.get("pad_to_multiple_of")
+        if tokens is not None and not isinstance(tokens, Mapping):
+            raise MergeError(f"{src}: tokenizer.tokens: expected a mapping {{token: {{source: ..., force: ...}}}}")
+        if pad is not None:
+            as_type(int, pad, f"{src}: tokenizer.pad_to_multiple_of")
+    else:
+        source, key = data.get("tokenizer_source"), "tokenizer_source"
+        if source is None:
+            return None
+    if not isinstance(source, str) or not source:
+        raise MergeError(f"{src}: {key}: expected 'base', 'union' or a model, got {source!r}")
+    if source == "union":
+        raise MergeError(f"{src}: {key}: 'union' (one vocabulary built from every model's) is not supported yet; "
+                         f"use 'base' or a model")
+    if tokens:
+        raise MergeError(f"{src}: tokenizer.tokens: per-token embedding sources are not supported yet")
+    if pad:
+        raise MergeError(f"{src}: tokenizer.pad_to_multiple_of: padding the vocabulary is not supported yet")
+    if source == "base":
+        if base is None:
+            raise MergeError(f"{src}: {key}: 'base' needs base_model")
+        return TokenizerSpec("base", base.path, tokens, pad)
+    return TokenizerSpec(source, _entry(source, method, f"{src}: {key}").path, tokens, pad)
+
+
+def _chat_template(value: Any, src: Path) -> str | None:
+    """'auto', a Jinja template, or one of mergekit's named templates (read from mergekit's package data)."""
+    if value is None or value == "auto":
+        return value
+    if not isinstance(value, str):
+        raise MergeError(f"{src}: chat_template: expected 'auto', a template name or a Jinja template")
+    if len(value) < 256 and "\n" not in value and "{" not in value:
+        try:
+            from importlib.resources import files
+
+            path = files("mergekit._data.chat_templates").joinpath(f"{value}.jinja")
+            if path.is_file():
+                return path.read_text()
+        except ModuleNotFoundError:
+            pass
+        raise MergeError(f"{src}: chat_template: {value!r} is neither 'auto', a Jinja template, nor a named "
+                         f"template of an installed mergekit (chatml, llama3, mistral, alpaca, exaone)")
+    if len(value) < 20 or "{" not in value:
+        raise MergeError(f"{src}: chat_template: {value!r} is not a Jinja template")
+    return value
+
+
+def _read(path: str | Path) -> tuple[Path, str, dict[str, Any]]:
     src = Path(path)
     if not src.is_file():
         raise MergeError(f"{src}: merge config not found")
@@ -230,52 +391,69 @@ def load_plan(path: str | Path) -> MergePlan:
         raise MergeError(str(err)) from err
     if not isinstance(data, dict):
         raise MergeError(f"{src}: expected a YAML mapping at the top level")
-    unknown = sorted(set(data) - set(_TOP_KEYS))
+    refused = next((k for k in data if k in _NOT_YET), None)
+    if refused:
+        raise MergeError(f"{src}: {refused}: {_NOT_YET[refused]}")
+    unknown = sorted(set(data) - set(_TOP_KEYS), key=str)
     if unknown:
-        raise MergeError(f"{src}: {unknown[0]}: unknown key{suggest(unknown[0], list(_TOP_KEYS))} "
+        raise MergeError(f"{src}: {unknown[0]}: unknown key{suggest(str(unknown[0]), list(_TOP_KEYS))} "
                          f"(expected one of: {', '.join(_TOP_KEYS)})")
+    if (data.get("models") is None) == (data.get("slices") is None):
+        raise MergeError(f"{src}: models / slices: give exactly one of them (models: whole models; "
+                         f"slices: layer ranges)")
+    return src, text, data
+
+
+def load_plan(path: str | Path) -> MergePlan:
+    """Read and validate a merge YAML (no weights file is opened; hub ids are looked up in the local cache)."""
+    from mllm.registry import MERGE_METHODS, RegistryError
+
+    src, text, data = _read(path)
     name = str(data.get("merge_method"))
     try:
         method = MERGE_METHODS.get(name)
     except RegistryError as err:
         raise MergeError(f"{src}: merge_method: {err}") from err
-    raw_models = data.get("models")
-    if not isinstance(raw_models, list) or not raw_models:
-        raise MergeError(f"{src}: models: expected a non-empty list of {{model: <folder>}}")
-    models = [_model(m, method, f"{src}: models[{i}]") for i, m in enumerate(raw_models)]
-    ids = [m.id for m in models]
-    if len(set(ids)) != len(ids):
-        raise MergeError(f"{src}: models: {next(i for i in ids if ids.count(i) > 1)!r} is listed twice")
     base_id = data.get("base_model")
-    if base_id is not None and not isinstance(base_id, str):
-        raise MergeError(f"{src}: base_model: expected a folder path string")
-    base = ModelEntry(base_id, Path(base_id).expanduser()) if base_id else None
+    base = _entry(base_id, method, f"{src}: base_model") if base_id is not None else None
     if method.base == "none" and base is not None:
         raise MergeError(f"{src}: base_model: {name} takes no base model (list it under models, "
                          f"or set reference_model to take names, config and tokenizer from it)")
-    if method.base == "required" and base is None:
-        raise MergeError(f"{src}: base_model: required by merge_method {name}")
-    if base is not None:  # mergekit: the base is no delta, nor listed twice among the inputs
-        models = [m for m in models if m.path.resolve() != base.path.resolve()]
-    n = len(models)
-    if n < method.min_models or (method.max_models is not None and n > method.max_models):
-        want = method.min_models if method.max_models == method.min_models else f">= {method.min_models}"
-        raise MergeError(f"{src}: models: {name} merges {want} models (besides the base), got {n}")
-    ref_id = data.get("reference_model")
-    if ref_id is None:
-        ref = base if (method.reference == "base" and base is not None) else models[0]
+    slices = None
+    if data.get("models") is not None:
+        raw_models = data["models"]
+        if not isinstance(raw_models, list) or not raw_models:
+            raise MergeError(f"{src}: models: expected a non-empty list of {{model: <folder>}}")
+        models = [_model(m, method, f"{src}: models[{i}]") for i, m in enumerate(raw_models)]
+        ids = [m.id for m in models]
+        if len(set(ids)) != len(ids):
+            raise MergeError(f"{src}: models: {next(i for i in ids if ids.count(i) > 1)!r} is listed twice")
+        if method.base == "required" and base is None:
+            raise MergeError(f"{src}: base_model: required by merge_method {name}")
+        if base is not None and method.base != "ignored":  # mergekit: the base is no delta, nor listed twice
+            models = [m for m in models if not _same(m, base)]
+        _count(method, name, len(models), f"{src}: models")
     else:
-        ref = next((m for m in (*models, base) if m is not None and m.id == ref_id),
-                   ModelEntry(str(ref_id), Path(str(ref_id)).expanduser()))
+        raw = data["slices"]
+        if not isinstance(raw, list) or not raw:
+            raise MergeError(f"{src}: slices: expected a non-empty list of {{sources: [...]}}")
+        slices = tuple(_slice(s, method, name, base, f"{src}: slices[{i}]") for i, s in enumerate(raw))
+        first: dict[str, ModelEntry] = {}
+        for sl in slices:
+            for s in sl.merged:
+                first.setdefault(s.model.id, dataclasses.replace(s.model, params={}))
+        models = list(first.values())
+    ref_id = data.get("reference_model")
+    candidates = [m for m in (*models, base, *(s.model for sl in slices or () for s in sl.sources)) if m is not None]
+    if ref_id is None:
+        ref = base if (method.reference == "base" and base is not None) else candidates[0]
+    else:
+        ref = next((m for m in candidates if m.id == ref_id), None) or _entry(ref_id, method, f"{src}: reference_model")
     dtype_key = "out_dtype" if data.get("out_dtype") is not None else "dtype"
     out_dtype = data.get(dtype_key)
     if out_dtype is not None and out_dtype not in DTYPES:
         raise MergeError(f"{src}: {dtype_key}: expected one of {list(DTYPES)}, got {out_dtype!r}")
-    tok = data.get("tokenizer_source")
-    if tok == "base":
-        if base is None:
-            raise MergeError(f"{src}: tokenizer_source: 'base' needs base_model")
-        tok = base.id
+    tokenizer = _tokenizer(data, src, base, method)
     name_map = data.get("name_map") or {}
     if isinstance(name_map, str):
         if name_map not in NAME_MAP_PRESETS:
@@ -297,89 +475,14 @@ def load_plan(path: str | Path) -> MergePlan:
         raise MergeError(f"{src}: layer_pattern: needs one capture group for the layer index")
     plan = MergePlan(
         source=src, text=text, method_name=name, method=method, models=tuple(models), base=base, reference=ref,
-        params=_params(method.config_cls, data.get("parameters"), f"{src}: parameters", per_model=False),
+        params=_params(method.config_cls, data.get("parameters"), f"{src}: parameters", "top"),
         out_dtype=DTYPES[out_dtype] if out_dtype else None,
-        tokenizer_source=Path(tok).expanduser() if tok else None,
+        tokenizer_source=tokenizer.path if tokenizer else None,
         name_map=tuple((_regex(k, f"{src}: name_map"), str(v)) for k, v in name_map.items()),
         include=lists["include"], exclude=lists["exclude"], layer_pattern=layer_pattern, seed=seed,
         shard_bytes=_size(data.get("shard_size", "5GB"), f"{src}: shard_size"),
+        slices=slices, tokenizer=tokenizer, chat_template=_chat_template(data.get("chat_template"), src),
     )
-    plan.params_for(None)  # required parameters and __post_init__ checks, before any I/O
+    for sl in slices or (None,):
+        plan.params_for(None, 0.0, sl)  # required parameters and __post_init__ checks, before any I/O
     return plan
-
-
-# --- compatibility checks on headers -> per-tensor jobs -----------------------------------------
-@dataclass(frozen=True)
-class TensorJob:
-    spec: TensorSpec  # output name, shape, dtype
-    info: TensorInfo
-    params: Any | None  # None: copied from the reference model
-    sources: Mapping[str, str]  # model id -> that model's tensor name (merged tensors only)
-
-
-def _text_config(cfg: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The language-model part of a config.json (``text_config`` of an MLLM, else the config)."""
-    text = cfg.get("text_config")
-    return text if isinstance(text, Mapping) else cfg
-
-
-def _locate(reader: ModelReader, name: str, canonical: str) -> str | None:
-    return name if name in reader else canonical if canonical in reader else None
-
-
-def plan_tensors(plan: MergePlan, readers: Mapping[str, ModelReader]) -> list[TensorJob]:
-    """One job per reference tensor; raises MergeError at the first incompatibility."""
-    ref = readers[plan.reference.id]
-    if plan.tokenizer_source is not None:
-        if not plan.tokenizer_source.is_dir():
-            raise MergeError(f"{plan.source}: tokenizer_source: folder {plan.tokenizer_source} not found")
-        tokenizer_files(plan.tokenizer_source)
-    ref_family = _text_config(ref.config).get("model_type")
-    for m in plan.inputs:
-        fam = _text_config(readers[m.id].config).get("model_type")
-        if ref_family and fam and fam != ref_family:
-            raise MergeError(
-                f"{m.path / 'config.json'}: model_type {fam!r} differs from {ref_family!r} of "
-                f"{plan.reference.path / 'config.json'} (models must be of one architecture family)"
-            )
-    names = ref.names()
-    canon = {n: plan.canonical(n) for n in names}
-    layer_of = {n: (int(mt.group(1)) if (mt := plan.layer_pattern.search(canon[n])) else None) for n in names}
-    num_layers = max((x for x in layer_of.values() if x is not None), default=-1) + 1
-    plan.method.validate(plan.params_for(None), [m.id for m in plan.models], num_layers)
-    jobs = []
-    for n in names:
-        shape = ref.shape(n)
-        sources = {m.id: _locate(readers[m.id], n, canon[n]) for m in plan.inputs}
-        info = TensorInfo(n, layer_of[n], num_layers, tensor_seed(plan.seed, n),
-                          complete=all(s is not None for s in sources.values()), shape=shape)
-        params = plan.params_for(n)
-        floating = ref.dtype(n).is_floating_point
-        merged = floating and plan.selected(n) and plan.method.selects(info, params)
-        if merged:
-            for m in plan.inputs:
-                _check_input(plan, readers, m.id, n, canon[n], sources[m.id], shape)
-        out_dtype = plan.out_dtype if (plan.out_dtype is not None and floating) else ref.dtype(n)
-        jobs.append(TensorJob(TensorSpec(n, shape, out_dtype), info, params if merged else None,
-                              {k: v for k, v in sources.items() if v is not None} if merged else {}))
-    return jobs
-
-
-def _check_input(plan: MergePlan, readers: Mapping[str, ModelReader], mid: str, name: str,
-                 canonical: str, found: str | None, shape: tuple[int, ...]) -> None:
-    reader = readers[mid]
-    if found is None:
-        also = f" or {canonical!r}" if canonical != name else ""
-        raise MergeError(
-            f"{reader.path}: tensor {name!r}{also} to merge is missing (model {mid!r}); "
-            f"exclude it, or map names with name_map"
-        )
-    if reader.shape(found) != shape:
-        msg = (f"{reader.file_of(found)}: tensor {found!r} has shape {list(reader.shape(found))}, "
-               f"the reference {plan.reference.path} has {list(shape)}")
-        v_ref = _text_config(readers[plan.reference.id].config).get("vocab_size")
-        v_in = _text_config(reader.config).get("vocab_size")
-        if v_ref and v_in and v_ref != v_in and shape and shape[0] == v_ref:
-            msg += (f"; vocab sizes differ ({v_in} vs {v_ref}): exclude the embedding/lm_head tensors "
-                    f"to keep the reference model's, with its tokenizer")
-        raise MergeError(msg)
