@@ -122,3 +122,51 @@ def test_della_seeded_blockwise_and_distributed_as_mergekit(tmp_path: Path, ckpt
             assert float((out[n] - base[n]).abs().sum()) == pytest.approx(tau_l1, rel=1e-4), n
     size = [sum(float((out[n] - base[n]).abs().sum()) for n in base) for out in results["two"]]
     assert size[0] == pytest.approx(size[1], rel=0.05)
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+def test_breadcrumbs_on_bf16_models_differs_from_mergekit_only_by_its_tie_rule(tmp_path: Path, ckpt, bf16_llamas,
+                                                                               monkeypatch, method: str) -> None:
+    """bf16 deltas are coarse, so many tie in magnitude with an edge of the kept band: mergekit's sort keeps
+    an arbitrary subset of those, we keep them all. With our rule patched into mergekit (both computing in
+    fp32: ``dtype: float32``, ``out_dtype: bfloat16``) the outputs are bit-identical."""
+    from mergekit import sparsify
+
+    from mllm.merge.methods.breadcrumbs import outlier_band
+
+    models = [("a", {"weight": 0.7, "density": 0.4, "gamma": 0.05}), ("b", {"weight": 0.5, "density": 0.6})]
+    cfg = {**_config(bf16_llamas, method, models, {}), "out_dtype": "bfloat16"}
+    ours = ckpt.state_of(run_merge(ckpt.write_yaml(tmp_path / "m.yaml", cfg), tmp_path / "ours"))
+    mk = ckpt.state_of(_mergekit(cfg, tmp_path / "mk"))
+    assert any(not torch.equal(ours[n], mk[n]) for n in ours)  # ties at the band edges are common in bf16
+
+    def keep_ties(tensor: torch.Tensor, density: float, rescale_norm: object = None, gamma: float = 0.01):
+        assert rescale_norm is None and 0 < density < 1
+        band = outlier_band(tensor, density, gamma)
+        return tensor * ((tensor.abs() >= band.lo) & (tensor.abs() <= band.hi))
+
+    monkeypatch.setattr(sparsify, "magnitude_outliers", keep_ties)
+    mk = ckpt.state_of(_mergekit(cfg, tmp_path / "mk_keep_ties"))
+    for name, out in ours.items():
+        assert out.dtype == torch.bfloat16 and torch.equal(out, mk[name]), name
+
+
+def test_sce_on_bf16_models_differs_from_mergekit_only_by_its_tie_rule(tmp_path: Path, ckpt, bf16_llamas,
+                                                                      monkeypatch) -> None:
+    """As for Breadcrumbs: variances of coarse bf16 deltas tie at the k-th largest, where mergekit's topk
+    keeps an arbitrary subset and we keep them all; with our rule patched into mergekit they agree."""
+    from mergekit.merge_methods import sce
+
+    from mllm.merge.methods.sce import variance_threshold
+
+    cfg = {**_config(bf16_llamas, "sce", [("a", {}), ("b", {})], {"select_topk": 0.3}), "out_dtype": "bfloat16"}
+    ours = ckpt.state_of(run_merge(ckpt.write_yaml(tmp_path / "m.yaml", cfg), tmp_path / "ours"))
+    assert any(not torch.equal(ours[n], t) for n, t in ckpt.state_of(_mergekit(cfg, tmp_path / "mk")).items())
+
+    def keep_ties(tvs: torch.Tensor, density: float, mask_dtype: torch.dtype | None = None) -> torch.Tensor:
+        var = torch.var(tvs, dim=0, unbiased=False)
+        return (var >= variance_threshold(var, density)).to(mask_dtype or tvs.dtype)
+
+    monkeypatch.setattr(sce, "sce_mask", keep_ties)
+    mk = ckpt.state_of(_mergekit(cfg, tmp_path / "mk_keep_ties"))
+    assert max(float((ours[n].float() - mk[n].float()).abs().max() / mk[n].float().abs().max()) for n in ours) <= REL_TOL
