@@ -73,10 +73,19 @@ def _parity_configs(llamas) -> dict[str, dict]:
             ],
             "parameters": {"int8_mask": True, "density": 0.6, "normalize": False},
         },
+        "ties_slice_base": {  # a slice's own base_model: the last slice's also merges the final norm and lm_head
+            "merge_method": "ties", "base_model": str(llamas["base"]), "dtype": "float32",
+            "slices": [
+                {"sources": [_src(llamas, "base", [0, 2]), _src(llamas, "a", [0, 2], weight=[0.5, 1.0])]},
+                {"sources": [_src(llamas, "b", [2, 4]), _src(llamas, "a", [2, 4], weight=0.8)],
+                 "base_model": str(llamas["b"]), "residual_weight": 0.5},  # read by no mergekit method
+            ],
+            "parameters": {"density": [{"filter": "proj", "value": 0.5}, {"value": 0.9}]},
+        },
     }
 
 
-@pytest.mark.parametrize("name", ["linear_slices", "linear_models", "ties_slices"])
+@pytest.mark.parametrize("name", ["linear_slices", "linear_models", "ties_slices", "ties_slice_base"])
 def test_slices_gradients_and_filters_match_mergekit(tmp_path: Path, ckpt, llamas, name: str) -> None:
     cfg = _parity_configs(llamas)[name]
     ours = run_merge(ckpt.write_yaml(tmp_path / "m.yaml", cfg), tmp_path / "ours")
@@ -227,3 +236,19 @@ def test_chat_template_is_set_in_the_output_tokenizer_config(tmp_path: Path, ckp
     cfg["chat_template"] = template
     with pytest.raises(MergeError, match="chat_template: .* has no tokenizer_config.json to set it in"):
         run_merge(ckpt.write_yaml(tmp_path / "m3.yaml", cfg), tmp_path / "out3")
+
+
+def test_named_chat_template_and_extension_keys_with_slices(tmp_path: Path, ckpt, llamas) -> None:
+    cfg = {"merge_method": "linear", "chat_template": "chatml", "exclude": ["embed_tokens", "lm_head"],
+           "slices": [{"sources": [_src(llamas, "a", [1, 3], weight=1.0), _src(llamas, "b", [1, 3], weight=1.0)]}],
+           "seed": 3, "shard_size": "10KB"}
+    plan = load_plan(ckpt.write_yaml(tmp_path / "m.yaml", cfg))
+    assert "<|im_start|>" in plan.chat_template  # mergekit's named template
+    del cfg["chat_template"]
+    out = run_merge(ckpt.write_yaml(tmp_path / "m.yaml", cfg), tmp_path / "out")
+    merged, a, b = ckpt.state_of(out), ckpt.state_of(llamas["a"]), ckpt.state_of(llamas["b"])
+    assert len({p.name for p in out.glob("*.safetensors")}) > 1
+    assert torch.equal(merged["model.embed_tokens.weight"], a["model.embed_tokens.weight"])  # excluded: the reference's
+    assert torch.allclose(merged["model.layers.0.mlp.up_proj.weight"],
+                          (a["model.layers.1.mlp.up_proj.weight"] + b["model.layers.1.mlp.up_proj.weight"]) / 2)
+    assert sum(n.endswith("input_layernorm.weight") for n in merged) == 2
