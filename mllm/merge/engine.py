@@ -39,7 +39,7 @@ import dataclasses
 import json
 import logging
 import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +60,7 @@ from mllm.merge.tensors import (
     ensure_output_free,
     set_config_dtype,
 )
+from mllm.merge.tokenizer import set_chat_template
 
 log = logging.getLogger(__name__)
 RECIPE_FILE = "mllm_merge.yaml"
@@ -295,7 +296,7 @@ def _run(plan: MergePlan, out: Path, overwrite: bool, progress: bool) -> Path:
         if plan.slices is not None:
             set_num_layers(tmp, jobs[0].info.num_layers if jobs else 0)
         if plan.chat_template is not None:
-            set_chat_template(tmp, plan)
+            set_chat_template(tmp, plan.chat_template, [m.path for m in plan.inputs], plan.source)
         (tmp / RECIPE_FILE).write_text(plan.text)
         (tmp / "README.md").write_text(_card(plan, shards))
         plan.method.report(stats, shared_params(plan), tmp)
@@ -319,35 +320,3 @@ def set_num_layers(out: Path, n: int) -> None:
                                      f"needs the layer kinds of the slices (not supported yet)")
                 node["layer_types"] = kinds[:1] * n
     path.write_text(json.dumps(cfg, indent=2) + "\n")
-
-
-def _model_template(folder: Path) -> str | None:
-    """A model's chat template: chat_template.jinja, else tokenizer_config.json's (its 'default' if named)."""
-    if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text()
-    cfg_path = folder / "tokenizer_config.json"
-    template = json.loads(cfg_path.read_text()).get("chat_template") if cfg_path.is_file() else None
-    if isinstance(template, list):
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-    return template if isinstance(template, str) and template else None
-
-
-def set_chat_template(out: Path, plan: MergePlan) -> None:
-    """Write ``chat_template`` into the output's tokenizer_config.json (and into a chat_template.jinja /
-    .json the tokenizer folder carries, which transformers reads first). 'auto' takes the template most of
-    the inputs share, as mergekit does; none at all leaves the tokenizer as it is."""
-    template = plan.chat_template
-    if template == "auto":
-        found = [t.strip() for m in plan.inputs if (t := _model_template(m.path))]
-        if not found:
-            log.warning("%s: chat_template: auto: no input has a chat template; the tokenizer's is kept", plan.source)
-            return
-        template = Counter(found).most_common(1)[0][0]
-    cfg_path = out / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["chat_template"] = template
-    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
-    if (out / "chat_template.jinja").is_file():
-        (out / "chat_template.jinja").write_text(template)
-    if (out / "chat_template.json").is_file():
-        (out / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2) + "\n")

@@ -51,6 +51,7 @@ from mllm.merge.hub import ModelRef, parse_ref
 from mllm.merge.methods.base import MergeMethod
 from mllm.merge.settings import as_type, evaluate, parse_setting
 from mllm.merge.tensors import DTYPES, MergeError
+from mllm.merge.tokenizer import TokenizerSpec, parse_chat_template, parse_tokenizer
 from mllm.schema import ConfigError, load_yaml, suggest
 
 log = logging.getLogger(__name__)
@@ -102,14 +103,6 @@ class OutputSlice:
     @property
     def num_layers(self) -> int:
         return self.sources[0].layer_range[1] - self.sources[0].layer_range[0]
-
-
-@dataclass(frozen=True)
-class TokenizerSpec:
-    source: str  # 'base', 'union' or a model reference as written
-    path: Path | None  # the folder whose tokenizer files are copied
-    tokens: Mapping[str, Any] | None = None  # mergekit's per-token embedding sources (stored, not applied)
-    pad_to_multiple_of: int | None = None
 
 
 @dataclass(frozen=True)
@@ -320,66 +313,6 @@ def _slice(item: Any, method: type[MergeMethod], name: str, base: ModelEntry | N
     return sl
 
 
-def _tokenizer(data: Mapping[str, Any], src: Path, base: ModelEntry | None, method: type[MergeMethod]
-               ) -> TokenizerSpec | None:
-    """``tokenizer_source`` or ``tokenizer: {source, tokens, pad_to_multiple_of}`` (mergekit's TokenizerConfig,
-    whose source defaults to 'union')."""
-    if data.get("tokenizer_source") is not None and data.get("tokenizer") is not None:
-        raise MergeError(f"{src}: tokenizer: give either tokenizer_source or tokenizer, not both")
-    tok, key = data.get("tokenizer"), "tokenizer.source"
-    tokens = pad = None
-    if tok is not None:
-        if not isinstance(tok, Mapping) or set(tok) - {"source", "tokens", "pad_to_multiple_of"}:
-            extra = sorted(set(tok) - {"source", "tokens", "pad_to_multiple_of"}) if isinstance(tok, Mapping) else []
-            at = f"tokenizer.{extra[0]}: unknown key" if extra else "tokenizer: expected a mapping"
-            raise MergeError(f"{src}: {at} (expected source, tokens, pad_to_multiple_of)")
-        source, tokens, pad = tok.get("source", "union"), tok.get("tokens"), tok.get("pad_to_multiple_of")
-        if tokens is not None and not isinstance(tokens, Mapping):
-            raise MergeError(f"{src}: tokenizer.tokens: expected a mapping {{token: {{source: ..., force: ...}}}}")
-        if pad is not None:
-            as_type(int, pad, f"{src}: tokenizer.pad_to_multiple_of")
-    else:
-        source, key = data.get("tokenizer_source"), "tokenizer_source"
-        if source is None:
-            return None
-    if not isinstance(source, str) or not source:
-        raise MergeError(f"{src}: {key}: expected 'base', 'union' or a model, got {source!r}")
-    if source == "union":
-        raise MergeError(f"{src}: {key}: 'union' (one vocabulary built from every model's) is not supported yet; "
-                         f"use 'base' or a model")
-    if tokens:
-        raise MergeError(f"{src}: tokenizer.tokens: per-token embedding sources are not supported yet")
-    if pad:
-        raise MergeError(f"{src}: tokenizer.pad_to_multiple_of: padding the vocabulary is not supported yet")
-    if source == "base":
-        if base is None:
-            raise MergeError(f"{src}: {key}: 'base' needs base_model")
-        return TokenizerSpec("base", base.path, tokens, pad)
-    return TokenizerSpec(source, _entry(source, method, f"{src}: {key}").path, tokens, pad)
-
-
-def _chat_template(value: Any, src: Path) -> str | None:
-    """'auto', a Jinja template, or one of mergekit's named templates (read from mergekit's package data)."""
-    if value is None or value == "auto":
-        return value
-    if not isinstance(value, str):
-        raise MergeError(f"{src}: chat_template: expected 'auto', a template name or a Jinja template")
-    if len(value) < 256 and "\n" not in value and "{" not in value:
-        try:
-            from importlib.resources import files
-
-            path = files("mergekit._data.chat_templates").joinpath(f"{value}.jinja")
-            if path.is_file():
-                return path.read_text()
-        except ModuleNotFoundError:
-            pass
-        raise MergeError(f"{src}: chat_template: {value!r} is neither 'auto', a Jinja template, nor a named "
-                         f"template of an installed mergekit (chatml, llama3, mistral, alpaca, exaone)")
-    if len(value) < 20 or "{" not in value:
-        raise MergeError(f"{src}: chat_template: {value!r} is not a Jinja template")
-    return value
-
-
 def _read(path: str | Path) -> tuple[Path, str, dict[str, Any]]:
     src = Path(path)
     if not src.is_file():
@@ -453,7 +386,7 @@ def load_plan(path: str | Path) -> MergePlan:
     out_dtype = data.get(dtype_key)
     if out_dtype is not None and out_dtype not in DTYPES:
         raise MergeError(f"{src}: {dtype_key}: expected one of {list(DTYPES)}, got {out_dtype!r}")
-    tokenizer = _tokenizer(data, src, base, method)
+    tokenizer = parse_tokenizer(data, src, base.path if base else None)
     name_map = data.get("name_map") or {}
     if isinstance(name_map, str):
         if name_map not in NAME_MAP_PRESETS:
@@ -481,7 +414,7 @@ def load_plan(path: str | Path) -> MergePlan:
         name_map=tuple((_regex(k, f"{src}: name_map"), str(v)) for k, v in name_map.items()),
         include=lists["include"], exclude=lists["exclude"], layer_pattern=layer_pattern, seed=seed,
         shard_bytes=_size(data.get("shard_size", "5GB"), f"{src}: shard_size"),
-        slices=slices, tokenizer=tokenizer, chat_template=_chat_template(data.get("chat_template"), src),
+        slices=slices, tokenizer=tokenizer, chat_template=parse_chat_template(data.get("chat_template"), src),
     )
     for sl in slices or (None,):
         plan.params_for(None, 0.0, sl)  # required parameters and __post_init__ checks, before any I/O
