@@ -13,6 +13,8 @@ from mllm.merge import run_merge
 
 MAX_REL_ERR = 1e-5
 SELF_ATTN_T = [{"filter": "self_attn", "value": 0.2}, {"filter": "mlp", "value": 0.8}, {"value": 0.5}]
+SLERP_GRADIENT_T = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                    {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]
 
 # method -> (models listed, base listed as base_model?, shared parameters); models: (conftest key, parameters)
 PARITY = {  # "method" or "method:variant"
@@ -35,6 +37,10 @@ PARITY = {  # "method" or "method:variant"
     "nearswap": ([("base", {}), ("a", {})], True, {"t": 0.03}),
     "nearswap:filtered_t": ([("a", {})], True, {"t": [{"filter": "mlp", "value": 0.1}, {"value": 0.01}]}),
     "arcee_fusion": ([("base", {}), ("a", {})], True, {}),
+    # layer gradients (mergekit interpolates the list over the decoder layers), as in mergekit's slerp example
+    "slerp:gradient_t": ([("base", {}), ("a", {})], True, {"t": SLERP_GRADIENT_T}),
+    "nuslerp:gradient_weight": ([("a", {"weight": [0.2, 0.9]}), ("b", {"weight": 0.5})], True, {}),
+    "nearswap:gradient_t": ([("base", {}), ("a", {})], True, {"t": [0.001, 0.1]}),
 }
 
 
