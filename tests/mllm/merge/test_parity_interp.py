@@ -113,3 +113,15 @@ def test_bf16_models_differ_from_mergekit_by_rounding_only(tmp_path: Path, ckpt,
         assert out.dtype == torch.bfloat16, n
         step = theirs[n].float().abs() * 2.0**-7  # one bf16 step (8 significant bits) or more
         assert ((out.float() - theirs[n].float()).abs() <= step).all(), n
+
+
+def test_slerp_slices_config_as_on_model_cards(tmp_path: Path, ckpt, llamas) -> None:
+    """The slerp YAML most model cards carry: one slice over every layer of both models, a gradient per module."""
+    layers = [0, ckpt.num_layers]
+    cfg = {"slices": [{"sources": [{"model": str(llamas["base"]), "layer_range": layers},
+                                   {"model": str(llamas["a"]), "layer_range": layers}]}],
+           "merge_method": "slerp", "base_model": str(llamas["base"]), "parameters": {"t": SLERP_GRADIENT_T},
+           "dtype": "float32"}
+    ours = ckpt.state_of(run_merge(ckpt.write_yaml(tmp_path / "m.yaml", cfg), tmp_path / "ours"))
+    errors = relative_errors(ours, ckpt.state_of(_mergekit(cfg, tmp_path / "mk")))
+    assert max(errors.values()) <= MAX_REL_ERR
