@@ -13,9 +13,13 @@ Steps of :func:`run_merge`:
    of its row blocks for WIDEN, ``prepare`` on whole tensors for TIES-style trimming), then its inputs
    one block of about BLOCK_ELEMS elements (rows along dim 0) at a time: merge in fp32, refuse a
    non-finite result, cast to the output dtype and stream it into the current shard.
-5. Side files (config.json with the output dtype, generation config, tokenizer from the reference or
-   ``tokenizer_source``), a README card holding the recipe, ``mllm_merge.yaml``, and the method's
-   artefacts are written; the temp folder is renamed to ``out_dir`` only now.
+5. Side files (config.json with the output dtype and, with slices, the output's layer count; generation
+   config; tokenizer from the reference or ``tokenizer_source``, with ``chat_template`` set), a README
+   card holding the recipe, ``mllm_merge.yaml``, and the method's artefacts are written; the temp folder
+   is renamed to ``out_dir`` only now.
+
+``dry_run`` stops after step 2 and prints the plan. A ``model+lora`` input is read through
+:class:`mllm.merge.lora.LoraReader`, which adds the adapter's update to each row block it reads.
 
 Memory bound (above the ~0.5 GiB that importing torch costs): one tensor name is in flight at a time.
 Every method holds ``(n_inputs + 3)`` fp32 copies of one block (n_inputs = merged models + base; a

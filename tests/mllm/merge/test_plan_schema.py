@@ -252,3 +252,16 @@ def test_named_chat_template_and_extension_keys_with_slices(tmp_path: Path, ckpt
     assert torch.allclose(merged["model.layers.0.mlp.up_proj.weight"],
                           (a["model.layers.1.mlp.up_proj.weight"] + b["model.layers.1.mlp.up_proj.weight"]) / 2)
     assert sum(n.endswith("input_layernorm.weight") for n in merged) == 2
+
+
+def test_tokenizer_keys_are_parsed_and_stored(tmp_path: Path, ckpt, llamas) -> None:
+    base = str(llamas["base"])
+    plan = load_plan(ckpt.write_yaml(tmp_path / "m.yaml", _ties_slices(llamas, tokenizer={"source": "base"})))
+    assert plan.tokenizer is not None and (plan.tokenizer.source, plan.tokenizer.path) == ("base", llamas["base"])
+    assert plan.tokenizer_source == llamas["base"]
+    plan = load_plan(ckpt.write_yaml(tmp_path / "m.yaml", _ties_slices(llamas, tokenizer_source=str(llamas["b"]))))
+    assert plan.tokenizer is not None and (plan.tokenizer.source, plan.tokenizer_source) == (str(llamas["b"]), llamas["b"])
+    path = ckpt.write_yaml(tmp_path / "m.yaml", _ties_slices(llamas, tokenizer_source="base", tokenizer={"source": base}))
+    with pytest.raises(MergeError) as err:
+        load_plan(path)
+    assert str(err.value) == f"{path}: tokenizer: give either tokenizer_source or tokenizer, not both"
