@@ -13,10 +13,11 @@ A 1-D tensor is one row. ``base_model`` is required and exactly one other model 
 quartiles are exact over the whole tensor; mergekit takes them from 1,000,000 entries it draws at
 random (unseeded) once a tensor has more, so only tensors up to that size are reproducible there.
 
-Streaming: the quartiles need the whole importance tensor, so ``prepare`` computes it from the other
-model's whole tensor (float32) with the base's, row slice by row slice, and returns the threshold (and a
-1-D tensor's KL); each row block then recomputes its rows' importance, which depends only on those rows.
-Memory: two float32 copies of the tensor (the model's and its importance) during ``prepare``.
+Streaming: the quartiles need the whole importance tensor, so ``prepare`` computes it in place of the
+other model's whole float32 tensor, row slice by row slice with the base's, selects the quartiles there
+(O(n), no sort) and returns the threshold (and a 1-D tensor's KL); each row block then recomputes its
+rows' importance, which depends only on those rows. Memory: during ``prepare``, one float32 copy of the
+tensor and the base's as stored (as for TIES' trimming); every merged tensor is read twice.
 """
 
 from __future__ import annotations
@@ -49,11 +50,13 @@ def importance(params: torch.Tensor, base: torch.Tensor, kl: torch.Tensor | None
     return (params - base).abs() * (row_kl(params, base) if kl is None else kl)
 
 
-def fusion_threshold(scores: torch.Tensor) -> float:
-    """Q2 + 1.5 (Q3 - Q1), with mergekit's quartile index floor(q (n - 1)) (q in float32)."""
-    flat = scores.reshape(-1)
-    index = (torch.tensor([0.25, 0.5, 0.75]) * (flat.numel() - 1)).long()
-    q1, q2, q3 = (flat.kthvalue(int(i) + 1).values for i in index)
+def fusion_threshold(scores: torch.Tensor, overwrite: bool = False) -> float:
+    """Q2 + 1.5 (Q3 - Q1), with mergekit's quartile index floor(q (n - 1)) (q in float32), in float32 as
+    mergekit computes it (O(n) selection; ``overwrite`` lets it reorder ``scores`` instead of copying them)."""
+    flat = scores.detach().to(torch.float32, copy=not overwrite).reshape(-1).numpy()
+    index = (torch.tensor([0.25, 0.5, 0.75]) * (flat.size - 1)).long().tolist()
+    flat.partition(index)  # in place: the three order statistics land at their sorted positions
+    q1, q2, q3 = (torch.tensor(flat[i]) for i in index)
     return float(q2 + 1.5 * (q3 - q1))
 
 
@@ -77,7 +80,7 @@ class ArceeFusion(MergeMethod):
         for r in range(0, tensor.shape[0], ROWS_AT_ONCE):
             rows = tensor[r:r + ROWS_AT_ONCE]
             rows.copy_(importance(rows, fp32(base[r:r + ROWS_AT_ONCE])))
-        return {"threshold": fusion_threshold(tensor)}
+        return {"threshold": fusion_threshold(tensor, overwrite=True)}
 
     @classmethod
     def merge(cls, tensors: dict[str, torch.Tensor], base: torch.Tensor | None, params: ArceeFusionParams,
