@@ -265,3 +265,22 @@ def test_tokenizer_keys_are_parsed_and_stored(tmp_path: Path, ckpt, llamas) -> N
     with pytest.raises(MergeError) as err:
         load_plan(path)
     assert str(err.value) == f"{path}: tokenizer: give either tokenizer_source or tokenizer, not both"
+
+
+def test_passthrough_of_a_model_with_per_layer_types_loads(tmp_path: Path, ckpt) -> None:
+    """Qwen2 configs list one attention kind per layer (``layer_types``): resized with the layer count."""
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=48, hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
+                      num_key_value_heads=1)
+    Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "qwen")
+    merge = {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(tmp_path / "qwen"), "layer_range": [0, 4]}]},
+        {"sources": [{"model": str(tmp_path / "qwen"), "layer_range": [1, 3]}]}]}
+    out = run_merge(ckpt.write_yaml(tmp_path / "m.yaml", merge), tmp_path / "out")
+    written = json.loads((out / "config.json").read_text())
+    assert written["num_hidden_layers"] == 6 and written["layer_types"] == ["full_attention"] * 6
+    model = AutoModelForCausalLM.from_pretrained(out)
+    src = ckpt.state_of(tmp_path / "qwen")
+    assert torch.equal(model.state_dict()["model.layers.5.self_attn.q_proj.bias"], src["model.layers.2.self_attn.q_proj.bias"])
