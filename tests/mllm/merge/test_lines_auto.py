@@ -102,5 +102,5 @@ def test_numeric_alpha_needs_no_statistics_pass(tmp_path: Path, ckpt, monkeypatc
 
 
 def test_alpha_must_be_a_number_or_auto(tmp_path: Path, ckpt) -> None:
-    with pytest.raises(MergeError, match=r"parameters.alpha: expected float or one of \['auto'\], got 'automatic'"):
+    with pytest.raises(MergeError, match=r"parameters.alpha: expected a number or one of \['auto'\], got 'automatic'"):
         _merge(tmp_path, ckpt, {"alpha": "automatic", "beta": 0.5})
