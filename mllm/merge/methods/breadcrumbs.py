@@ -28,10 +28,8 @@ import numpy as np
 import torch
 
 from mllm.merge.methods.base import TensorInfo, per_model
-from mllm.merge.methods.task_arithmetic import SparsifyFn, TaskArithmetic, TaskArithmeticParams
+from mllm.merge.methods.task_arithmetic import SparsifyFn, TaskArithmetic, TaskArithmeticParams, l1_scale
 from mllm.merge.tensors import MergeError
-
-L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor: no rescaling when either L1 norm is below this
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,11 +50,6 @@ class Band(NamedTuple):
     lo: float
     hi: float
     scale: float
-
-
-def l1_scale(total: float, kept: float) -> float:
-    """||tau||_1 / ||kept tau||_1, or 1 when either is below L1_EPS (mergekit's ``RescaleNorm.l1``)."""
-    return 1.0 if total < L1_EPS or kept < L1_EPS else total / kept
 
 
 def outlier_band(tau: torch.Tensor, density: float, gamma: float) -> Band:

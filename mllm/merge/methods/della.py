@@ -36,8 +36,13 @@ from typing import Any, NamedTuple
 import torch
 
 from mllm.merge.methods.base import TensorInfo, fp32, per_model, tensor_seed
-from mllm.merge.methods.breadcrumbs import l1_scale
-from mllm.merge.methods.task_arithmetic import SparsifyFn, TaskArithmetic, TaskArithmeticParams, uniform
+from mllm.merge.methods.task_arithmetic import (
+    SparsifyFn,
+    TaskArithmetic,
+    TaskArithmeticParams,
+    l1_scale,
+    uniform,
+)
 from mllm.merge.tensors import MergeError
 
 

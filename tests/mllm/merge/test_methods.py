@@ -14,7 +14,7 @@ from mllm.merge.methods.dare_ties import DareTies
 from mllm.merge.methods.layer_swap import LayerSwap, LayerSwapParams, donor_weight
 from mllm.merge.methods.linear import Linear, LinearParams
 from mllm.merge.methods.lines import Lines, LinesParams
-from mllm.merge.methods.task_arithmetic import TaskArithmetic, TaskArithmeticParams
+from mllm.merge.methods.task_arithmetic import TaskArithmetic, TaskArithmeticParams, uniform
 from mllm.merge.methods.ties import Ties, TiesParams
 from mllm.merge.methods.widen import Widen, WidenParams
 from mllm.merge.tensors import MergeError
@@ -105,8 +105,12 @@ def test_dare_drop_and_rescale_is_seeded_and_unbiased() -> None:
     p = DareParams(weight={"a": 1.0}, density={"a": 0.25})
     out = DareLinear.merge({"a": tau}, base, p, INFO)
     kept = out != 0
-    assert torch.all(out[kept] == 8.0)  # 2 / 0.25
-    assert abs(kept.float().mean().item() - 0.25) < 0.02 and abs(out.mean().item() - 2.0) < 0.1
+    k = int(kept.sum())
+    # mergekit's L1 rule: s = ||tau||_1 / ||m * tau||_1 = (20000 * 2) / (k * 2), so every kept entry is
+    # 2 * 20000 / k (the paper's 1 / density would give 8 exactly) and the output's sum is 40000
+    assert torch.allclose(out[kept], torch.tensor(40000.0 / k), rtol=1e-6)
+    assert out.sum().item() == pytest.approx(40000.0, rel=1e-6)
+    assert abs(k / 20000 - 0.25) < 0.02
     assert torch.equal(out, DareLinear.merge({"a": tau}, base, p, INFO))  # same seed, same mask
     other = TensorInfo("model.layers.1.mlp.up_proj.weight", 1, 4, seed=tensor_seed(0, "x"))
     assert not torch.equal(out, DareLinear.merge({"a": tau}, base, p, other))
@@ -121,7 +125,11 @@ def test_dare_ties_equals_dare_linear_for_agreeing_signs() -> None:
     lin, ties = DareLinear.merge({"a": a, "b": b}, base, p, INFO), DareTies.merge({"a": a, "b": b}, base, p, INFO)
     assert torch.allclose(lin, ties)
     flipped = DareTies.merge({"a": a, "b": -b}, base, p, INFO)  # signs disagree: each entry keeps one side
-    assert torch.all((flipped == 0) | ((flipped - 2 * a).abs() < 1e-5) | ((flipped + 2 * b).abs() < 1e-5))
+    # s_t = ||tau_t||_1 / ||m_t * tau_t||_1 with the seeded masks (about 2 = 1 / density)
+    masks = [uniform(tensor_seed(INFO.seed, f"model{i}"), 0, 1000) < 0.5 for i in range(2)]
+    s_a, s_b = (float(t.sum() / (t * m).sum()) for t, m in zip((a, b), masks, strict=True))
+    assert 1.8 < s_a < 2.2 and 1.8 < s_b < 2.2
+    assert torch.all((flipped == 0) | ((flipped - s_a * a).abs() < 1e-5) | ((flipped + s_b * b).abs() < 1e-5))
 
 
 @pytest.mark.parametrize(("layer", "scale"), [(0, 0.2), (1, 0.4), (3, 0.8), (None, 0.2)])

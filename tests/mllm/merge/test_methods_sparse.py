@@ -3,6 +3,8 @@ random masks by their statistics and by the closed form given the mask."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ from mllm.merge.methods.ram import Ram, RamParams
 from mllm.merge.methods.ramplus_tl import RamPlusParams, RamPlusTL
 from mllm.merge.methods.sce import Sce, SceParams
 from mllm.merge.methods.task_arithmetic import uniform
+from mllm.merge.methods.ties import Ties, TiesParams
 from mllm.merge.tensors import MergeError
 
 T = torch.tensor
@@ -176,6 +179,64 @@ def test_dare_takes_mergekit_rescale_with_its_default() -> None:
     p = DareLinear.config_cls(weight={"a": 1.0}, density={"a": 0.5}, rescale=False)
     out = DareLinear.merge({"a": torch.full((100,), 3.0)}, torch.zeros(100), p, INFO)
     assert set(out.unique().tolist()) <= {0.0, 3.0}
+
+
+def test_dare_rescale_closed_form_given_the_mask() -> None:
+    """theta_0 + lambda * consensus(w_t s_t m_t tau_t), s_t = ||tau_t||_1 / ||m_t tau_t||_1 over the whole tensor
+    (mergekit's L1 rule), with m_t the seeded draws u < density; merged whole and in row blocks (scan first)."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(6, 50, generator=g)
+    tau = {k: torch.randn(6, 50, generator=g) for k in "ab"}
+    w, d, lam = {"a": 0.6, "b": 0.9}, {"a": 0.5, "b": 0.3}, 1.5
+    kept = {}
+    for i, k in enumerate("ab"):
+        mask = uniform(tensor_seed(INFO.seed, f"model{i}"), 0, 300).reshape(6, 50) < d[k]
+        kept[k] = tau[k] * mask * (tau[k].abs().sum() / (tau[k] * mask).abs().sum())
+        assert kept[k].abs().sum().item() == pytest.approx(tau[k].abs().sum().item(), rel=1e-6)
+    tensors = {k: base + tau[k] for k in "ab"}
+    p = DareLinear.config_cls(weight=w, density=d, lambda_=lam)
+    lin = DareLinear.merge(tensors, base, p, INFO)
+    assert torch.allclose(lin, base + lam * (w["a"] * kept["a"] + w["b"] * kept["b"]), atol=1e-5)
+    dd = {k: w[k] * kept[k] for k in "ab"}
+    sign = torch.where(dd["a"] + dd["b"] >= 0, 1.0, -1.0)
+    want = base + lam * sum(dd[k] * (dd[k] * sign > 0) for k in "ab")  # normalize off (mergekit's default)
+    ties = DareTies.merge(tensors, base, p, INFO)
+    assert torch.allclose(ties, want, atol=1e-5)
+    assert DareTies.needs_scan(p) and not DareTies.needs_scan(dataclasses.replace(p, rescale=False))
+    for method, whole in ((DareLinear, lin), (DareTies, ties)):
+        assert torch.allclose(_blocks(method, tensors, base, p, INFO, rows=4), whole, atol=1e-6)
+
+
+def test_dare_rescale_statistics_match_mergekit_bernoulli() -> None:
+    """Random masks: ours (seeded) and mergekit's ``bernoulli`` (global RNG) keep about a density fraction
+    and, with L1 rescaling, exactly ||tau||_1; the scale lies near the paper's 1 / density."""
+    from mergekit.sparsify import RescaleNorm, bernoulli
+
+    tau = torch.randn(8, 5000, generator=torch.Generator().manual_seed(6))
+    torch.manual_seed(0)
+    mk = bernoulli(tau, density=0.3, rescale_norm=RescaleNorm.l1)
+    ours = DareLinear.merge({"a": tau}, torch.zeros_like(tau), DareLinear.config_cls(weight={"a": 1.0},
+                                                                                        density={"a": 0.3}), INFO)
+    for out in (ours, mk):
+        assert out.abs().sum().item() == pytest.approx(tau.abs().sum().item(), rel=1e-5)
+        assert abs((out != 0).float().mean().item() - 0.3) < 0.01
+        kept = out != 0
+        scale = (out[kept] / tau[kept]).unique()
+        assert float(scale.max() - scale.min()) < 1e-5 and abs(scale[0].item() - 1 / 0.3) < 0.1
+
+
+def test_ties_rescale_matches_the_l1_norm_of_the_trimmed_task_vector() -> None:
+    # density 0.5 keeps |tau| >= 0.5 (k = 5: 1, .9, .8, .6, .5), L1 3.8 of 4.85: s = 4.85 / 3.8
+    p = TiesParams(weight={"a": 1.0}, density={"a": 0.5}, rescale=True)
+    out = Ties.merge({"a": TEN}, torch.zeros(10), p, INFO)
+    trimmed = TEN * (TEN.abs() >= 0.5)
+    assert torch.allclose(out, trimmed * (4.85 / 3.8))
+    assert out.abs().sum().item() == pytest.approx(4.85)
+    big = {k: torch.randn(40, 30, generator=torch.Generator().manual_seed(i)) for i, k in enumerate("ab")}
+    p = TiesParams(weight={"a": 0.7, "b": 0.4}, density={"a": 0.3, "b": 0.6}, rescale=True)
+    base = torch.zeros(40, 30)
+    whole = Ties.merge(big, base, p, INFO)
+    assert torch.allclose(_blocks(Ties, big, base, p, INFO, rows=7), whole, atol=1e-6)  # prepare, then blocks
 
 
 # --- SCE --------------------------------------------------------------------------------------------

@@ -24,6 +24,9 @@ PARITY = {
     "breadcrumbs_ties_default": {"method": "breadcrumbs_ties",
                                  "models": [("a", {"weight": 1.0, "density": 0.5}), ("b", {"weight": 0.3, "density": 0.5})],
                                  "parameters": {}},
+    "ties_rescale": {"method": "ties", "models": [("a", {"weight": 0.7, "density": 0.3}),
+                                                  ("b", {"weight": 0.5, "density": 0.6})],
+                     "parameters": {"rescale": True, "lambda": 0.8}},
     "sce": {"models": [("a", {}), ("b", {}), ("sparse", {})], "parameters": {"select_topk": 0.3}},
     "sce_all": {"method": "sce", "models": [("a", {}), ("b", {})], "parameters": {}},
     "ram": {"models": [("a", {}), ("sparse", {})], "parameters": {}},
@@ -122,6 +125,38 @@ def test_della_seeded_blockwise_and_distributed_as_mergekit(tmp_path: Path, ckpt
             assert float((out[n] - base[n]).abs().sum()) == pytest.approx(tau_l1, rel=1e-4), n
     size = [sum(float((out[n] - base[n]).abs().sum()) for n in base) for out in results["two"]]
     assert size[0] == pytest.approx(size[1], rel=0.05)
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_dare_rescale_seeded_blockwise_and_l1_as_mergekit(tmp_path: Path, ckpt, models, monkeypatch,
+                                                          method: str) -> None:
+    """DARE with mergekit's default ``rescale: true`` (L1 rule): the same bytes merged whole or in row blocks
+    (the scan redraws the merge's masks), and, as mergekit's, one model's delta keeps ||tau||_1 in every
+    tensor on about a ``density`` fraction of the entries, each kept entry scaled by one number per tensor."""
+    from mllm.merge import engine
+
+    base, a = ckpt.state_of(models["base"]), ckpt.state_of(models["a"])
+    one = _config(models, method, [("a", {"weight": 1.0, "density": 0.4})], {})
+    two = _config(models, method, [("a", {"weight": 0.7, "density": 0.4}), ("b", {"weight": 0.5, "density": 0.6})],
+                  {"lambda": 1.2})
+    outs = [ckpt.state_of(run_merge(ckpt.write_yaml(tmp_path / "one.yaml", one), tmp_path / "one_ours")),
+            ckpt.state_of(_mergekit(one, tmp_path / "one_mk"))]
+    path = ckpt.write_yaml(tmp_path / "two.yaml", two)
+    whole = ckpt.state_of(run_merge(path, tmp_path / "two_whole"))
+    with monkeypatch.context() as m:
+        m.setattr(engine, "BLOCK_ELEMS", 100)
+        blocked = ckpt.state_of(run_merge(path, tmp_path / "two_blocked"))
+    assert all(torch.equal(blocked[n], whole[n]) for n in base)
+    for out in outs:  # ours, mergekit
+        kept = 0
+        for n in base:
+            tau, delta = a[n] - base[n], out[n] - base[n]
+            assert float(delta.abs().sum()) == pytest.approx(float(tau.abs().sum()), rel=1e-4), n
+            nz = delta != 0
+            scale = delta[nz] / tau[nz]
+            assert float(scale.max() - scale.min()) < 1e-3 * float(scale.mean()), n
+            kept += int(nz.sum())
+        assert abs(kept / sum(t.numel() for t in base.values()) - 0.4) < 0.02
 
 
 @pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
