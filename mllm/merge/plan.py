@@ -363,8 +363,10 @@ def load_plan(path: str | Path) -> MergePlan:
             raise MergeError(f"{src}: models: {next(i for i in ids if ids.count(i) > 1)!r} is listed twice")
         if method.base == "required" and base is None:
             raise MergeError(f"{src}: base_model: required by merge_method {name}")
-        if base is not None and method.base != "ignored":  # mergekit: the base is no delta, nor listed twice
-            models = [m for m in models if not _same(m, base)]
+        if base is not None and method.base in ("required", "optional"):  # mergekit: the base is no delta,
+            models = [m for m in models if not _same(m, base)]  # nor listed twice
+        elif base is not None and method.base == "input" and not any(_same(m, base) for m in models):
+            models.append(base)  # one more input; its values come from the top-level parameters
         _count(method, name, len(models), f"{src}: models")
     else:
         raw = data["slices"]

@@ -117,8 +117,10 @@ class MergeMethod:
     config_cls: ClassVar[type]
     # none: base_model is refused; optional: the base is used when the YAML names one (and is then no
     # merged model, even when also listed under models, as in mergekit); ignored: base_model is accepted
-    # and only lends its config and tokenizer (mergekit's passthrough)
-    base: ClassVar[Literal["required", "optional", "none", "ignored"]] = "required"
+    # and only lends its config and tokenizer (mergekit's passthrough); input: as ignored, but in the
+    # models: form a base not listed there joins the merged models, last, with no parameters of its own
+    # (mergekit's normalize_config adds it as one more input of a method without a base role: linear)
+    base: ClassVar[Literal["required", "optional", "none", "ignored", "input"]] = "required"
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
     # Which model supplies output names, unmerged tensors, config and tokenizer when the YAML sets no

@@ -3,7 +3,11 @@
     theta = sum_i w_i theta_i / sum_i w_i          (normalize: true, the default)
     theta = sum_i w_i theta_i                      (normalize: false)
 
-No base model: the average is over the listed models only. Computed in fp32.
+``base_model`` does what it does in mergekit, which gives linear no base role: in the ``models:`` form a
+base not listed under ``models`` is one more model of the average, the last, with no parameters of its
+own (its weight comes from the top-level ``parameters``; without one the merge is refused, as mergekit
+refuses it); listed under ``models`` it is just that model. With ``slices:`` it only lends the output its
+config and tokenizer. Computed in fp32.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ class LinearParams:
 
 class Linear(MergeMethod):
     config_cls = LinearParams
-    base = "none"
+    base = "input"  # a base_model joins the averaged models (mergekit)
 
     @classmethod
     def merge(cls, tensors: dict[str, torch.Tensor], base: torch.Tensor | None, params: LinearParams,

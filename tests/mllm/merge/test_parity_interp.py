@@ -37,6 +37,10 @@ PARITY = {  # "method" or "method:variant"
     "nearswap": ([("base", {}), ("a", {})], True, {"t": 0.03}),
     "nearswap:filtered_t": ([("a", {})], True, {"t": [{"filter": "mlp", "value": 0.1}, {"value": 0.01}]}),
     "arcee_fusion": ([("base", {}), ("a", {})], True, {}),
+    # linear has no base role in mergekit: a base_model not listed joins the models, weighted by the top level
+    "linear:base_joins": ([("a", {"weight": 0.7}), ("b", {"weight": 0.5})], True, {"weight": 0.3}),
+    "linear:base_joins_unnormalized": ([("a", {"weight": 0.7}), ("b", {})], True, {"weight": 0.2, "normalize": False}),
+    "linear:base_listed": ([("base", {"weight": 2.0}), ("a", {"weight": 1.0})], True, {"weight": 5.0}),
     # layer gradients (mergekit interpolates the list over the decoder layers), as in mergekit's slerp example
     "slerp:gradient_t": ([("base", {}), ("a", {})], True, {"t": SLERP_GRADIENT_T}),
     "nuslerp:gradient_weight": ([("a", {"weight": [0.2, 0.9]}), ("b", {"weight": 0.5})], True, {}),
@@ -84,6 +88,17 @@ def test_interpolation_methods_equal_mergekit(tmp_path: Path, ckpt, llamas, case
     assert errors[worst] <= MAX_REL_ERR, (worst, errors[worst])
     inputs = [ckpt.state_of(llamas[k]) for k in ("base", "a")]
     assert all(any(not torch.equal(ours[n], x[n]) for n in ours) for x in inputs)  # neither input copied
+
+
+def test_linear_base_model_without_a_weight_is_refused_as_by_mergekit(tmp_path: Path, ckpt, llamas) -> None:
+    """The base joins linear's models with the top-level values only: with no top-level weight both refuse."""
+    from mllm.merge import MergeError
+
+    cfg = _config(llamas, "linear", [("a", {"weight": 0.7}), ("b", {"weight": 0.5})], True, {})
+    with pytest.raises(MergeError, match=f"parameter 'weight' is required for model '{llamas['base']}'"):
+        run_merge(ckpt.write_yaml(tmp_path / "m.yaml", cfg), tmp_path / "ours")
+    with pytest.raises(RuntimeError, match="Missing required parameter weight"):
+        _mergekit(cfg, tmp_path / "mk")
 
 
 @pytest.mark.parametrize("case", sorted(PARITY))

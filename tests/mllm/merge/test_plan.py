@@ -89,7 +89,7 @@ def test_model_level_errors(tmp_path: Path, ckpt, llamas) -> None:
         load_plan(path)
     path = ckpt.write_yaml(tmp_path / "l.yaml", {"merge_method": "linear", "base_model": str(llamas["base"]),
                                                   "models": [{"model": str(llamas["a"]), "parameters": {"weight": 1.0}}]})
-    with pytest.raises(MergeError, match="base_model: linear takes no base model"):
+    with pytest.raises(MergeError, match="parameter 'weight' is required for model"):  # the base joins the models
         load_plan(path)
     path = ckpt.write_yaml(tmp_path / "n.yaml", {"merge_method": "frank", "base_model": str(llamas["base"]),
                                                   "models": [{"model": str(llamas["a"])}]})
