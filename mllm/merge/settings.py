@@ -2,7 +2,11 @@
 
 Every merge parameter, at the top level, in a slice or under one model, may be
 
-* a scalar (checked against the parameter's type by :func:`mllm.schema.check_value`);
+* a scalar (checked against the parameter's type by :func:`mllm.schema.check_value`). A quoted string
+  given for a number or a boolean is read as mergekit reads it -- pydantic's lax mode, mergekit's
+  ``ParameterSpec.validate`` -- and accepted exactly when that accepts it (:func:`from_string`): a float
+  from Python's float syntax in ASCII ("0.5", "1e-3", "inf", "1_000"), an integer from digits with an
+  optional all-zero fraction ("3", "3.0"), a boolean from true/false, yes/no, on/off, t/f, y/n, 1/0;
 * a **layer gradient**: a list of scalars interpolated over the decoder layers of the slice. With
   ``t = i / (n - 1)`` for the slice's i-th of n layers (``t = 1`` when the slice has one layer; tensors
   outside the layers take ``t = 0``) and ``k`` values ``v``, the position ``s = t (k - 1)`` picks
@@ -17,6 +21,8 @@ Every merge parameter, at the top level, in a slice or under one model, may be
 
 from __future__ import annotations
 
+import re
+import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,10 +43,36 @@ class Conditional:
     entries: tuple[tuple[str | None, Any], ...]
 
 
+_INT = re.compile(r"[+-]?[0-9]+(?:_[0-9]+)*(?:\.0+)?")  # pydantic's int from str: no exponent, zero fraction
+_BOOL = {"true": True, "yes": True, "on": True, "t": True, "y": True, "1": True,
+         "false": False, "no": False, "off": False, "f": False, "n": False, "0": False}
+
+
+def from_string(tp: Any, text: str) -> Any:
+    """``text`` as a value of scalar type ``tp`` (float, int or bool) the way pydantic's lax mode reads a
+    string, which is how mergekit validates its parameters; None where pydantic refuses it."""
+    stripped = text.strip()
+    if tp is float and stripped.isascii():
+        try:
+            return float(stripped)
+        except ValueError:
+            return None
+    if tp is int and _INT.fullmatch(stripped):
+        return int(stripped.partition(".")[0])
+    if tp is bool:
+        return _BOOL.get(text.lower())
+    return None
+
+
 def _scalar(tp: Any, value: Any, where: str) -> Any:
     try:
         return check_value(tp, value, where)
     except ConfigError as err:
+        if isinstance(value, str):  # a quoted number or boolean: accepted iff mergekit accepts it
+            union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+            for member in typing.get_args(tp) if union else (tp,):
+                if (parsed := from_string(member, value)) is not None:
+                    return parsed
         raise MergeError(str(err)) from err
 
 

@@ -169,12 +169,9 @@ def _ties_slices(llamas, **edit) -> dict:
     ({"models": [{"model": "a"}]}, "models / slices: give exactly one of them (models: whole models; slices: "
                                    "layer ranges)"),
     ({"merge_mthod": "ties"}, None),
-    ({"tokenizer_source": "union"},
-     "tokenizer_source: 'union' (one vocabulary built from every model's) is not supported yet; use 'base' or a model"),
-    ({"tokenizer": {"pad_to_multiple_of": 64}},
-     "tokenizer.source: 'union' (one vocabulary built from every model's) is not supported yet; use 'base' or a model"),
-    ({"tokenizer": {"source": "base", "tokens": {"<x>": {"source": "base"}}}},
-     "tokenizer.tokens: per-token embedding sources are not supported yet"),
+    ({"tokenizer": {"pad_to_multiple_of": 0}}, "tokenizer.pad_to_multiple_of: expected an integer >= 1, got 0"),
+    ({"tokenizer": {"source": "base", "tokens": {"<x>": {"force": "yes"}}}},
+     "tokenizer.tokens.<x>.force: expected true or false, got 'yes'"),
     ({"tokenizer": {"source": "base", "extra": 1}},
      "tokenizer.extra: unknown key (expected source, tokens, pad_to_multiple_of)"),
     ({"chat_template": "{{x}}"}, "chat_template: '{{x}}' is not a Jinja template"),
@@ -284,3 +281,49 @@ def test_passthrough_of_a_model_with_per_layer_types_loads(tmp_path: Path, ckpt)
     model = AutoModelForCausalLM.from_pretrained(out)
     src = ckpt.state_of(tmp_path / "qwen")
     assert torch.equal(model.state_dict()["model.layers.5.self_attn.q_proj.bias"], src["model.layers.2.self_attn.q_proj.bias"])
+
+
+QUOTED = ["0.5", " 0.5 ", "\t1e-3\n", "1E3", "3", "3.0", "3.00", "-2", "+2", ".5", "5.", "1_000", "1_0.5", "inf",
+          "-Infinity", "nan", "1e400", "007", "0x10", "1,5", "", "  ", "abc", "1__0", "_1", "1e", "0.5\x00", "\u0661",
+          "\xa00.5", "true", "True", "YES", "on", "t", "n", "off", "0", "1", " true", "tru", "1.0", "3.5", "1e2"]
+
+
+@pytest.mark.parametrize("tp", [float, int, bool])
+def test_quoted_values_are_read_exactly_as_mergekit_reads_them(tp: type) -> None:
+    """A quoted string for a number (or a boolean) is accepted iff mergekit's pydantic validation accepts it,
+    and gives the same value."""
+    from mergekit.merge_methods.base import ParameterScope, ParameterSpec
+    from pydantic import ValidationError
+
+    from mllm.merge.settings import parse_setting
+
+    spec = ParameterSpec("x", tp, ParameterScope.SHARED)
+    for text in QUOTED:
+        try:
+            want = spec.validate(text)
+        except ValidationError:
+            with pytest.raises(MergeError, match="m.yaml: parameters.x: expected"):
+                parse_setting(tp, text, "m.yaml: parameters.x")
+            continue
+        got = parse_setting(tp, text, "m.yaml: parameters.x")
+        assert type(got) is type(want) and (got == want or (got != got and want != want)), (text, got, want)
+
+
+def test_quoted_numbers_in_a_ties_yaml_merge_as_mergekit_merges_them(tmp_path: Path, ckpt, llamas) -> None:
+    """The same YAML with quoted numbers (scalars, a gradient, a filter value, a boolean) merges as mergekit
+    merges it; a string mergekit refuses is refused in one line naming the key."""
+    cfg = {"merge_method": "ties", "base_model": str(llamas["base"]), "dtype": "float32",
+           "models": [{"model": str(llamas["a"]), "parameters": {"weight": "0.7", "density": ["0.3", "0.8"]}},
+                      {"model": str(llamas["b"]), "parameters": {"weight": [{"filter": "mlp", "value": "5e-1"},
+                                                                            {"value": "0.4"}], "density": "0.6"}}],
+           "parameters": {"lambda": " 1.5 ", "normalize": "false", "rescale": "yes"}}
+    path = ckpt.write_yaml(tmp_path / "m.yaml", cfg)
+    params = load_plan(path).params_for("model.layers.0.mlp.up_proj.weight", 1.0)
+    assert params.lambda_ == 1.5 and params.normalize is False and params.rescale is True
+    assert params.weight == {str(llamas["a"]): 0.7, str(llamas["b"]): 0.5} and params.density[str(llamas["a"])] == 0.8
+    _assert_parity(ckpt, run_merge(path, tmp_path / "ours"), _mergekit(cfg, tmp_path / "mk"))
+    cfg["parameters"]["lambda"] = "1.5x"
+    with pytest.raises(MergeError, match=r"m.yaml: parameters.lambda: expected a number, got '1.5x'"):
+        load_plan(ckpt.write_yaml(tmp_path / "m.yaml", cfg))
+    with pytest.raises(ValueError, match="unable to parse string as a number"):
+        _mergekit(cfg, tmp_path / "mk_bad")
