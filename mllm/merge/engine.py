@@ -14,7 +14,8 @@ Steps of :func:`run_merge`:
    one block of about BLOCK_ELEMS elements (rows along dim 0) at a time: merge in fp32, refuse a
    non-finite result, cast to the output dtype and stream it into the current shard.
 5. Side files (config.json with the output dtype and, with slices, the output's layer count; generation
-   config; tokenizer from the reference or ``tokenizer_source``, with ``chat_template`` set), a README
+   config; tokenizer from the reference or ``tokenizer_source`` -- with ``tokenizer_source`` / ``tokenizer:``
+   the vocabulary :mod:`mllm.merge.vocab` built, and its ``vocab_size`` --, with ``chat_template`` set), a README
    card holding the recipe, ``mllm_merge.yaml``, and the method's artefacts are written; the temp folder
    is renamed to ``out_dir`` only now.
 
@@ -31,7 +32,9 @@ first: every output shape is known in advance), so no shard is buffered -- all b
 ``n_models x largest tensor + one shard``. Inputs are read with plain reads, never memory-mapped (a
 mapped file's touched pages count in the RSS); allocations from 16 MiB up (whole tensors) go back to
 the OS when freed, smaller whole tensors are trimmed after ``prepare``, and up to 64 MiB of freed
-blocks stay in the heap for reuse (``tune_malloc``), so the RSS tracks the tensors in use. Measured:
+blocks stay in the heap for reuse (``tune_malloc``), so the RSS tracks the tensors in use. With a tokenizer merge
+whose vocabularies differ, the embedding / lm_head matrices are aligned whole before they are merged
+(:mod:`mllm.merge.vocab`: ``n_inputs x (V_in + V_out) x hidden`` fp32 numbers at most, while one is built). Measured:
 benchmarks/bench_merge.py and tests/mllm/merge/test_memory.py.
 """
 
@@ -65,6 +68,7 @@ from mllm.merge.tensors import (
     set_config_dtype,
 )
 from mllm.merge.tokenizer import set_chat_template
+from mllm.merge.vocab import build_vocab
 
 log = logging.getLogger(__name__)
 RECIPE_FILE = "mllm_merge.yaml"
@@ -123,8 +127,18 @@ def row_blocks(shape: tuple[int, ...]) -> list[tuple[int, int] | None]:
     return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
 
 
+def _aligned(job: TensorJob, readers: Mapping[str, ModelReader]) -> Mapping[str, ModelReader]:
+    """The readers of ``job``'s inputs: for an embedding / lm_head matrix aligned to the output vocabulary,
+    readers of the aligned copies (built at the first read, dropped by ``job.vocab.release()``)."""
+    if job.vocab is None:
+        return readers
+    sources = dict(job.sources) if job.params is not None else dict([job.copy_from] if job.copy_from else [])
+    return job.vocab.readers(job.spec.name, sources, job.vocab_base, readers)
+
+
 def _inputs(plan: MergePlan, job: TensorJob, readers: Mapping[str, ModelReader], rows: tuple[int, int] | None
             ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    readers = _aligned(job, readers)
     tensors = {mid: readers[mid].get(job.sources[mid], rows) for mid in job.models}
     base = readers[job.base].get(job.sources[job.base], rows) if job.base is not None else None
     return tensors, base
@@ -145,6 +159,7 @@ def read_fp32(reader: ModelReader, name: str) -> torch.Tensor:
 
 def _prepare_whole(plan: MergePlan, job: TensorJob, readers: Mapping[str, ModelReader]) -> dict[str, Any]:
     """``prepare`` on each model's whole tensor (a float32 copy it may overwrite), one model at a time."""
+    readers = _aligned(job, readers)
     base = readers[job.base].get(job.sources[job.base]) if job.base is not None else None
     prepared: dict[str, Any] = {}
     for mid in job.models:
@@ -191,6 +206,8 @@ def statistics_pass(plan: MergePlan, jobs: list[TensorJob], readers: Mapping[str
                 info = _block_info(job, rows, prepared=prepared[job.spec.name])
                 for key, value in plan.method.collect(tensors, base, job.params, info).items():
                     sums[job.info.group][key] += value
+            if job.vocab is not None:
+                job.vocab.release()
     stats = plan.method.finalize(sums, shared_params(plan), jobs[0].info.num_layers if jobs else 0)
     return stats, prepared
 
@@ -201,6 +218,7 @@ def output_blocks(plan: MergePlan, job: TensorJob, readers: Mapping[str, ModelRe
     if job.params is None:
         assert job.copy_from is not None
         mid, name = job.copy_from
+        readers = _aligned(job, readers)
         for rows in row_blocks(job.spec.shape):
             yield readers[mid].get(name, rows).to(job.spec.dtype)
         return
@@ -268,7 +286,8 @@ def run_merge(config_path: str | Path, out_dir: str | Path, *, overwrite: bool =
     """
     if dry_run:
         plan = load_plan(config_path)
-        print(describe(plan, plan_tensors(plan, open_readers(plan))), flush=True)
+        readers = open_readers(plan)
+        print(describe(plan, plan_tensors(plan, readers, build_vocab(plan, readers))), flush=True)
         return Path(out_dir)
     tune_malloc()
     try:
@@ -281,7 +300,8 @@ def run_merge(config_path: str | Path, out_dir: str | Path, *, overwrite: bool =
 def _run(plan: MergePlan, out: Path, overwrite: bool, progress: bool) -> Path:
     ensure_output_free(out, overwrite)
     readers = open_readers(plan)
-    jobs = plan_tensors(plan, readers)
+    vocab = build_vocab(plan, readers)
+    jobs = plan_tensors(plan, readers, vocab)
     merged = sum(j.params is not None for j in jobs)
     log.info("%s: %d tensors, %d merged, %d copied from %s", plan.method_name, len(jobs), merged,
              len(jobs) - merged, plan.reference.id)
@@ -293,8 +313,12 @@ def _run(plan: MergePlan, out: Path, overwrite: bool, progress: bool) -> Path:
                 for job in todo:
                     blocks = output_blocks(plan, job, readers, stats, prepared.pop(job.spec.name, None))
                     writer.write(job.spec.name, blocks)
+                    if job.vocab is not None:
+                        job.vocab.release()
             shards = writer.close()
         copy_side_files(plan.reference.path, tmp, plan.tokenizer_source)
+        if vocab is not None:
+            vocab.write(tmp)
         if plan.out_dtype is not None:
             set_config_dtype(tmp, plan.out_dtype)
         if plan.slices is not None:

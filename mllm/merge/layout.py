@@ -27,6 +27,7 @@ from typing import Any
 from mllm.merge.methods.base import TensorInfo, tensor_seed
 from mllm.merge.plan import MergePlan, OutputSlice, SliceSource
 from mllm.merge.tensors import MergeError, ModelReader, TensorSpec, tokenizer_files
+from mllm.merge.vocab import VOCAB_TENSOR, Vocab
 
 PRE_LAYER = re.compile(r"embed(?!_out)|(^|\.)(wte|wpe)\.|rotary|relative_pe")
 
@@ -41,6 +42,8 @@ class TensorJob:
     base: str | None = None  # base model id
     copy_from: tuple[str, str] | None = None  # (model id, tensor name) of a copied tensor
     t: float = 0.0  # layer position of gradients
+    vocab: Vocab | None = None  # an embedding / lm_head matrix whose rows are aligned to the output vocabulary
+    vocab_base: str | None = None  # the model whose row a token takes when several (not all) have it
 
 
 def _text_config(cfg: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -76,14 +79,16 @@ def _t(index: int | None, n: int) -> float:
     return index / (n - 1) if n > 1 else 1.0
 
 
-def plan_tensors(plan: MergePlan, readers: Mapping[str, ModelReader]) -> list[TensorJob]:
-    """One job per output tensor; raises MergeError at the first incompatibility."""
+def plan_tensors(plan: MergePlan, readers: Mapping[str, ModelReader], vocab: Vocab | None = None) -> list[TensorJob]:
+    """One job per output tensor; raises MergeError at the first incompatibility. With ``vocab`` (the
+    output vocabulary, :func:`mllm.merge.vocab.build_vocab`) the embedding / lm_head jobs take the output
+    vocabulary's row count and read their inputs aligned to it."""
     ref = readers[plan.reference.id]
     if plan.tokenizer_source is not None:
         if not plan.tokenizer_source.is_dir():
             raise MergeError(f"{plan.source}: tokenizer_source: folder {plan.tokenizer_source} not found")
         tokenizer_files(plan.tokenizer_source)
-    if plan.chat_template is not None:
+    if plan.chat_template is not None and plan.tokenizer is None:
         tok_dir = plan.tokenizer_source or plan.reference.path
         if not (tok_dir / "tokenizer_config.json").is_file():
             raise MergeError(f"{plan.source}: chat_template: {tok_dir} has no tokenizer_config.json to set it in")
@@ -95,7 +100,25 @@ def plan_tensors(plan: MergePlan, readers: Mapping[str, ModelReader]) -> list[Te
                 f"{m.path / 'config.json'}: model_type {fam!r} differs from {ref_family!r} of "
                 f"{plan.reference.path / 'config.json'} (models must be of one architecture family)"
             )
-    return _whole_model_jobs(plan, readers) if plan.slices is None else _slice_jobs(plan, readers)
+    jobs = _whole_model_jobs(plan, readers) if plan.slices is None else _slice_jobs(plan, readers)
+    return jobs if vocab is None else [_vocab_job(plan, readers, j, vocab) for j in jobs]
+
+
+def _vocab_job(plan: MergePlan, readers: Mapping[str, ModelReader], job: TensorJob, vocab: Vocab) -> TensorJob:
+    """An embedding / lm_head job with its inputs aligned to the output vocabulary (a copied one: the
+    copied model's rows alone); unchanged when aligning moves no row. The ``tokens:`` sources it uses are
+    checked here, before any tensor is read."""
+    if not VOCAB_TENSOR.search(plan.canonical(job.spec.name)) or not job.spec.shape:
+        return job
+    sources = dict(job.sources) if job.params is not None else dict([job.copy_from] if job.copy_from else [])
+    base = job.base or (plan.base.id if plan.base is not None and plan.base.id in sources else None)
+    mids = tuple(sources)
+    if not vocab.changes(mids):
+        return job
+    vocab.rule(mids, base, {m: readers[m].shape(sources[m]) for m in mids})
+    shape = (vocab.size, *job.spec.shape[1:])
+    return dataclasses.replace(job, spec=dataclasses.replace(job.spec, shape=shape),
+                               info=dataclasses.replace(job.info, shape=shape), vocab=vocab, vocab_base=base)
 
 
 def _whole_model_jobs(plan: MergePlan, readers: Mapping[str, ModelReader]) -> list[TensorJob]:
@@ -192,7 +215,8 @@ def _check_input(plan: MergePlan, readers: Mapping[str, ModelReader], mid: str, 
             f"{reader.path}: tensor {name!r}{also} to merge is missing (model {mid!r}); "
             f"exclude it, or map names with name_map"
         )
-    if reader.shape(found) != shape:
+    aligned = plan.tokenizer is not None and VOCAB_TENSOR.search(canonical)  # rows follow the output vocabulary
+    if (reader.shape(found)[1:] != shape[1:]) if aligned else (reader.shape(found) != shape):
         msg = (f"{reader.file_of(found)}: tensor {found!r} has shape {list(reader.shape(found))}, "
                f"the reference {plan.reference.path} has {list(shape)}")
         v_ref = _text_config(readers[plan.reference.id].config).get("vocab_size")

@@ -17,7 +17,7 @@ Accepted keys (mergekit's names and meaning where mergekit has them)::
       density: [0.3, 0.5, 0.9]          # a layer gradient, interpolated over each slice's layers
     dtype: bfloat16                     # output dtype (deltas are always computed in fp32)
     out_dtype: bfloat16                 # overrides dtype for the output, as in mergekit
-    tokenizer_source: base              # 'base' or a model ('union' is refused); or tokenizer: {source: ...}
+    tokenizer_source: union             # 'base', 'union' or a model; or tokenizer: {source, tokens, pad_to_multiple_of}
     chat_template: chatml               # set in the output's tokenizer_config.json ('auto', a name, Jinja)
     # mllm extensions
     reference_model: /models/mllm       # output names, config, unmerged tensors (default per method)

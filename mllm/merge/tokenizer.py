@@ -2,10 +2,12 @@
 
 * ``tokenizer_source: base | union | MODEL`` or ``tokenizer: {source, tokens, pad_to_multiple_of}``
   (mergekit's ``TokenizerConfig``, whose ``source`` defaults to ``union``) are parsed into a
-  :class:`TokenizerSpec` stored in the plan. ``base`` and a model copy that folder's tokenizer files;
-  a vocabulary built from several models (``union``), per-token embedding sources (``tokens``) and
-  vocabulary padding change the embedding matrices and are refused, one line naming the key, until
-  implemented.
+  :class:`TokenizerSpec` stored in the plan; :mod:`mllm.merge.vocab` builds the output vocabulary from
+  it and aligns the embedding / lm_head rows of every model to it, as mergekit does.
+* ``tokens: {TOKEN: {source: ..., force: bool}}``: where a token's row comes from when a model lacks it
+  (or always, with ``force``) -- ``source`` is a model of the merge (that model's row of the token),
+  ``{kind: model_token, model: M, token: T}`` / ``{..., token_id: I}`` (M's row of another token), or
+  ``{kind: zero}``. A token not in the output vocabulary is added to it (mergekit's ``add_tokens``).
 * ``chat_template``: ``auto`` (the template most inputs share, as mergekit picks it), one of mergekit's
   named templates (read from an installed mergekit's package data), or a Jinja template; written into
   the output's ``tokenizer_config.json``.
@@ -29,11 +31,56 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class TokenSource:
+    """One entry of ``tokenizer.tokens`` (mergekit's ``TokenEmbeddingConfig``)."""
+
+    kind: str  # 'model' (that model's row of the token), 'model_token' (its row of another token), 'zero', 'none'
+    model: str | None = None  # the model as written in the YAML (matched to the merge's models)
+    token: str | None = None  # model_token: the donor token ...
+    token_id: int | None = None  # ... or its id in that model's own vocabulary
+    force: bool = False  # use this source even in models that have the token
+
+
+@dataclass(frozen=True)
 class TokenizerSpec:
     source: str  # 'base', 'union' or a model reference as written
-    path: Path | None  # the folder whose tokenizer files are copied
-    tokens: Mapping[str, Any] | None = None  # mergekit's per-token embedding sources (stored, not applied)
+    path: Path | None  # the folder of the source tokenizer (the base's for 'base'; None for 'union')
+    tokens: Mapping[str, TokenSource] | None = None  # per-token embedding sources, in YAML order
     pad_to_multiple_of: int | None = None
+
+
+def _token_source(tok: str, value: Any, where: str) -> TokenSource:
+    """``tokens.<tok>``: ``{source: MODEL | {kind: zero} | {kind: model_token, model, token | token_id}, force}``."""
+    at = f"{where}.{tok}"
+    if not isinstance(value, Mapping) or set(value) - {"source", "force"}:
+        extra = sorted(set(value) - {"source", "force"}) if isinstance(value, Mapping) else []
+        msg = f"{at}.{extra[0]}: unknown key" if extra else f"{at}: expected a mapping"
+        raise MergeError(f"{msg} (expected {{source: <model> | {{kind: zero}} | {{kind: model_token, model: <model>, "
+                         f"token: <token>}}, force: <bool>}})")
+    force = value.get("force", False)
+    if not isinstance(force, bool):
+        raise MergeError(f"{at}.force: expected true or false, got {force!r}")
+    src = value.get("source")
+    if src is None:
+        return TokenSource("none", force=force)
+    if isinstance(src, str) and src:
+        return TokenSource("model", model=src, force=force)
+    kind = src.get("kind") if isinstance(src, Mapping) else None
+    if kind == "zero" and set(src) == {"kind"}:
+        return TokenSource("zero", force=force)
+    if kind == "model_token" and not set(src) - {"kind", "model", "token", "token_id"}:
+        model, token, token_id = src.get("model"), src.get("token"), src.get("token_id")
+        if not isinstance(model, str) or not model:
+            raise MergeError(f"{at}.source.model: expected a model of the merge, got {model!r}")
+        if (token is None) == (token_id is None):
+            raise MergeError(f"{at}.source: give exactly one of token and token_id")
+        if token is not None and not isinstance(token, str):
+            raise MergeError(f"{at}.source.token: expected a token string, got {token!r}")
+        if token_id is not None and (isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0):
+            raise MergeError(f"{at}.source.token_id: expected a token id >= 0, got {token_id!r}")
+        return TokenSource("model_token", model=model, token=token, token_id=token_id, force=force)
+    raise MergeError(f"{at}.source: expected a model, {{kind: zero}} or {{kind: model_token, model: <model>, "
+                     f"token: <token> | token_id: <id>}}, got {src!r}")
 
 
 def parse_tokenizer(data: Mapping[str, Any], src: Path, base: Path | None) -> TokenizerSpec | None:
@@ -51,8 +98,12 @@ def parse_tokenizer(data: Mapping[str, Any], src: Path, base: Path | None) -> To
         source, tokens, pad = tok.get("source", "union"), tok.get("tokens"), tok.get("pad_to_multiple_of")
         if tokens is not None and not isinstance(tokens, Mapping):
             raise MergeError(f"{src}: tokenizer.tokens: expected a mapping {{token: {{source: ..., force: ...}}}}")
+        if tokens is not None:
+            tokens = {str(t): _token_source(str(t), v, f"{src}: tokenizer.tokens") for t, v in tokens.items()}
         if pad is not None:
-            as_type(int, pad, f"{src}: tokenizer.pad_to_multiple_of")
+            pad = as_type(int, pad, f"{src}: tokenizer.pad_to_multiple_of")
+            if pad < 1:
+                raise MergeError(f"{src}: tokenizer.pad_to_multiple_of: expected an integer >= 1, got {pad}")
     else:
         source, key = data.get("tokenizer_source"), "tokenizer_source"
         if source is None:
@@ -60,12 +111,7 @@ def parse_tokenizer(data: Mapping[str, Any], src: Path, base: Path | None) -> To
     if not isinstance(source, str) or not source:
         raise MergeError(f"{src}: {key}: expected 'base', 'union' or a model, got {source!r}")
     if source == "union":
-        raise MergeError(f"{src}: {key}: 'union' (one vocabulary built from every model's) is not supported yet; "
-                         f"use 'base' or a model")
-    if tokens:
-        raise MergeError(f"{src}: tokenizer.tokens: per-token embedding sources are not supported yet")
-    if pad:
-        raise MergeError(f"{src}: tokenizer.pad_to_multiple_of: padding the vocabulary is not supported yet")
+        return TokenizerSpec("union", None, tokens, pad)
     if source == "base":
         if base is None:
             raise MergeError(f"{src}: {key}: 'base' needs base_model")
