@@ -40,7 +40,8 @@ def _save_tokenizer(folder: Path, words: list[str], added: list[str] = ()) -> in
 @pytest.fixture(scope="module")
 def vocab_llamas(tmp_path_factory: pytest.TempPathFactory, ckpt) -> dict[str, Path]:
     """base (specials + w0..w19), a (base's + x1, x2 and an added <|im|>), b (w5..w19 reordered, w0..w4
-    missing, x1 and y1 added) -- random weights each, vocab_size = its tokenizer's size."""
+    missing, x1 and y1 added) -- random weights each, vocab_size = its tokenizer's size (b: 3 more, unused
+    embedding rows, as models padded to a round vocab_size have)."""
     root = tmp_path_factory.mktemp("vocab_llamas")
     spec = {"base": (WORDS, []), "a": ([*WORDS, "x1", "x2"], ["<|im|>"]),
             "b": ([*reversed(WORDS[5:]), "y1", "x1"], [])}
@@ -48,7 +49,7 @@ def vocab_llamas(tmp_path_factory: pytest.TempPathFactory, ckpt) -> dict[str, Pa
     for i, (key, (words, added)) in enumerate(spec.items()):
         folder = root / key
         n = len(SPECIAL) + len(words) + len(added)
-        ckpt.save_llama(folder, vocab=n, seed=10 + i)
+        ckpt.save_llama(folder, vocab=n + 3 * (key == "b"), seed=10 + i)
         assert _save_tokenizer(folder, words, added) == n
         out[key] = folder
     return out
@@ -142,6 +143,27 @@ def test_vocabulary_and_rows_equal_mergekit(tmp_path: Path, ckpt, vocab_llamas, 
     _assert_same_merge(ckpt, ours, theirs, vocab_llamas["base"], exact_ids=not case.startswith("union"))
 
 
+@pytest.mark.parametrize(("source", "method", "pad"), [("union", "ties", None), ("{b}", "ties", None),
+                                                      ("union", "task_arithmetic", 16)])
+def test_slices_with_a_tokenizer_equal_mergekit(tmp_path: Path, ckpt, vocab_llamas, source: str, method: str,
+                                                pad: int | None) -> None:
+    """The slices form (two slices): embed_tokens from the first slice's sources, lm_head from the last's.
+    Padding is left out under TIES: the padding rows of a model are equal, so their deltas tie in magnitude
+    at the trimming threshold, and which of equal entries survive is the trimming's tie-break, not the
+    vocabulary's."""
+    def src(key: str, lr: list[int], **params) -> dict:
+        return {"model": str(vocab_llamas[key]), "layer_range": lr, **({"parameters": params} if params else {})}
+
+    cfg = {"merge_method": method, "dtype": "float32", "base_model": str(vocab_llamas["base"]),
+           "parameters": {"weight": 0.5, **({"density": 0.6} if method == "ties" else {})},
+           "slices": [{"sources": [src("base", [0, 2]), src("a", [0, 2]), src("b", [0, 2])]},
+                      {"sources": [src("base", [2, 4]), src("b", [1, 3]), src("a", [2, 4])]}],
+           "tokenizer": {"source": _fill(source, vocab_llamas), "pad_to_multiple_of": pad,
+                         "tokens": {"<|im|>": {"source": {"kind": "zero"}}}}}
+    ours = run_merge(ckpt.write_yaml(tmp_path / "m.yaml", cfg), tmp_path / "ours")
+    _assert_same_merge(ckpt, ours, _mergekit(cfg, tmp_path / "mk"), vocab_llamas["base"], exact_ids=source != "union")
+
+
 def test_new_token_with_base_source_follows_the_closed_form(tmp_path: Path, ckpt, vocab_llamas) -> None:
     """``source: base`` plus a ``tokens:`` key the base lacks: mergekit 0.1.x fails here (it adds the token
     to the base's own tokenizer, then looks up a permutation entry it never made: KeyError), so the rows
@@ -226,7 +248,7 @@ def _token_error(tmp_path: Path, ckpt, vocab_llamas, entry: dict) -> str:
     ({"source": {"kind": "model_token", "model": "{b}", "token": "x2"}},
      "tokenizer.tokens.x1.source.token: 'x2' is not in the tokenizer of model '{b}'"),
     ({"source": {"kind": "model_token", "model": "{b}", "token_id": 99}},
-     "tokenizer.tokens.x1.source: token id 99 is out of range for model '{b}' (20 rows)"),
+     "tokenizer.tokens.x1.source: token id 99 is out of range for model '{b}' (23 rows)"),
 ])
 def test_bad_token_entries_are_one_line(tmp_path: Path, ckpt, vocab_llamas, entry: dict, message: str) -> None:
     assert _token_error(tmp_path, ckpt, vocab_llamas, _fill(entry, vocab_llamas)) == _fill(message, vocab_llamas)
