@@ -1,11 +1,12 @@
 """Our streaming merge vs ``mergekit-yaml`` on the same YAML and the same ~1 GB random Llama models.
 
-    python benchmarks/bench_merge.py [--methods ties,linear,task_arithmetic,dare_ties]
+    python benchmarks/bench_merge.py [--methods ties,linear,task_arithmetic,dare_ties,slerp,passthrough]
                                      [--hidden 1536] [--layers 16] [--workdir DIR]
 
 Builds (or reuses, in --workdir) a bf16 base model and two fine-tunes (base + small noise), writes one
 mergekit-style YAML per method (``--method`` and ``--methods`` are one option: a comma-separated list
-of the methods both mergers have), then runs each merger in its own child process and measures wall
+of the methods both mergers have; slerp: base and a at t = 0.5; passthrough: a ``slices:`` layer stack,
+a's first three quarters of the layers then b's last three quarters), then runs each merger in its own child process and measures wall
 time and the child's peak RSS (the kernel's high-water mark, from ``os.wait4`` in a small launcher
 process, so that this script's own memory is not counted: see LAUNCHER). Prints one table row
 per method and merger, then as the last line a JSON object: for TIES (or the first method when TIES
@@ -90,7 +91,7 @@ def run_child(cmd: list[str]) -> tuple[float, float]:
     return float(wall), int(maxrss_kib) * 1024 / GIB
 
 
-METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")  # the ones mergekit also has
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp", "passthrough")  # the ones mergekit also has
 # per-model parameters; the shared ones are left to both mergers' defaults, which agree (normalize on
 # for TIES only, DARE's rescale on, lambda 1)
 MODEL_PARAMS: dict[str, dict[str, float]] = {
@@ -99,6 +100,7 @@ MODEL_PARAMS: dict[str, dict[str, float]] = {
     "ties": {"weight": 0.5, "density": 0.5},
     "dare_ties": {"weight": 0.5, "density": 0.5},
 }
+SHARED_PARAMS: dict[str, dict[str, float]] = {"slerp": {"t": 0.5}}
 
 
 def method_list(text: str) -> list[str]:
@@ -110,23 +112,32 @@ def method_list(text: str) -> list[str]:
     return names
 
 
-def write_config(root: Path, method: str, paths: dict[str, Path]) -> Path:
-    """The mergekit YAML both mergers read: experts a and b, base_model for all but linear."""
-    config: dict[str, object] = {"merge_method": method, "dtype": "bfloat16",
-                                 "models": [{"model": str(paths[k]), "parameters": MODEL_PARAMS[method]} for k in ("a", "b")]}
-    if method != "linear":
+def write_config(root: Path, method: str, paths: dict[str, Path], layers: int) -> Path:
+    """The mergekit YAML both mergers read: experts a and b, base_model for the task-vector methods; slerp
+    interpolates base and a; passthrough stacks a's layers [0, 3L/4) on b's [L/4, L)."""
+    config: dict[str, object] = {"merge_method": method, "dtype": "bfloat16"}
+    if method == "passthrough":
+        config["slices"] = [{"sources": [{"model": str(paths["a"]), "layer_range": [0, layers * 3 // 4]}]},
+                            {"sources": [{"model": str(paths["b"]), "layer_range": [layers // 4, layers]}]}]
+    elif method == "slerp":
+        config["models"] = [{"model": str(paths[k])} for k in ("base", "a")]
+    else:
+        config["models"] = [{"model": str(paths[k]), "parameters": MODEL_PARAMS[method]} for k in ("a", "b")]
+    if method not in ("linear", "passthrough"):
         config["base_model"] = str(paths["base"])
+    if method in SHARED_PARAMS:
+        config["parameters"] = SHARED_PARAMS[method]
     path = root / f"merge_{method}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
-def bench_method(root: Path, method: str, paths: dict[str, Path], repeat: int, mergekit_threads: int | None
-                 ) -> dict[str, object]:
+def bench_method(root: Path, method: str, paths: dict[str, Path], repeat: int, mergekit_threads: int | None,
+                 layers: int) -> dict[str, object]:
     """Run both mergers ``repeat`` times on one method's YAML; min wall time, max peak RSS, max |diff|."""
     from mllm.merge.tensors import ModelReader
 
-    cfg_path = write_config(root, method, paths)
+    cfg_path = write_config(root, method, paths, layers)
     outs = {k: root / f"out_{method}_{k}" for k in ("ours", "mergekit")}
     ours_cmd = [sys.executable, "-c",
                 f"from mllm.merge import run_merge; run_merge({str(cfg_path)!r}, {str(outs['ours'])!r})"]
@@ -175,7 +186,7 @@ def main() -> None:
     elems = [torch.Size(reader.shape(n)).numel() for n in reader.names()]
     model_gib, largest_gib = 2 * sum(elems) / GIB, 2 * max(elems) / GIB
 
-    results = {m: bench_method(root, m, paths, args.repeat, args.mergekit_threads) for m in args.methods}
+    results = {m: bench_method(root, m, paths, args.repeat, args.mergekit_threads, args.layers) for m in args.methods}
     print(f"{'method':16s}{'merger':10s}{'wall s (min of ' + str(args.repeat) + ')':>20s}{'peak RSS GiB':>15s}"
           f"{'max |ours - mk|':>17s}")
     for m, r in results.items():
