@@ -4,9 +4,13 @@ rows aligned to it, as mergekit 0.1.x builds them (its ``build_tokenizer`` and `
 Vocabulary (:func:`build_vocab`):
 
 * the *tokenizer base* is ``base_model``, else the first model of the merge; its tokenizer is loaded with
-  ``AutoTokenizer`` (tokens with an id >= its config's ``vocab_size`` are refused: mergekit strips them
-  from BPE tokenizers only, and that is not supported yet). A model folder without a tokenizer is
-  taken to share the base's, as mergekit assumes when one does not load.
+  ``AutoTokenizer``, and tokens with an id >= its config's ``vocab_size`` (no embedding row) are stripped
+  from it as mergekit strips them: from its vocabulary, added tokens and BPE merges (a tokenizer of
+  another kind with such tokens is refused, as mergekit refuses it). A model folder without a tokenizer
+  is taken to share the base's, as mergekit assumes when one does not load. (A stripped token that is
+  one of the tokenizer's special tokens stays listed in mergekit's saved tokenizer_config.json, so its
+  output loads with that token at an id past the embedding; here it is dropped from those lists when the
+  output vocabulary does not hold it, so the output loads with exactly the vocabulary the rows follow.)
 * ``base``: the base's tokenizer; a model: that folder's tokenizer; ``union``: the base's tokenizer plus,
   model after model (base first, then the YAML's order), every token below the model's ``vocab_size``
   that the base lacks, added with ``add_tokens`` as a plain token, then every model's added tokens with
@@ -45,6 +49,7 @@ tensor is streamed unchanged.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -84,6 +89,27 @@ def _load_tokenizer(folder: Path) -> Any:
 
 def _has_tokenizer(folder: Path) -> bool:
     return any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt"))
+
+
+def _stripped(tok: Any, size: int, folder: Path) -> Any:
+    """mergekit's ``get_stripped_tokenizer``: ``tok`` without the tokens whose id is >= ``size``."""
+    unused = {t for t, i in tok.get_vocab().items() if i >= size}
+    if not unused:
+        return tok
+    from tokenizers import Tokenizer
+
+    data = json.loads(tok._tokenizer.to_str()) if tok.is_fast else None
+    kind = data["model"]["type"] if data else "slow"
+    if kind != "BPE":
+        raise MergeError(f"{folder}: tokenizer has {len(unused)} token(s) at ids >= vocab_size {size} and is of "
+                         f"type {kind}; only BPE tokenizers can be stripped of them (as in mergekit)")
+    data["added_tokens"] = [e for e in data["added_tokens"] if e["id"] < size]
+    for t in unused:
+        data["model"]["vocab"].pop(t, None)
+    merges = data["model"]["merges"]
+    data["model"]["merges"] = [m for m in merges if not unused & set(m.split(" ") if isinstance(m, str) else m)]
+    tok._tokenizer = Tokenizer.from_str(json.dumps(data))
+    return tok
 
 
 def _union(base_tok: Any, toks: Mapping[str, Any], sizes: Mapping[str, int]) -> Any:
@@ -280,6 +306,14 @@ class Vocab:
                 (out / n).unlink()
         with tempfile.TemporaryDirectory() as tmp:
             self.tokenizer.save_pretrained(tmp)
+            for name in ("tokenizer_config.json", "special_tokens_map.json"):  # special tokens stripped away
+                cfg_path = Path(tmp) / name
+                data = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+                for key in ("extra_special_tokens", "additional_special_tokens"):
+                    if isinstance(data.get(key), list):
+                        data[key] = [t for t in data[key] if _content(t) in self.vocab]
+                if data:
+                    cfg_path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
             for f in Path(tmp).iterdir():
                 shutil.copy2(f, out / f.name)
         path = out / "config.json"
@@ -288,6 +322,10 @@ class Vocab:
             node = cfg["text_config"] if isinstance(cfg.get("text_config"), dict) else cfg
             node["vocab_size"] = self.size
             path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def _content(token: Any) -> Any:
+    return token.get("content") if isinstance(token, Mapping) else token
 
 
 class _Rows:
@@ -331,15 +369,12 @@ def build_vocab(plan: MergePlan, readers: Mapping[str, ModelReader]) -> Vocab | 
         tok = toks.get(mid, toks[base.id])
         size = _text_config(readers[mid].config).get("vocab_size")
         sizes[mid] = int(size) if isinstance(size, int) else len(tok.get_vocab())
-    base_tok = toks[base.id]
-    if any(i >= sizes[base.id] for i in base_tok.get_vocab().values()):
-        raise MergeError(f"{base.path}: tokenizer has token ids >= the config's vocab_size {sizes[base.id]}; "
-                         f"stripping them from the base's tokenizer is not supported yet")
+    base_tok = toks[base.id] = _stripped(toks[base.id], sizes[base.id], base.path)
     if spec.source == "union":
         order = [base.id, *(m for m in toks if m != base.id and m in {e.id for e in plan.inputs})]
         out = _union(base_tok, {m: toks[m] for m in order}, sizes)
     elif spec.source == "base":
-        out = _union(base_tok, {}, sizes)  # a copy, so the base's own vocabulary stays as loaded
+        out = copy.deepcopy(base_tok)  # the base's own vocabulary stays as loaded when tokens: adds to it
     else:
         assert spec.path is not None
         out = _load_tokenizer(spec.path)

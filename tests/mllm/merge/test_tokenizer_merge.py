@@ -76,8 +76,12 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _assert_same_merge(ckpt, ours: Path, theirs: Path, base: Path, exact_ids: bool) -> None:
-    """Same tensors (vocabulary rows matched by token), same vocabulary, same vocab_size in config.json."""
-    vo, vt, vb = _vocab(ours), _vocab(theirs), _vocab(base)
+    """Same tensors (vocabulary rows matched by token), same vocabulary, same vocab_size in config.json.
+    mergekit's folder may load with a stripped special token past its embedding rows (see
+    mllm.merge.vocab); its vocabulary is taken without it."""
+    size = json.loads((theirs / "config.json").read_text())["vocab_size"]
+    vo, vb = _vocab(ours), _vocab(base)
+    vt = {t: i for t, i in _vocab(theirs).items() if i < size}
     assert set(vo) == set(vt)
     if exact_ids:
         assert vo == vt
@@ -85,7 +89,6 @@ def _assert_same_merge(ckpt, ours: Path, theirs: Path, base: Path, exact_ids: bo
         assert all(vo[t] == vt[t] for t in vb if t in vt and vt[t] < len(vb))
     so, st = ckpt.state_of(ours), ckpt.state_of(theirs)
     assert sorted(so) == sorted(st)
-    size = json.loads((theirs / "config.json").read_text())["vocab_size"]
     assert json.loads((ours / "config.json").read_text())["vocab_size"] == size
     order = sorted(vt, key=vt.get)
     for name in so:
@@ -252,3 +255,58 @@ def _token_error(tmp_path: Path, ckpt, vocab_llamas, entry: dict) -> str:
 ])
 def test_bad_token_entries_are_one_line(tmp_path: Path, ckpt, vocab_llamas, entry: dict, message: str) -> None:
     assert _token_error(tmp_path, ckpt, vocab_llamas, _fill(entry, vocab_llamas)) == _fill(message, vocab_llamas)
+
+
+def _save_bpe(folder: Path, extra: list[str]) -> int:
+    """A byte-level BPE tokenizer trained locally on a few sentences, plus ``extra`` special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["the red circle is left of the blue square", "how many green triangles are there", "three plus four"]
+    tok.train_from_iterator(text * 4, trainers.BpeTrainer(vocab_size=120, special_tokens=["<s>", "</s>"],
+                                                          show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    if extra:
+        fast.add_special_tokens({"additional_special_tokens": extra})
+    fast.save_pretrained(folder)
+    return len(fast.get_vocab())
+
+
+@pytest.mark.parametrize("source", ["union", "base"])
+def test_base_tokens_without_embedding_rows_are_stripped_as_mergekit_does(tmp_path: Path, ckpt, source: str) -> None:
+    """A BPE base tokenizer with a token past its config's vocab_size (no row): mergekit strips it from the
+    base's vocabulary, added tokens and merges before building the output vocabulary; the same here. With
+    ``union`` (built from the base's tokenizer saved and loaded again) the token, one of the special tokens,
+    is back, with the zero row of a token no model has; with ``base`` it is gone from the vocabulary the
+    rows follow (mergekit's folder still lists it, past its rows; ours does not)."""
+    folders = {}
+    for i, (key, extra, unused) in enumerate((("base", ["<|pad|>"], 1), ("a", ["<|im|>"], 0))):
+        folders[key] = tmp_path / key
+        n = _save_bpe(folders[key], extra)
+        ckpt.save_llama(folders[key], vocab=n - unused, seed=20 + i)
+    cfg = {"merge_method": "task_arithmetic", "dtype": "float32", "base_model": str(folders["base"]),
+           "models": [{"model": str(folders["a"]), "parameters": {"weight": 0.6}}], "tokenizer_source": source}
+    ours = run_merge(ckpt.write_yaml(tmp_path / "m.yaml", cfg), tmp_path / "ours")
+    theirs = _mergekit(cfg, tmp_path / "mk")
+    if source == "union":  # the base's tokenizer, saved and loaded again: <|pad|> is back, with a zero row
+        assert ckpt.state_of(ours)["model.embed_tokens.weight"][_vocab(ours)["<|pad|>"]].abs().max() == 0
+    else:
+        assert "<|pad|>" not in _vocab(ours) and "<|pad|>" in _vocab(theirs)
+    _assert_same_merge(ckpt, ours, theirs, folders["base"], exact_ids=True)
+
+
+def test_non_bpe_base_with_tokens_past_vocab_size_is_refused(tmp_path: Path, ckpt, vocab_llamas) -> None:
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(vocab_llamas["base"], base)
+    ckpt.save_llama(base, vocab=20, seed=0)  # 23 tokens, 20 rows
+    cfg = _config({**vocab_llamas, "base": base}, "task_arithmetic", tokenizer_source="union")
+    path = ckpt.write_yaml(tmp_path / "m.yaml", cfg)
+    with pytest.raises(MergeError) as err:
+        run_merge(path, tmp_path / "out")
+    assert str(err.value) == (f"{base}: tokenizer has 3 token(s) at ids >= vocab_size 20 and is of type WordLevel; "
+                              f"only BPE tokenizers can be stripped of them (as in mergekit)")
