@@ -310,3 +310,12 @@ def test_non_bpe_base_with_tokens_past_vocab_size_is_refused(tmp_path: Path, ckp
         run_merge(path, tmp_path / "out")
     assert str(err.value) == (f"{base}: tokenizer has 3 token(s) at ids >= vocab_size 20 and is of type WordLevel; "
                               f"only BPE tokenizers can be stripped of them (as in mergekit)")
+
+
+def test_dry_run_shows_the_output_vocabulary_rows(tmp_path: Path, ckpt, vocab_llamas, capsys) -> None:
+    cfg = _config(vocab_llamas, "task_arithmetic", tokenizer={"source": "union", "pad_to_multiple_of": 16})
+    run_merge(ckpt.write_yaml(tmp_path / "m.yaml", cfg), tmp_path / "out", dry_run=True)
+    text = capsys.readouterr().out
+    assert "model.embed_tokens.weight [32, 16] float32 <- task_arithmetic" in text
+    assert "lm_head.weight [32, 16] float32 <- task_arithmetic" in text
+    assert not (tmp_path / "out").exists()
