@@ -18,6 +18,13 @@ def llama_config(vocab: int = 48):
                        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
 
 
+def mistral_config(vocab: int = 48):
+    from transformers import MistralConfig
+
+    return MistralConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=NUM_LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2, sliding_window=16, tie_word_embeddings=False)
+
+
 def perturbed(state: dict[str, torch.Tensor], seed: int, scale: float = 0.05) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {k: v + scale * torch.randn(v.shape, generator=g) for k, v in state.items()}
@@ -32,6 +39,17 @@ def save_llama(path: Path, state: dict[str, torch.Tensor] | None = None, vocab: 
     if state is not None:
         model.load_state_dict(state)
     model.to(dtype).save_pretrained(path, **save_kw)
+    return path
+
+
+def save_mistral(path: Path, state: dict[str, torch.Tensor] | None = None, seed: int = 0) -> Path:
+    from transformers import MistralForCausalLM
+
+    torch.manual_seed(seed)
+    model = MistralForCausalLM(mistral_config())
+    if state is not None:
+        model.load_state_dict(state)
+    model.save_pretrained(path)
     return path
 
 
@@ -58,6 +76,24 @@ def llamas(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "a": save_llama(root / "a", perturbed(state, 1)),
         "b": save_llama(root / "b", perturbed(state, 2)),
         "c": save_llama(root / "c", state),
+    }
+
+
+@pytest.fixture(scope="session")
+def mistrals(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny fp32 Mistral checkpoints (sliding_window set): base, fine-tunes a and b (base + small noise),
+    and ``sparse`` (base + noise on a random 30 % of the entries, the rest unchanged, for RAM and SCE)."""
+    root = tmp_path_factory.mktemp("mistrals")
+    base = save_mistral(root / "base", seed=0)
+    state = state_of(base)
+    g = torch.Generator().manual_seed(7)
+    sparse = {k: v + 0.05 * torch.randn(v.shape, generator=g) * (torch.rand(v.shape, generator=g) < 0.3)
+              for k, v in state.items()}
+    return {
+        "base": base,
+        "a": save_mistral(root / "a", perturbed(state, 1)),
+        "b": save_mistral(root / "b", perturbed(state, 2)),
+        "sparse": save_mistral(root / "sparse", sparse),
     }
 
 
