@@ -252,11 +252,11 @@ def test_failed_save_leaves_the_old_checkpoint(model: MLLM, tmp_path: Path, monk
 
 
 def test_load_errors_name_the_path(model: MLLM, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nope'}: checkpoint folder not found"):
+    with pytest.raises(ModelError, match=f"{tmp_path / 'nope'}: checkpoint folder not found"):
         MLLM.from_pretrained(tmp_path / "nope")
     model.save_pretrained(tmp_path / "ckpt")
     (tmp_path / "ckpt" / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'ckpt' / 'model.safetensors'}: missing"):
+    with pytest.raises(ModelError, match=f"{tmp_path / 'ckpt' / 'model.safetensors'}: missing"):
         MLLM.from_pretrained(tmp_path / "ckpt")
 
 
