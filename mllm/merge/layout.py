@@ -154,7 +154,8 @@ def _slice_jobs(plan: MergePlan, readers: Mapping[str, ModelReader]) -> list[Ten
                 raise MergeError(f"{plan.source}: slices[{i}].sources[{j}].layer_range: {list(s.layer_range)} "
                                  f"goes past the {have} decoder layers of {s.model.id!r}")
     num_layers = sum(sl.num_layers for sl in plan.slices)
-    plan.method.validate(plan.params_for(None, 0.0, plan.slices[0]), [m.id for m in plan.models], num_layers)
+    for sl in plan.slices:  # each slice's values, for its own models
+        plan.method.validate(plan.params_for(None, 0.0, sl), [s.model.id for s in sl.merged], num_layers)
     outside = [n for n in names if layer_of[n] is None]
     first, last = plan.slices[0], plan.slices[-1]
     last = dataclasses.replace(last, sources=last.sources[:len(first.sources)])  # mergekit's zip()

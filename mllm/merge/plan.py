@@ -49,7 +49,7 @@ import torch
 
 from mllm.merge.hub import ModelRef, parse_ref
 from mllm.merge.methods.base import MergeMethod
-from mllm.merge.settings import as_type, evaluate, parse_setting
+from mllm.merge.settings import Conditional, Gradient, as_type, evaluate, parse_setting
 from mllm.merge.tensors import DTYPES, MergeError
 from mllm.merge.tokenizer import TokenizerSpec, parse_chat_template, parse_tokenizer
 from mllm.schema import ConfigError, load_yaml, suggest
@@ -230,6 +230,10 @@ def _params(cls: type, raw: Any, where: str, scope: str) -> dict[str, Any]:
             raise MergeError(f"{where}.{key}: a shared parameter; set it under the top-level (or the slice's) "
                              f"'parameters'")
         out[key] = parse_setting(hints[fields[key].name], value, f"{where}.{key}")
+        why = fields[key].metadata.get("single")
+        if why and isinstance(out[key], (Gradient, Conditional)):
+            kind = "layer gradient" if isinstance(out[key], Gradient) else "{filter, value} list"
+            raise MergeError(f"{where}.{key}: a {kind} is not supported here, give one value ({why})")
     return out
 
 
@@ -369,6 +373,8 @@ def load_plan(path: str | Path) -> MergePlan:
             models.append(base)  # one more input; its values come from the top-level parameters
         _count(method, name, len(models), f"{src}: models")
     else:
+        if method.no_slices:
+            raise MergeError(f"{src}: slices: not supported by merge_method {name} ({method.no_slices}); use models:")
         raw = data["slices"]
         if not isinstance(raw, list) or not raw:
             raise MergeError(f"{src}: slices: expected a non-empty list of {{sources: [...]}}")

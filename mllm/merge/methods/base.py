@@ -54,16 +54,24 @@ class _Defaulted(dict):  # type: ignore[type-arg]
         return self.default
 
 
-def per_model(default: Any = _MISSING) -> Any:
+def per_model(default: Any = _MISSING, single: str | None = None) -> Any:
     """A per-model parameter: ``dict[model_id, value]``, set under each model's ``parameters``.
 
     ``default`` applies to models that set no value (and no top-level ``parameters`` default exists);
-    without one the parameter is required for every model.
+    without one the parameter is required for every model. ``single``: see :func:`single_value`.
     """
-    meta = {"per_model": True, "model_default": default}
+    meta = {"per_model": True, "model_default": default, **({"single": single} if single else {})}
     if default is _MISSING:
         return field(metadata=meta)
     return field(default_factory=lambda: _Defaulted(default), metadata=meta)
+
+
+def single_value(why: str, default: Any = _MISSING) -> Any:
+    """A shared parameter that takes one value for the whole merge: a layer gradient or a ``{filter, value}``
+    list is refused when the YAML is read, with ``why`` (the value is model-wide, or defines the layer
+    schedule itself)."""
+    meta = {"single": why}
+    return field(metadata=meta) if default is _MISSING else field(default=default, metadata=meta)
 
 
 def yaml_key(name: str, default: Any) -> Any:
@@ -126,6 +134,8 @@ class MergeMethod:
     # Which model supplies output names, unmerged tensors, config and tokenizer when the YAML sets no
     # reference_model: the base model, or the first listed model (FRANK: the MLLM).
     reference: ClassVar[Literal["base", "first"]] = "base"
+    # Why the method refuses ``slices:`` (None: it takes them)
+    no_slices: ClassVar[str | None] = None
 
     @classmethod
     def selects(cls, info: TensorInfo, params: Any) -> bool:

@@ -41,19 +41,20 @@ from typing import Any, Literal
 
 import torch
 
-from mllm.merge.methods.base import MergeMethod, TensorInfo, fp32
+from mllm.merge.methods.base import MergeMethod, TensorInfo, fp32, single_value
 from mllm.merge.tensors import MergeError
 
 COEFFICIENTS_JSON = "frank_coefficients.json"
 COEFFICIENTS_PNG = "frank_coefficients.png"
+_WHOLE = "FRANK's prior and coefficients are computed per decoder layer over the whole model"
 
 
 @dataclass(frozen=True, kw_only=True)
 class FrankParams:
-    prior: str | None = None  # probe JSON (``mllm probe``) with per-layer "visual_share"; None = Eq. 13
-    alpha: float | None = None  # fixed decay rate instead of a probe file
-    prior_norm: Literal["sum", "max"] = "sum"  # normalisation of w_V over layers
-    outside: Literal["mllm", "reasoner", "frank"] = "mllm"  # embeddings / final norm / lm_head
+    prior: str | None = single_value(_WHOLE, None)  # probe JSON (``mllm probe``) with per-layer "visual_share"; None = Eq. 13
+    alpha: float | None = single_value(_WHOLE, None)  # fixed decay rate instead of a probe file
+    prior_norm: Literal["sum", "max"] = single_value(_WHOLE, "sum")  # normalisation of w_V over layers
+    outside: Literal["mllm", "reasoner", "frank"] = single_value(_WHOLE, "mllm")  # embeddings / final norm / lm_head
 
     def __post_init__(self) -> None:
         if self.prior is not None and self.alpha is not None:
@@ -115,6 +116,7 @@ class Frank(MergeMethod):
     min_models = 2
     max_models = 2
     reference = "first"
+    no_slices = "it pairs every MLLM decoder layer with the same reasoner layer, its prior fitted per MLLM layer"
 
     @classmethod
     def two_pass(cls, params: FrankParams) -> bool:

@@ -11,6 +11,8 @@ them, ``transition`` blocks on each side interpolate linearly; with donor weight
 
 Embeddings, final norm and lm_head come from the kept expert (``outside: kept``) or the swapped one
 (``outside: swap``). The paper's exact b, t and transition width are unconfirmed: all are parameters.
+With ``slices:`` the zones count the output's decoder layers and each slice's sources say which of its two
+models is that slice's donor; every parameter takes one value (no layer gradient or filter list).
 """
 
 from __future__ import annotations
@@ -20,17 +22,19 @@ from typing import Literal
 
 import torch
 
-from mllm.merge.methods.base import MergeMethod, TensorInfo, fp32, per_model
+from mllm.merge.methods.base import MergeMethod, TensorInfo, fp32, per_model, single_value
 from mllm.merge.tensors import MergeError
+
+_ZONES = "layer_swap's zones are counted in whole decoder layers, and a model is the donor or not"
 
 
 @dataclass(frozen=True, kw_only=True)
 class LayerSwapParams:
-    swap: dict[str, bool] = per_model(False)  # true for the expert whose bottom/top blocks are used
-    bottom: int  # swapped blocks at the bottom
-    top: int  # swapped blocks at the top
-    transition: int = 0  # interpolated blocks between each swapped zone and the middle
-    outside: Literal["kept", "swap"] = "kept"  # source of embeddings, final norm, lm_head
+    swap: dict[str, bool] = per_model(False, single=_ZONES)  # true for the expert whose bottom/top blocks are used
+    bottom: int = single_value(_ZONES)  # swapped blocks at the bottom
+    top: int = single_value(_ZONES)  # swapped blocks at the top
+    transition: int = single_value(_ZONES, 0)  # interpolated blocks between each swapped zone and the middle
+    outside: Literal["kept", "swap"] = single_value(_ZONES, "kept")  # source of embeddings, final norm, lm_head
 
     def __post_init__(self) -> None:
         if min(self.bottom, self.top, self.transition) < 0:

@@ -28,10 +28,11 @@ from typing import Any, Literal
 
 import torch
 
-from mllm.merge.methods.base import TensorInfo, fp32, per_model
+from mllm.merge.methods.base import TensorInfo, fp32, per_model, single_value
 from mllm.merge.methods.task_arithmetic import Sparsifier, TaskArithmetic, TaskArithmeticParams, merged_delta
 
 AUTO = "auto"
+_SCHEDULE = "LiNeS' alpha and beta set the per-layer scale lambda(l) themselves"
 ALPHA_JSON = "lines_alpha.json"
 
 
@@ -39,8 +40,8 @@ ALPHA_JSON = "lines_alpha.json"
 class LinesParams(TaskArithmeticParams):
     weight: dict[str, float] = per_model(1.0)
     # scale of the shallowest block and of everything outside the blocks; 'auto': the multi-task rule
-    alpha: float | Literal["auto"]
-    beta: float  # extra scale reached at the deepest block
+    alpha: float | Literal["auto"] = single_value(_SCHEDULE)
+    beta: float = single_value(_SCHEDULE)  # extra scale reached at the deepest block
     sparsifier: Sparsifier = "none"
     consensus: bool = False
 

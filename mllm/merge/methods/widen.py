@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from mllm.merge.methods.base import MergeMethod, TensorInfo, fp32
+from mllm.merge.methods.base import MergeMethod, TensorInfo, fp32, single_value
 from mllm.merge.tensors import MergeError
 
 
@@ -40,7 +40,7 @@ from mllm.merge.tensors import MergeError
 class WidenParams:
     above_average_value_ratio: float = 1.0  # calibration threshold, times the expert's mean significance
     score_calibration_value: float = 1.0  # score given to above-threshold entries
-    embedding_pattern: str = r"embed_tokens\.weight$"  # regex of token-embedding tensors (transposed)
+    embedding_pattern: str = single_value("a regex of tensor names", r"embed_tokens\.weight$")  # regex of token-embedding tensors (transposed)
 
     def __post_init__(self) -> None:
         try:
