@@ -1,4 +1,4 @@
-"""The ``mllm`` command: demo | train | eval | merge | probe | convert.
+"""The ``mllm`` command: demo | train | eval | chat | merge | probe | convert.
 
 Each sub-command parses its flags and calls one function of :mod:`mllm.run` (or the merge / convert
 entry point). Flags are checked by argparse before anything is loaded; a user error — any
@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(train)
 
     ev = sub.add_parser("eval", help="evaluate a saved checkpoint")
-    ev.add_argument("checkpoint", help="folder written by save_pretrained (e.g. RUN/model)")
+    ev.add_argument("checkpoint", help="folder written by save_pretrained (e.g. RUN/model), or a transformers "
+                    "image-text-to-text folder")
     ev.add_argument("--task", default="shapesworld", type=_task, help=" | ".join(EVAL_TASKS.names()))
     ev.add_argument("--data", default=None, help="the benchmark's question/annotation file (public format)")
     ev.add_argument("--images", default=None, help="image folder of the benchmark")
@@ -75,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=_positive, default=None)
     ev.add_argument("--limit", type=_positive, default=None, help="evaluate the first N samples only")
     ev.add_argument("--resume", action="store_true", help="keep finished samples of an interrupted run")
+
+    chat = sub.add_parser("chat", help="one answer to a question about an image")
+    chat.add_argument("model", help="our checkpoint (RUN/model) or a transformers image-text-to-text folder")
+    chat.add_argument("question", help="the question, e.g. 'what is in the image?'")
+    chat.add_argument("--image", required=True, help="image file")
+    chat.add_argument("--max-new-tokens", type=_positive, default=64)
 
     merge = sub.add_parser("merge", help="merge models from a mergekit-style YAML (streaming, training-free)")
     merge.add_argument("config", help="merge YAML (models, merge_method, base_model, parameters, dtype, ...)")
@@ -121,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                 options=args.options, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                 limit=args.limit, resume=args.resume,
             )
+        elif args.command == "chat":
+            print(run.chat(Path(args.model), Path(args.image), args.question, max_new_tokens=args.max_new_tokens))
         elif args.command == "merge":
             from mllm.merge import run_merge
 

@@ -198,18 +198,21 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """``mllm eval``: a saved checkpoint on one registered task, resumable, written to ``out_dir``.
 
-    A generated task (ShapesWorld, arithmetic, compositional) builds its config from ``--opt key=value``
-    over the ShapesWorld settings of the run config saved beside the checkpoint (see
-    :func:`_generated_task_config`); every other task reads the benchmark's public files (``data``,
-    ``images``) plus ``--opt key=value``.
+    ``checkpoint`` is one of our folders or any transformers image-text-to-text folder
+    (:func:`mllm.hf_native.load_generator` picks by what it holds). A generated task (ShapesWorld,
+    arithmetic, compositional) builds its config from ``--opt key=value`` over the ShapesWorld settings
+    of the run config saved beside our checkpoint (see :func:`_generated_task_config`; a transformers
+    folder has none, so the task's defaults); every other task reads the benchmark's public files
+    (``data``, ``images``) plus ``--opt key=value``.
     """
     from eval.runner import EvalConfig, run_task
     from mllm.config import ConfigError, apply_overrides, from_dict
-    from mllm.model import MLLM
+    from mllm.hf_native import is_native, load_generator
     from mllm.registry import EVAL_TASKS
 
-    if not (checkpoint / "mllm_config.yaml").is_file():
-        raise ConfigError(f"{checkpoint}: not a checkpoint folder (no mllm_config.yaml); pass RUN/model")
+    if not (checkpoint / "mllm_config.yaml").is_file() and not is_native(checkpoint):
+        raise ConfigError(f"{checkpoint}: not a model folder (no mllm_config.yaml, ours, nor a transformers "
+                          "config.json); pass RUN/model")
     opts = apply_overrides({}, options or [])
     if EVAL_TASKS.get(task).generated:
         if data is not None or images is not None:
@@ -226,8 +229,7 @@ def evaluate_checkpoint(
         "max_new_tokens": max_new_tokens or defaults.max_new_tokens,
         "limit": limit,
     }, where="eval")
-    model = MLLM.from_pretrained(checkpoint)
-    model.eval()
+    model = load_generator(checkpoint)
     return run_task(model, built, cfg, out_dir, resume=resume)
 
 
@@ -238,12 +240,13 @@ def _generated_task_config(task: str, checkpoint: Path, opts: dict[str, Any]) ->
     import dataclasses
 
     from mllm.config import ConfigError, to_dict
+    from mllm.hf_native import is_native
     from mllm.registry import EVAL_TASKS
     from train.data.shapesworld import ShapesWorldConfig
 
     cfg_cls = EVAL_TASKS.config_cls(task)
     reads_scenes = cfg_cls is ShapesWorldConfig or "data" in {f.name for f in dataclasses.fields(cfg_cls)}
-    if not reads_scenes:
+    if not reads_scenes or is_native(checkpoint):  # a transformers folder was trained on no scenes of ours
         return opts
     run_cfg = checkpoint.parent / "config.yaml"
     if not run_cfg.is_file():
@@ -252,6 +255,17 @@ def _generated_task_config(task: str, checkpoint: Path, opts: dict[str, Any]) ->
     if cfg_cls is ShapesWorldConfig:
         return {**scenes, **opts}
     return {**opts, "data": {**scenes, **opts.get("data", {})}}
+
+
+def chat(checkpoint: Path, image: Path, question: str, max_new_tokens: int = 64) -> str:
+    """``mllm chat``: one greedy answer of the model in ``checkpoint`` (ours or a transformers folder)
+    to ``question`` about ``image``. The image is read before the model loads, so a missing or corrupt
+    file costs no load time."""
+    from mllm.hf_native import IMAGE_MARKER, load_generator, read_image
+
+    picture = read_image(image)
+    model = load_generator(checkpoint)
+    return model.generate([picture], [f"{IMAGE_MARKER}\n{question}"], max_new_tokens=max_new_tokens)[0]
 
 
 def demo(recipe: str, out_dir: Path, overrides: list[str]) -> dict[str, Any]:

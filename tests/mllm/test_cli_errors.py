@@ -68,7 +68,8 @@ def test_a_run_failing_before_training_leaves_no_config(tmp_path: Path, capsys: 
 def test_missing_checkpoint_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["eval", str(tmp_path / "ckpt"), "--out", str(tmp_path / "e")]) == 2
     assert _last_line(capsys.readouterr().err) == (
-        f"mllm eval: error: {tmp_path / 'ckpt'}: not a checkpoint folder (no mllm_config.yaml); pass RUN/model"
+        f"mllm eval: error: {tmp_path / 'ckpt'}: not a model folder (no mllm_config.yaml, ours, nor a transformers "
+        "config.json); pass RUN/model"
     )
 
 

@@ -1,0 +1,191 @@
+"""Any transformers image-text-to-text folder behind the eval model protocol, and the loader that picks.
+
+A folder that ``AutoModelForImageTextToText`` and ``AutoProcessor`` load (LLaVA-1.5, LLaVA-OneVision,
+Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM, Gemma 3, InternVL in transformers' format, ...) runs as it is:
+:class:`NativeMLLM` answers ``generate(images, prompts, **kw) -> list[str]``, the protocol of
+``eval/runner.py``, so every task and ``mllm chat`` serve it with no per-family code.
+
+The runner's prompts are our user turns, with :data:`IMAGE_MARKER` where the image goes (LLaVA's
+``"<image>\\n" + question``). Each becomes one chat message for the processor's own chat template: a
+user turn holding the image and the text pieces in their order, then the generation prompt. The
+processor expands the image into the family's placeholder tokens; the batch is left-padded so every
+row's new tokens start at the same column and greedy decoding of a row does not depend on its batch
+mates; only the new tokens are decoded.
+
+:func:`load_generator` picks by what a folder holds: ``mllm_config.yaml`` is ours
+(:meth:`mllm.model.MLLM.from_pretrained`), a transformers ``config.json`` is native.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from mllm.model import CONFIG_FILE, ModelError
+
+IMAGE_MARKER = "<image>"  # where the image goes in an eval prompt (eval.tasks.base.IMAGE_MARKER)
+HF_CONFIG = "config.json"
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    """``None`` keeps the checkpoint's dtype (transformers' ``"auto"``); a name such as ``bfloat16`` is
+    looked up on torch and refused in one line when it is not a floating dtype."""
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ModelError(f"dtype: expected a torch floating dtype name (float32, bfloat16, float16), got {dtype!r}")
+    return value
+
+
+def chat_content(prompt: str) -> list[dict[str, str]]:
+    """One of our prompts as a chat message's content: an image item at each :data:`IMAGE_MARKER`, the
+    text between markers as text items (stripped: the newline after LLaVA's marker belongs to its own
+    format, a chat template places the image itself)."""
+    content: list[dict[str, str]] = []
+    for i, piece in enumerate(prompt.split(IMAGE_MARKER)):
+        if i > 0:
+            content.append({"type": "image"})
+        if piece.strip():
+            content.append({"type": "text", "text": piece.strip()})
+    return content
+
+
+class NativeMLLM:
+    """A transformers image-text-to-text model and its processor, answering as :class:`mllm.model.MLLM` does.
+
+    Decoding is greedy unless ``generate``'s keywords say otherwise; the model runs in eval mode.
+    """
+
+    def __init__(self, model: Any, processor: Any) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        # Left padding: the prompts end in the same column, so new tokens of every row start together.
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | os.PathLike[str], device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None, trust_remote_code: bool = False,
+    ) -> NativeMLLM:
+        """Load ``folder`` with ``AutoModelForImageTextToText`` and ``AutoProcessor`` (local files only)
+        onto ``device`` (default :func:`default_device`) in ``dtype`` (default: the checkpoint's)."""
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        root = Path(folder)
+        if not (root / HF_CONFIG).is_file():
+            raise ModelError(f"{root / HF_CONFIG}: not found (expected a transformers model folder)")
+        torch_dtype = _dtype(dtype)
+        try:
+            processor = AutoProcessor.from_pretrained(str(root), local_files_only=True,
+                                                      trust_remote_code=trust_remote_code)
+            model = AutoModelForImageTextToText.from_pretrained(
+                str(root), local_files_only=True, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            )
+        except (ValueError, KeyError) as err:  # transformers: unknown model type / no processor class for it
+            raise ModelError(f"{root}: transformers cannot load it as an image-text-to-text model: {err}") from err
+        if not hasattr(processor, "tokenizer") or not hasattr(processor, "apply_chat_template"):
+            raise ModelError(f"{root}: AutoProcessor gives a {type(processor).__name__}, not a multimodal processor")
+        return cls(model.to(device if device is not None else default_device()), processor)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def eval(self) -> NativeMLLM:
+        self.model.eval()
+        return self
+
+    def build_prompts(self, prompts: Sequence[str]) -> list[str]:
+        """Each prompt as the chat template renders a user turn of it, ready for the answer."""
+        if self.processor.chat_template is None and self.tokenizer.chat_template is None:
+            raise ModelError("the processor has no chat template (chat_template.jinja / chat_template.json)")
+        return [
+            self.processor.apply_chat_template([{"role": "user", "content": chat_content(p)}],
+                                               add_generation_prompt=True, tokenize=False)
+            for p in prompts
+        ]
+
+    def inputs(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> Any:
+        """The processor's left-padded batch on the model's device (floating tensors in its dtype). Only
+        the images of prompts with a marker are passed: a text-only prompt has none to place."""
+        if len(images) != len(prompts) or not prompts:
+            raise ModelError(f"generate: expected as many images as prompts (>= 1), got {len(images)} and {len(prompts)}")
+        used = [image for image, prompt in zip(images, prompts, strict=True) if IMAGE_MARKER in prompt]
+        batch = self.processor(text=self.build_prompts(prompts), images=used or None, return_tensors="pt",
+                               padding=True)
+        return batch.to(self.device, dtype=self.dtype) if hasattr(batch, "to") else batch
+
+    @torch.no_grad()
+    def generate_ids(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], max_new_tokens: int = 32, **kwargs: Any
+    ) -> torch.Tensor:
+        """New token ids ``[B, T]``: greedy unless ``kwargs`` say otherwise, the model's own KV cache."""
+        batch = self.inputs(images, prompts)
+        options = {"do_sample": False, "pad_token_id": self.tokenizer.pad_token_id, **kwargs}
+        out = self.model.generate(**batch, max_new_tokens=max_new_tokens, **options)
+        return out[:, batch["input_ids"].shape[1]:]
+
+    def generate(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], max_new_tokens: int = 32, **kwargs: Any
+    ) -> list[str]:
+        """Answers to ``prompts`` about ``images`` (the eval protocol): :meth:`generate_ids`, decoded
+        without special tokens and stripped."""
+        if not prompts and not images:
+            return []
+        out = self.generate_ids(images, prompts, max_new_tokens, **kwargs)
+        return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+def is_native(folder: str | os.PathLike[str]) -> bool:
+    """Whether ``folder`` is a transformers model folder rather than one of ours."""
+    root = Path(folder)
+    return not (root / CONFIG_FILE).is_file() and (root / HF_CONFIG).is_file()
+
+
+def load_generator(
+    folder: str | os.PathLike[str], device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+) -> Any:
+    """The model in ``folder``, in eval mode, for ``generate``: ours when it holds ``mllm_config.yaml``,
+    a :class:`NativeMLLM` when it holds a transformers ``config.json``; anything else is refused
+    naming the folder."""
+    root = Path(folder)
+    if (root / CONFIG_FILE).is_file():
+        from mllm.model import MLLM
+
+        model = MLLM.from_pretrained(root)
+        if device is not None or dtype is not None:
+            model = model.to(device=device, dtype=None if dtype in (None, "auto") else _dtype(dtype))
+        return model.eval()
+    if (root / HF_CONFIG).is_file():
+        return NativeMLLM.from_pretrained(root, device=device, dtype=dtype)
+    what = "folder not found" if not root.is_dir() else f"neither {CONFIG_FILE} (ours) nor {HF_CONFIG} (transformers)"
+    raise ModelError(f"{root}: not a model folder ({what})")
+
+
+def read_image(path: str | os.PathLike[str]) -> Image.Image:
+    """An image file as RGB; a missing or unreadable file is one :class:`ModelError` naming it."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{path}: cannot read the image: {err}") from err
