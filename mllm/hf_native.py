@@ -1,7 +1,7 @@
 """Any transformers image-text-to-text folder behind the eval model protocol, and the loader that picks.
 
 A folder that ``AutoModelForImageTextToText`` and ``AutoProcessor`` load (LLaVA-1.5, LLaVA-OneVision,
-Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM, Gemma 3, InternVL in transformers' format, ...) runs as it is:
+Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Idefics3, SmolVLM, Gemma 3, InternVL in transformers' format, ...) runs as it is:
 :class:`NativeMLLM` answers ``generate(images, prompts, **kw) -> list[str]``, the protocol of
 ``eval/runner.py``, so every task and ``mllm chat`` serve it with no per-family code.
 
@@ -99,6 +99,8 @@ class NativeMLLM:
             )
         except (ValueError, KeyError) as err:  # transformers: unknown model type / no processor class for it
             raise ModelError(f"{root}: transformers cannot load it as an image-text-to-text model: {err}") from err
+        except ImportError as err:  # a family's processor needs an optional package (SmolVLM: num2words)
+            raise ModelError(f"{root}: its processor needs a package that is not installed: {err}") from err
         if not hasattr(processor, "tokenizer") or not hasattr(processor, "apply_chat_template"):
             raise ModelError(f"{root}: AutoProcessor gives a {type(processor).__name__}, not a multimodal processor")
         return cls(model.to(device if device is not None else default_device()), processor)
@@ -126,13 +128,15 @@ class NativeMLLM:
         ]
 
     def inputs(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> Any:
-        """The processor's left-padded batch on the model's device (floating tensors in its dtype). Only
-        the images of prompts with a marker are passed: a text-only prompt has none to place."""
+        """The processor's left-padded batch on the model's device (floating tensors in its dtype).
+
+        Images go as one list per prompt (the form every processor accepts, and the one that tells
+        Gemma 3's which image is whose); a prompt without a marker is text only and gets none."""
         if len(images) != len(prompts) or not prompts:
             raise ModelError(f"generate: expected as many images as prompts (>= 1), got {len(images)} and {len(prompts)}")
-        used = [image for image, prompt in zip(images, prompts, strict=True) if IMAGE_MARKER in prompt]
-        batch = self.processor(text=self.build_prompts(prompts), images=used or None, return_tensors="pt",
-                               padding=True)
+        per_prompt = [[image] * prompt.count(IMAGE_MARKER) for image, prompt in zip(images, prompts, strict=True)]
+        batch = self.processor(text=self.build_prompts(prompts), images=per_prompt if any(per_prompt) else None,
+                               return_tensors="pt", padding=True)
         return batch.to(self.device, dtype=self.dtype) if hasattr(batch, "to") else batch
 
     @torch.no_grad()
