@@ -311,3 +311,26 @@ def test_chat_on_our_checkpoint_and_its_errors(tmp_path: Path, capsys: pytest.Ca
     assert "not a model folder" in capsys.readouterr().err
     with pytest.raises(ModelError, match="dtype"):
         load_generator(tmp_path / "model", dtype="int8")
+
+
+def test_native_loading_errors_and_dtype(tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = byte_tokenizer([])
+    LlamaForCausalLM(LlamaConfig(**LM, vocab_size=len(tokenizer))).save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    with pytest.raises(ModelError, match="cannot load it as an image-text-to-text model"):
+        load_generator(tmp_path / "lm")  # a text-only LLM folder
+    with pytest.raises(ModelError, match="config.json: not found"):
+        NativeMLLM.from_pretrained(tmp_path)
+    with pytest.raises(ModelError, match="not a model folder"):
+        load_generator(tmp_path / "nowhere")
+
+
+def test_dtype_is_the_callers_choice(tmp_path: Path) -> None:
+    model, processor = llava(tmp_path)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    native = load_generator(tmp_path, device="cpu", dtype="bfloat16")
+    assert native.dtype == torch.bfloat16 and native.device.type == "cpu"
+    assert len(native.generate(IMAGES[:2], [f"<image>\n{q}" for q in QUESTIONS[:2]], max_new_tokens=2)) == 2
