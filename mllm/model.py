@@ -55,6 +55,7 @@ from train.templates import IGNORE_INDEX, encode_prompt, get_template, image_tok
 log = logging.getLogger("mllm")
 
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"  # shards (save_pretrained with max_shard_size)
 CONFIG_FILE = "mllm_config.yaml"
 LLM_DIR = "llm"  # the LLM's config.json (weights live in WEIGHTS_FILE under "llm.")
 TOKENIZER_DIR = "tokenizer"
@@ -125,8 +126,9 @@ def build_llm(cfg: LLMConfig, tokenizer: Any, llm_config: Any = None) -> nn.Modu
 class MLLM(nn.Module):
     """Encoder (``ENCODERS``) -> projector (``PROJECTORS``) -> ``AutoModelForCausalLM``."""
 
-    def __init__(self, cfg: ModelConfig, tokenizer: Any, llm_config: Any = None) -> None:
-        """``llm_config`` (a transformers config) replaces ``cfg.llm``'s source; used when loading."""
+    def __init__(self, cfg: ModelConfig, tokenizer: Any, llm_config: Any = None, encoder: nn.Module | None = None) -> None:
+        """``llm_config`` (a transformers config) replaces ``cfg.llm``'s source, and ``encoder`` (built from
+        ``cfg.encoder``) is used as given; both when loading (:meth:`from_pretrained`)."""
         super().__init__()
         self.cfg = cfg
         self.tokenizer = tokenizer
@@ -134,7 +136,7 @@ class MLLM(nn.Module):
         self.image_token_id = image_token_id(tokenizer, cfg.image_token)
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
             raise ModelError("tokenizer: a pad and an eos token are needed (padding and generation stop)")
-        self.encoder = ENCODERS.build(cfg.encoder.name, cfg.encoder.cfg)
+        self.encoder = encoder if encoder is not None else ENCODERS.build(cfg.encoder.name, cfg.encoder.cfg)
         self.llm = build_llm(cfg.llm, tokenizer, llm_config)
         if cfg.number_init == "sincos" and llm_config is None and cfg.llm.path is None:  # a random init only
             std = float(getattr(self.llm.config.get_text_config(), "initializer_range", 0.02))
@@ -462,46 +464,168 @@ class MLLM(nn.Module):
         return counts
 
     # --- checkpoints --------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike[str], max_shard_size: int | str = "5GB") -> Path:
         """Write weights, configs and tokenizer into ``directory``, atomically.
 
-        Everything goes to a temp folder beside the target, which is then renamed into place, so a
-        folder named ``directory`` is always complete (an older one is replaced only afterwards).
+        Weights go to one ``model.safetensors``, or, when they exceed ``max_shard_size`` (bytes, or a
+        string such as ``"5GB"`` read as transformers reads it), to ``model-0000i-of-0000n.safetensors``
+        shards plus ``model.safetensors.index.json`` (``weight_map``, ``metadata.total_size``), the layout
+        transformers writes. Tied duplicates (``lm_head`` = embeddings) are stored once, as
+        safetensors' ``save_model`` stores them. Everything goes to a temp folder beside the target,
+        which is then renamed into place, so a folder named ``directory`` is always complete (an older
+        one is replaced only afterwards).
         """
-        from safetensors.torch import save_model
+        from safetensors.torch import _remove_duplicate_names  # the choice save_model makes
+        from transformers.utils.hub import convert_file_size_to_int
 
+        from mllm.merge.tensors import ShardWriter, TensorSpec
+
+        try:
+            cap = convert_file_size_to_int(max_shard_size)
+        except ValueError as err:
+            raise ModelError(f"max_shard_size: expected bytes or a size such as '5GB', got {max_shard_size!r}") from err
         if self.has_lora:
             log.info("merging the LoRA adapters into the LLM weights before saving (peft merge_and_unload)")
             self.merge_lora()
+        state = self.state_dict()
+        for dropped in _remove_duplicate_names(state).values():
+            for name in dropped:
+                del state[name]
         with atomic_folder(directory, replace=True) as tmp:
-            save_model(self, str(tmp / WEIGHTS_FILE))  # drops tied duplicates (lm_head = embeddings)
+            specs = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in state.items()]
+            with ShardWriter(tmp, specs, cap) as writer:
+                for name, tensor in state.items():
+                    writer.write(name, tensor)
+                files = writer.close()
             (tmp / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
             self.llm.config.save_pretrained(tmp / LLM_DIR)
             self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+        if len(files) > 1:
+            log.info("saved %s in %d shards of at most %s", directory, len(files), max_shard_size)
         return Path(directory)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike[str]) -> MLLM:
-        """Load a folder written by :meth:`save_pretrained` (CPU, no network)."""
-        from safetensors.torch import load_model
+    def from_pretrained(
+        cls, directory: str | os.PathLike[str], device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> MLLM:
+        """Load a folder written by :meth:`save_pretrained` (one file or shards; no network).
+
+        The LLM, projector, injectors and heads are built on the meta device (accelerate's
+        ``init_empty_weights``; buffers such as the rotary ``inv_freq`` are computed for real, as at a
+        normal build), the encoder on the CPU (its library may move modules while building), all with
+        the torch and transformers weight initialisations switched off (transformers'
+        ``no_init_weights``; a library's own init, such as timm's ``trunc_normal_``, still runs on the
+        encoder, whose values are then overwritten); then each stored tensor is read
+        once from disk, cast, moved to ``device`` and assigned in place of its meta parameter: no random
+        initialisation and no second copy of the weights. Tied weights are tied again (transformers'
+        ``tie_weights``). ``device``: default CUDA when available, else CPU; ``dtype``: default the
+        checkpoint's (each tensor as stored, and the LLM built in its stored dtype); a given floating
+        dtype casts every floating tensor. The choice is logged.
+        """
+        from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoTokenizer
+        from transformers.initialization import no_init_weights
+
+        from mllm.merge.tensors import MergeError, ModelReader
 
         root = Path(directory)
         if not root.is_dir():
             raise ModelError(f"{root}: checkpoint folder not found")
-        for name in (WEIGHTS_FILE, CONFIG_FILE, f"{LLM_DIR}/config.json", TOKENIZER_DIR):
+        target_dtype = resolve_dtype(dtype)
+        target_device = resolve_device(device)
+        for name in (CONFIG_FILE, f"{LLM_DIR}/config.json", TOKENIZER_DIR):
             if not (root / name).exists():
                 raise ModelError(f"{root / name}: missing from the checkpoint (written by save_pretrained)")
+        if not (root / WEIGHTS_FILE).is_file() and not (root / INDEX_FILE).is_file():
+            raise ModelError(f"{root / WEIGHTS_FILE}: missing from the checkpoint (written by save_pretrained; "
+                             f"or shards listed in {INDEX_FILE})")
+        try:
+            reader = ModelReader(root)
+        except MergeError as err:
+            raise ModelError(str(err)) from err
         try:
             cfg = from_dict(ModelConfig, read_yaml(root / CONFIG_FILE))
         except ConfigError as err:
             raise ConfigError(f"{root / CONFIG_FILE}: {err}", err.key) from err
-        cfg = dataclasses.replace(cfg, encoder=_without_weight_files(cfg.encoder))
+        stored = _stored_llm_dtype(reader)
+        llm_dtype = target_dtype or stored
+        cfg = dataclasses.replace(cfg, encoder=_without_weight_files(cfg.encoder),
+                                  llm=dataclasses.replace(cfg.llm, dtype=str(llm_dtype).removeprefix("torch.")))
         tokenizer = AutoTokenizer.from_pretrained(str(root / TOKENIZER_DIR), local_files_only=True)
         llm_config = AutoConfig.from_pretrained(str(root / LLM_DIR), local_files_only=True)
-        model = cls(cfg, tokenizer, llm_config=llm_config)
-        try:
-            load_model(model, str(root / WEIGHTS_FILE), strict=True)
-        except RuntimeError as err:
-            raise ModelError(f"{root / WEIGHTS_FILE}: does not match {root / CONFIG_FILE}: {err}") from err
+        with no_init_weights():
+            # The encoder is built for real (libraries such as open_clip move their modules while building,
+            # which meta tensors refuse), its torch inits skipped; every other part on the meta device.
+            encoder = ENCODERS.build(cfg.encoder.name, cfg.encoder.cfg)
+            with init_empty_weights(include_buffers=False):
+                model = cls(cfg, tokenizer, llm_config=llm_config, encoder=encoder)
+        expected = model.state_dict()
+        state = {}
+        for name in reader.names():
+            tensor = reader.get(name)
+            if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
+                raise ModelError(f"{reader.file_of(name)}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                 f"{root / CONFIG_FILE} builds {tuple(expected[name].shape)}")
+            if target_dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(target_dtype)
+            state[name] = tensor.to(target_device)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        # A module reachable under two names (an encoder's block alias) got its tensor through the other
+        # name; tied weights (lm_head = embeddings, stored once) are tied again by transformers.
+        missing = [k for k in missing if _tensor(model, k).is_meta]
+        llm_missing = {k.removeprefix("llm.") for k in missing if k.startswith("llm.")}
+        if llm_missing:
+            model.llm.tie_weights(missing_keys=llm_missing)
+        missing = [k for k in missing if _tensor(model, k).is_meta]
+        if missing or unexpected:
+            what = f"missing {missing[:5]}" if missing else f"unexpected {unexpected[:5]}"
+            raise ModelError(f"{root}: weights do not match {root / CONFIG_FILE}: {what}")
+        model.to(target_device)  # the buffers that are not stored (computed at build, on the CPU)
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+        log.info("loaded %s on %s in %s (%s)", root, target_device, "+".join(dtypes),
+                 "as asked" if dtype is not None else "the checkpoint's dtype")
         return model
+
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` -> CUDA when available, else CPU; a name is checked (``cuda`` without CUDA is a ModelError)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ModelError(f"device: expected a torch device such as cpu, cuda or cuda:1, got {device!r}") from err
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device: {device!r} asked, but CUDA is not available on this machine")
+    return chosen
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``None`` (or ``auto``) keeps the checkpoint's; otherwise a torch floating dtype, by name or value."""
+    if dtype is None or dtype == "auto":
+        return None
+    value = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ModelError(f"dtype: expected a torch floating dtype name (float32, bfloat16, float16), got {dtype!r}")
+    return value
+
+
+def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+    """The parameter or buffer ``name`` (dotted) of ``model``."""
+    owner, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(owner), attr)
+
+
+def _stored_llm_dtype(reader: Any) -> torch.dtype:
+    """The dtype most of the LLM's stored floating weights have (by bytes): the checkpoint's dtype."""
+    sizes: dict[torch.dtype, int] = {}
+    for name in reader.names():
+        dt = reader.dtype(name)
+        if name.startswith("llm.") and dt.is_floating_point:
+            numel = 1
+            for d in reader.shape(name):
+                numel *= d
+            sizes[dt] = sizes.get(dt, 0) + numel * dt.itemsize
+    return max(sizes, key=sizes.__getitem__) if sizes else torch.float32
