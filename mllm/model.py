@@ -516,14 +516,17 @@ class MLLM(nn.Module):
         normal build), the encoder on the CPU (its library may move modules while building), all with
         the torch and transformers weight initialisations switched off (transformers'
         ``no_init_weights``; a library's own init, such as timm's ``trunc_normal_``, still runs on the
-        encoder, whose values are then overwritten); then each stored tensor is read
-        once from disk, cast, moved to ``device`` and assigned in place of its meta parameter: no random
-        initialisation and no second copy of the weights. Tied weights are tied again (transformers'
-        ``tie_weights``). ``device``: default CUDA when available, else CPU; ``dtype``: default the
-        checkpoint's (each tensor as stored, and the LLM built in its stored dtype); a given floating
-        dtype casts every floating tensor. The choice is logged.
+        encoder, whose values are then overwritten). Then each stored tensor takes the place of its
+        meta parameter (``load_state_dict(assign=True)``): used as stored (CPU, stored dtype), it is the
+        file's copy-on-write memory map (safetensors' ``safe_open``), whose pages are read when first
+        used; cast or moved, it is read once into a fresh buffer (no map left behind) and converted. No
+        random initialisation, no second copy of the weights. Tied weights are tied again
+        (transformers' ``tie_weights``). ``device``: default CUDA when available, else CPU; ``dtype``:
+        default the checkpoint's (each tensor as stored, and the LLM built in its stored dtype); a given
+        floating dtype casts every floating tensor. The choice is logged.
         """
         from accelerate import init_empty_weights
+        from safetensors import safe_open
         from transformers import AutoConfig, AutoTokenizer
         from transformers.initialization import no_init_weights
 
@@ -561,15 +564,20 @@ class MLLM(nn.Module):
             with init_empty_weights(include_buffers=False):
                 model = cls(cfg, tokenizer, llm_config=llm_config, encoder=encoder)
         expected = model.state_dict()
-        state = {}
+        state, mapped = {}, {}
         for name in reader.names():
-            tensor = reader.get(name)
-            if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
-                raise ModelError(f"{reader.file_of(name)}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+            shape, stored_dtype = reader.shape(name), reader.dtype(name)
+            if name in expected and shape != tuple(expected[name].shape):
+                raise ModelError(f"{reader.file_of(name)}: tensor {name!r} has shape {shape}, "
                                  f"{root / CONFIG_FILE} builds {tuple(expected[name].shape)}")
-            if target_dtype is not None and tensor.is_floating_point():
-                tensor = tensor.to(target_dtype)
-            state[name] = tensor.to(target_device)
+            cast = target_dtype if target_dtype is not None and stored_dtype.is_floating_point else stored_dtype
+            if target_device.type == "cpu" and cast == stored_dtype:  # used as stored: map the file's pages
+                file = reader.file_of(name)
+                if file not in mapped:
+                    mapped[file] = safe_open(str(file), framework="pt", device="cpu")
+                state[name] = mapped[file].get_tensor(name)
+            else:  # cast or moved: read into a fresh buffer, which is freed once converted
+                state[name] = reader.get(name).to(device=target_device, dtype=cast)
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         # A module reachable under two names (an encoder's block alias) got its tensor through the other
         # name; tied weights (lm_head = embeddings, stored once) are tied again by transformers.
