@@ -39,6 +39,34 @@ def _task(name: str) -> str:
     return name
 
 
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def _dtype(text: str) -> str:
+    """argparse type: a torch floating dtype name, or ``auto`` (the checkpoint's)."""
+    if text not in (*FLOAT_DTYPES, "auto"):
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(FLOAT_DTYPES)} or auto, got {text!r}")
+    return text
+
+
+def _device(text: str) -> str:
+    """argparse type: a torch device name such as cpu, cuda or cuda:1."""
+    import torch
+
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu, cuda or cuda:1, got {text!r}") from err
+    return text
+
+
+def _add_placement(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", type=_device, default=None,
+                   help="where the model runs, e.g. cuda, cuda:1, cpu (default: CUDA when available, else CPU)")
+    p.add_argument("--dtype", type=_dtype, default=None,
+                   help=f"weights dtype: {' | '.join(FLOAT_DTYPES)} | auto (default: the checkpoint's)")
+
+
 def _add_overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted config override, e.g. --set train.steps=100 (repeatable)")
@@ -76,12 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=_positive, default=None)
     ev.add_argument("--limit", type=_positive, default=None, help="evaluate the first N samples only")
     ev.add_argument("--resume", action="store_true", help="keep finished samples of an interrupted run")
+    _add_placement(ev)
 
     chat = sub.add_parser("chat", help="one answer to a question about an image")
     chat.add_argument("model", help="our checkpoint (RUN/model) or a transformers image-text-to-text folder")
     chat.add_argument("question", help="the question, e.g. 'what is in the image?'")
     chat.add_argument("--image", required=True, help="image file")
     chat.add_argument("--max-new-tokens", type=_positive, default=64)
+    _add_placement(chat)
 
     merge = sub.add_parser("merge", help="merge models from a mergekit-style YAML (streaming, training-free)")
     merge.add_argument("config", help="merge YAML (models, merge_method, base_model, parameters, dtype, ...)")
@@ -100,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--limit", type=_positive, default=256, help="probe samples (FRANK used ~1k images)")
     probe.add_argument("--batch-size", type=_positive, default=16)
     probe.add_argument("--out", required=True, help="folder for probe.json and probe.png")
+    _add_placement(probe)
 
     conv = sub.add_parser("convert", help="import / export transformers LlavaForConditionalGeneration folders")
     way = conv.add_mutually_exclusive_group(required=True)
@@ -126,10 +157,11 @@ def main(argv: list[str] | None = None) -> int:
             run.evaluate_checkpoint(
                 Path(args.checkpoint), args.task, Path(args.out), data=args.data, images=args.images,
                 options=args.options, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                limit=args.limit, resume=args.resume,
+                limit=args.limit, resume=args.resume, device=args.device, dtype=args.dtype,
             )
         elif args.command == "chat":
-            print(run.chat(Path(args.model), Path(args.image), args.question, max_new_tokens=args.max_new_tokens))
+            print(run.chat(Path(args.model), Path(args.image), args.question, max_new_tokens=args.max_new_tokens,
+                           device=args.device, dtype=args.dtype))
         elif args.command == "merge":
             from mllm.merge import run_merge
 
@@ -137,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                       threads=args.threads, dry_run=args.dry_run)
         elif args.command == "probe":
             run.probe(Path(args.checkpoint), args.data, Path(args.out), images=args.images,
-                      limit=args.limit, batch_size=args.batch_size)
+                      limit=args.limit, batch_size=args.batch_size, device=args.device, dtype=args.dtype)
         elif args.command == "convert":
             from mllm import hf
 

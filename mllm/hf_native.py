@@ -176,10 +176,7 @@ def load_generator(
     if (root / CONFIG_FILE).is_file():
         from mllm.model import MLLM
 
-        model = MLLM.from_pretrained(root)
-        if device is not None or dtype is not None:
-            model = model.to(device=device, dtype=None if dtype in (None, "auto") else _dtype(dtype))
-        return model.eval()
+        return MLLM.from_pretrained(root, device=device, dtype=dtype).eval()
     if (root / HF_CONFIG).is_file():
         return NativeMLLM.from_pretrained(root, device=device, dtype=dtype)
     what = "folder not found" if not root.is_dir() else f"neither {CONFIG_FILE} (ours) nor {HF_CONFIG} (transformers)"

@@ -194,9 +194,13 @@ def evaluate_model(
 def evaluate_checkpoint(
     checkpoint: Path, task: str, out_dir: Path, *, data: str | None = None, images: str | None = None,
     options: list[str] | None = None, batch_size: int | None = None, max_new_tokens: int | None = None,
-    limit: int | None = None, resume: bool = False,
+    limit: int | None = None, resume: bool = False, device: str | None = None, dtype: str | None = None,
 ) -> dict[str, Any]:
     """``mllm eval``: a saved checkpoint on one registered task, resumable, written to ``out_dir``.
+
+    The model is loaded onto ``device`` in ``dtype`` (defaults: CUDA when available, else CPU; the
+    checkpoint's dtype); the device type and dtype used are recorded in ``protocol.json`` and the
+    metrics' ``protocol`` (see :class:`_Placed`), so a resumed run must use the same.
 
     ``checkpoint`` is one of our folders or any transformers image-text-to-text folder
     (:func:`mllm.hf_native.load_generator` picks by what it holds). A generated task (ShapesWorld,
@@ -229,8 +233,29 @@ def evaluate_checkpoint(
         "max_new_tokens": max_new_tokens or defaults.max_new_tokens,
         "limit": limit,
     }, where="eval")
-    model = load_generator(checkpoint)
-    return run_task(model, built, cfg, out_dir, resume=resume)
+    model = load_generator(checkpoint, device=device, dtype=dtype)
+    return run_task(model, _Placed(built, placement(model)), cfg, out_dir, resume=resume)
+
+
+def placement(model: Any) -> dict[str, str]:
+    """``{"device": "cuda" | "cpu" | ..., "dtype": "bfloat16" | ...}`` of a loaded model (the LLM's dtype for
+    ours, whose encoder may be kept in another)."""
+    dtype = getattr(model, "dtype", None) or model.llm.dtype
+    return {"device": model.device.type, "dtype": str(dtype).removeprefix("torch.")}
+
+
+class _Placed:
+    """An eval task whose protocol also names where the model ran: ``eval/`` knows no devices, so the roof
+    adds them to what ``protocol.json`` and ``metrics.json`` record. Everything else is the task's."""
+
+    def __init__(self, task: Any, where: dict[str, str]) -> None:
+        self._task, self._where = task, where
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._task, name)
+
+    def protocol(self) -> dict[str, Any]:
+        return {**self._task.protocol(), **self._where}
 
 
 def _generated_task_config(task: str, checkpoint: Path, opts: dict[str, Any]) -> dict[str, Any]:
@@ -257,14 +282,15 @@ def _generated_task_config(task: str, checkpoint: Path, opts: dict[str, Any]) ->
     return {**opts, "data": {**scenes, **opts.get("data", {})}}
 
 
-def chat(checkpoint: Path, image: Path, question: str, max_new_tokens: int = 64) -> str:
+def chat(checkpoint: Path, image: Path, question: str, max_new_tokens: int = 64, device: str | None = None,
+         dtype: str | None = None) -> str:
     """``mllm chat``: one greedy answer of the model in ``checkpoint`` (ours or a transformers folder)
     to ``question`` about ``image``. The image is read before the model loads, so a missing or corrupt
     file costs no load time."""
     from mllm.hf_native import IMAGE_MARKER, load_generator, read_image
 
     picture = read_image(image)
-    model = load_generator(checkpoint)
+    model = load_generator(checkpoint, device=device, dtype=dtype)
     return model.generate([picture], [f"{IMAGE_MARKER}\n{question}"], max_new_tokens=max_new_tokens)[0]
 
 
@@ -293,11 +319,14 @@ def demo(recipe: str, out_dir: Path, overrides: list[str]) -> dict[str, Any]:
 
 
 def probe(
-    checkpoint: Path, data: str, out_dir: Path, images: str | None = None, limit: int = 256, batch_size: int = 16
+    checkpoint: Path, data: str, out_dir: Path, images: str | None = None, limit: int = 256, batch_size: int = 16,
+    device: str | None = None, dtype: str | None = None,
 ) -> dict[str, Any]:
     """``mllm probe``: per-layer visual attention share of a checkpoint over a probe set (FRANK §1.7).
 
     ``data`` is ``shapesworld`` (the val split of the run's own generator settings) or a LLaVA JSON file.
+    The model is loaded onto ``device`` in ``dtype`` (:meth:`MLLM.from_pretrained`'s defaults: CUDA when
+    available, the checkpoint's dtype); each batch is moved to it.
     """
     from mllm.merge.probe import run_probe
     from mllm.model import MLLM
@@ -316,10 +345,11 @@ def probe(
         from train.data.llava import LlavaDataConfig, load_llava
 
         samples = load_llava(LlavaDataConfig(path=data, image_root=images, limit=limit))
-    model = MLLM.from_pretrained(checkpoint).eval()
+    model = MLLM.from_pretrained(checkpoint, device=device, dtype=dtype).eval()
     collate = Collator(model.tokenizer, model.template, model.cfg.image_token, model.num_image_tokens,
                        model.preprocess, model.cfg.max_length)
     n = min(limit, len(samples))
-    batches = (collate([samples[i] for i in range(start, min(start + batch_size, n))])
+    batches = ({k: v.to(model.device) if hasattr(v, "to") else v
+                for k, v in collate([samples[i] for i in range(start, min(start + batch_size, n))]).items()}
                for start in range(0, n, batch_size))
     return run_probe(model, batches, out_dir, source=f"{data} ({n} samples)")
