@@ -73,20 +73,37 @@ def freeze(model: Any, cfg: RunConfig) -> dict[str, tuple[int, int]]:
 
 
 def load_weights(model: Any, folder: Path) -> None:
-    """Every tensor of a saved model (``save_pretrained``'s folder) into ``model``: how a stage starts
-    from the previous one. The architectures must match exactly; LoRA is added after this."""
-    from safetensors.torch import load_model
+    """Every tensor of a saved model (``save_pretrained``'s folder: one file or shards) into ``model``: how a
+    stage starts from the previous one. The architectures must match exactly; LoRA is added after this."""
+    from safetensors.torch import _remove_duplicate_names, load_file
 
-    from mllm.model import WEIGHTS_FILE
+    from mllm.model import INDEX_FILE, WEIGHTS_FILE
 
-    file = folder / WEIGHTS_FILE
-    if not file.is_file():
-        raise ConfigError(f"train.init_from: {file} not found (expected a folder written by save_pretrained)")
+    index = folder / INDEX_FILE
+    files = [folder / WEIGHTS_FILE]
+    if index.is_file():
+        try:
+            files = [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ConfigError(f"train.init_from: {index}: malformed index (expected a 'weight_map' mapping)") from err
+    for file in files:
+        if not file.is_file():
+            raise ConfigError(f"train.init_from: {file} not found (expected a folder written by save_pretrained)")
+    state: dict[str, Any] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    # as safetensors' load_model: a tied duplicate stored once (lm_head = embeddings) is not missing
+    tied = _remove_duplicate_names(model.state_dict(), preferred_names=list(state))
+    aliases = {name for group in tied.values() for name in group}
     try:
-        load_model(model, str(file), strict=True)
-    except RuntimeError as err:
-        raise ConfigError(f"train.init_from: {file} does not fit this model's architecture: {err}") from err
-    log.info("initialised from %s", file)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a shape mismatch
+        raise ConfigError(f"train.init_from: {folder} does not fit this model's architecture: {err}") from err
+    missing = [k for k in missing if k not in aliases]
+    if missing or unexpected:
+        raise ConfigError(f"train.init_from: {folder} does not fit this model's architecture: "
+                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    log.info("initialised from %s (%d file%s)", folder, len(files), "" if len(files) == 1 else "s")
 
 
 def load_train_data(cfg: RunConfig) -> Any:

@@ -189,3 +189,16 @@ def test_a_missing_shard_is_named(model: MLLM, tmp_path: Path) -> None:
     next(target.glob("model-00002-of-*.safetensors")).unlink()
     with pytest.raises(ModelError, match="model-00002-of-.*does not exist"):
         MLLM.from_pretrained(target, device="cpu")
+
+
+@pytest.mark.parametrize("shard_size", ["5GB", 20_000])
+def test_a_stage_starts_from_a_sharded_or_single_file_checkpoint(model: MLLM, tmp_path: Path, word_tokenizer: Any,
+                                                                 shard_size: int | str) -> None:
+    from mllm.run import load_weights
+
+    target = model.save_pretrained(tmp_path / "ckpt", max_shard_size=shard_size)
+    torch.manual_seed(1)
+    fresh = MLLM(_cfg(model.llm.config.model_type), word_tokenizer)
+    assert not torch.equal(_logits(fresh), _logits(model))
+    load_weights(fresh, target)  # train.init_from
+    torch.testing.assert_close(_logits(fresh), _logits(model), atol=0, rtol=0)
