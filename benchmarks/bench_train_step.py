@@ -36,8 +36,8 @@ from mllm.hf import export_llava
 from mllm.model import MLLM
 from train.data.collate import Collator
 from train.data.shapesworld import ShapesWorld, ShapesWorldConfig
-from train.templates import get_template
 from train.data.tokenizer import build_tokenizer
+from train.templates import get_template
 
 MODEL = {
     "encoder": {"name": "hf_vision", "model_type": "clip_vision_model", "layers": [-2], "drop_prefix": True,

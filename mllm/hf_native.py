@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from mllm.model import CONFIG_FILE, ModelError
+from mllm.model import CONFIG_FILE, AnswersText, ModelError
 
 IMAGE_MARKER = "<image>"  # where the image goes in an eval prompt (eval.tasks.base.IMAGE_MARKER)
 HF_CONFIG = "config.json"
@@ -63,7 +63,7 @@ def chat_content(prompt: str) -> list[dict[str, str]]:
     return content
 
 
-class NativeMLLM:
+class NativeMLLM(AnswersText):
     """A transformers image-text-to-text model and its processor, answering as :class:`mllm.model.MLLM` does.
 
     Decoding is greedy unless ``generate``'s keywords say otherwise; the model runs in eval mode.
@@ -149,15 +149,6 @@ class NativeMLLM:
         out = self.model.generate(**batch, max_new_tokens=max_new_tokens, **options)
         return out[:, batch["input_ids"].shape[1]:]
 
-    def generate(
-        self, images: Sequence[Image.Image], prompts: Sequence[str], max_new_tokens: int = 32, **kwargs: Any
-    ) -> list[str]:
-        """Answers to ``prompts`` about ``images`` (the eval protocol): :meth:`generate_ids`, decoded
-        without special tokens and stripped."""
-        if not prompts and not images:
-            return []
-        out = self.generate_ids(images, prompts, max_new_tokens, **kwargs)
-        return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
 def is_native(folder: str | os.PathLike[str]) -> bool:

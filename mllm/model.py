@@ -123,7 +123,29 @@ def build_llm(cfg: LLMConfig, tokenizer: Any, llm_config: Any = None) -> nn.Modu
     return AutoModelForCausalLM.from_config(config, **kwargs)
 
 
-class MLLM(nn.Module):
+class AnswersText:
+    """The eval protocol's ``generate(images, prompts) -> list[str]`` for any model with a ``tokenizer``
+    and a ``generate_ids`` returning the new token ids (ours, and transformers' MLLMs in mllm/hf_native.py)."""
+
+    tokenizer: Any
+
+    def generate_ids(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], max_new_tokens: int = 32, **kwargs: Any
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def generate(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], max_new_tokens: int = 32, **kwargs: Any
+    ) -> list[str]:
+        """Answers to ``prompts`` about ``images``: :meth:`generate_ids`, decoded without special tokens
+        and stripped."""
+        if not prompts and not images:
+            return []
+        out = self.generate_ids(images, prompts, max_new_tokens, **kwargs)
+        return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+class MLLM(AnswersText, nn.Module):
     """Encoder (``ENCODERS``) -> projector (``PROJECTORS``) -> ``AutoModelForCausalLM``."""
 
     def __init__(self, cfg: ModelConfig, tokenizer: Any, llm_config: Any = None, encoder: nn.Module | None = None) -> None:
@@ -353,15 +375,6 @@ class MLLM(nn.Module):
                 inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens, **options
             )
 
-    def generate(
-        self, images: Sequence[Image.Image], prompts: Sequence[str], max_new_tokens: int = 32, **kwargs: Any
-    ) -> list[str]:
-        """Answers to ``prompts`` about ``images`` (the eval protocol): :meth:`generate_ids`, decoded
-        without special tokens and stripped."""
-        if not prompts and not images:
-            return []
-        out = self.generate_ids(images, prompts, max_new_tokens, **kwargs)
-        return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     # --- training groups ----------------------------------------------------------------------
     @property
