@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from mllm.merge.methods.base import MergeMethod, TensorInfo, fp32
-from mllm.merge.methods.spherical import add_block, block_gram, combine
+from mllm.merge.methods.spherical import add_block, block_gram, combine, gram_scan_result
 from mllm.merge.tensors import MergeError
 
 
@@ -106,7 +106,7 @@ class Karcher(MergeMethod):
 
     @classmethod
     def scan_result(cls, state: dict[str, Any], params: KarcherParams, info: TensorInfo) -> dict[str, Any]:
-        return {"gram": state["gram"]}
+        return gram_scan_result(state)
 
     @classmethod
     def merge(cls, tensors: dict[str, torch.Tensor], base: torch.Tensor | None, params: KarcherParams,

@@ -24,7 +24,15 @@ from typing import Any
 import torch
 
 from mllm.merge.methods.base import MergeMethod, TensorInfo, fp32
-from mllm.merge.methods.spherical import Axis, add_block, block_gram, spans_rows, task_vectors, vector_axis
+from mllm.merge.methods.spherical import (
+    Axis,
+    add_block,
+    block_gram,
+    gram_scan_result,
+    spans_rows,
+    task_vectors,
+    vector_axis,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,7 +74,7 @@ class ModelStock(MergeMethod):
 
     @classmethod
     def scan_result(cls, state: dict[str, Any], params: ModelStockParams, info: TensorInfo) -> dict[str, Any]:
-        return {"gram": state["gram"]} if "gram" in state else {}
+        return gram_scan_result(state)
 
     @classmethod
     def merge(cls, tensors: dict[str, torch.Tensor], base: torch.Tensor | None, params: ModelStockParams,

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from mllm.merge.methods.base import MergeMethod, TensorInfo, fp32, per_model
-from mllm.merge.methods.spherical import add_block, block_gram, combine, task_vectors
+from mllm.merge.methods.spherical import add_block, block_gram, combine, gram_scan_result, task_vectors
 from mllm.merge.tensors import MergeError
 
 
@@ -78,7 +78,7 @@ class Multislerp(MergeMethod):
 
     @classmethod
     def scan_result(cls, state: dict[str, Any], params: MultislerpParams, info: TensorInfo) -> dict[str, Any]:
-        return {"gram": state["gram"]} if "gram" in state else {}
+        return gram_scan_result(state)
 
     @classmethod
     def merge(cls, tensors: dict[str, torch.Tensor], base: torch.Tensor | None, params: MultislerpParams,

@@ -33,6 +33,7 @@ from mllm.merge.methods.spherical import (
     add_block,
     block_gram,
     combine,
+    gram_scan_result,
     spans_rows,
     task_vectors,
     vector_axis,
@@ -89,7 +90,7 @@ class Nuslerp(MergeMethod):
 
     @classmethod
     def scan_result(cls, state: dict[str, Any], params: NuslerpParams, info: TensorInfo) -> dict[str, Any]:
-        return {"gram": state["gram"]} if "gram" in state else {}
+        return gram_scan_result(state)
 
     @classmethod
     def merge(cls, tensors: dict[str, torch.Tensor], base: torch.Tensor | None, params: NuslerpParams,

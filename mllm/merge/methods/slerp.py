@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from mllm.merge.methods.base import MergeMethod, TensorInfo
-from mllm.merge.methods.spherical import add_block, block_gram, combine
+from mllm.merge.methods.spherical import add_block, block_gram, combine, gram_scan_result
 
 DOT_THRESHOLD = 0.9995  # mergekit's: nearly collinear (or antipodal) pairs interpolate linearly
 EPS = 1e-8  # mergekit's: a norm at or below this is taken as 1
@@ -62,7 +62,7 @@ class Slerp(MergeMethod):
 
     @classmethod
     def scan_result(cls, state: dict[str, Any], params: SlerpParams, info: TensorInfo) -> dict[str, Any]:
-        return {"gram": state["gram"]}
+        return gram_scan_result(state)
 
     @classmethod
     def merge(cls, tensors: dict[str, torch.Tensor], base: torch.Tensor | None, params: SlerpParams,

@@ -52,6 +52,12 @@ def add_block(state: dict[str, Any], vectors: Sequence[torch.Tensor], axis: Axis
     state["gram"] = g if "gram" not in state else state["gram"].add_(g)
 
 
+def gram_scan_result(state: dict[str, Any]) -> dict[str, Any]:
+    """The scan's result handed to ``merge`` as ``info.prepared``: the accumulated inner products (none
+    when no block spanned rows, e.g. a row-wise vector, whose products each block computes itself)."""
+    return {"gram": state["gram"]} if "gram" in state else {}
+
+
 def block_gram(prepared: Any, vectors: Sequence[torch.Tensor], axis: Axis, ndim: int) -> torch.Tensor:
     """The inner products a row block is merged with: the scan's sums when the vectors span rows (and a
     scan ran), else those of the block itself (a row-local vector, or a whole tensor merged directly)."""
