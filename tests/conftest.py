@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 # Any attempt to reach a model hub must fail loudly in tests.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -12,6 +14,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The suite runs on the CPU: models load onto CUDA by default when it is there, while the tests' batches
 # are built on the CPU. Set CUDA_VISIBLE_DEVICES yourself to run GPU checks.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+# Shared builders of test models (hf_families.py) import as top-level modules, as benchmarks/ scripts do.
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
