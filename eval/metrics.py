@@ -1,9 +1,10 @@
 """Evaluation metrics as pure functions, each matching an official scorer.
 
-* VQA accuracy (VQAv2 ``vqaEval.py``, GT-Vision-Lab/VQA): a prediction is normalised by
-  ``processPunctuation`` then ``processDigitArticle``; its accuracy against the human answers
-  ``a_1..a_n`` (n = 10) is the mean over the n leave-one-out subsets
-  ``acc = 1/n * sum_i min(1, #{j != i : a_j == pred} / 3)``.
+* VQA accuracy (VQAv2 ``vqaEval.py``, GT-Vision-Lab/VQA at a013f00, "Fixed processing answers bug",
+  2021): unless the human answers all agree, the prediction and every answer are normalised by
+  ``processPunctuation`` then ``processDigitArticle``; the accuracy against the answers ``a_1..a_n``
+  (n = 10) is the mean over the n leave-one-out subsets ``acc = 1/n * sum_i min(1, #{j != i : a_j == pred} / 3)``
+  (Antol et al., 2015, arXiv:1505.00468, Sec. 2).
 * TextVQA accuracy (LLaVA's ``m4c_evaluator.TextVQAAccuracyEvaluator``, from MMF/EvalAI): the same
   leave-one-out formula, with the EvalAI answer processor applied to the prediction *and* every answer.
 * GQA (LLaVA ``convert_gqa_for_eval.py`` + GQA ``eval.py`` v1.2, gqadataset.org): exact match, the
@@ -95,10 +96,14 @@ def process_digit_article(text: str) -> str:
     return " ".join(CONTRACTIONS.get(w, w) for w in words)
 
 
+def strip_vqa_whitespace(text: str) -> str:
+    """What vqaEval.py does to every answer and prediction first: newlines and tabs -> spaces, strip."""
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_vqa_answer(text: str) -> str:
-    """The official VQA processing of a predicted answer (vqaEval.py ``evaluate``)."""
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    return process_digit_article(process_punctuation(text))
+    """The full official VQA processing of one answer: whitespace, punctuation, digits/articles/contractions."""
+    return process_digit_article(process_punctuation(strip_vqa_whitespace(text)))
 
 
 def evalai_normalize(text: str) -> str:
@@ -119,22 +124,26 @@ def _leave_one_out(prediction: str, answers: Sequence[str]) -> float:
     matches = sum(a == prediction for a in answers)
     total = Fraction(0)
     for a in answers:
-        # Leaving out answer i removes one match exactly when answer i itself matches.
+        # Leaving out answer i removes one match exactly when answer i itself matches. (vqaEval.py drops
+        # the answer records unequal to record i; VQAv2 records carry distinct ``answer_id``s, so one.)
         total += min(Fraction(1), Fraction(matches - (a == prediction), 3))
     return float(total / len(answers))
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """VQAv2 accuracy of one prediction, exactly as vqaEval.py computes it.
+    """VQA accuracy of one prediction, as vqaEval.py (GT-Vision-Lab/VQA, commit a013f00, 2021) computes it.
 
-    ``answers`` are the human answers as stored in the official annotation file (already normalised by
-    the dataset authors). Like the official script, they get punctuation processing only, and only when
-    they are not all identical; the prediction gets the full :func:`normalize_vqa_answer`.
+    Both sides first get :func:`strip_vqa_whitespace`. Then, only when the answers (so stripped) are not
+    all identical, the prediction *and* every answer get ``processPunctuation`` and
+    ``processDigitArticle`` (:func:`normalize_vqa_answer`). When all answers agree, neither side is
+    processed further: the prediction must equal the answer as written ("Two" or "yes." score 0 against
+    ten "2" or ten "yes"). Then the leave-one-out mean of ``min(1, matches / 3)``.
     """
-    pred = normalize_vqa_answer(prediction)
-    gts = list(answers)
+    pred = strip_vqa_whitespace(prediction)
+    gts = [strip_vqa_whitespace(a) for a in answers]
     if len(set(gts)) > 1:
-        gts = [process_punctuation(a) for a in gts]
+        pred = normalize_vqa_answer(pred)
+        gts = [normalize_vqa_answer(a) for a in gts]
     return _leave_one_out(pred, gts)
 
 

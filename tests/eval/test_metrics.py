@@ -72,20 +72,48 @@ def test_two_of_ten_humans_gives_0_6_exactly() -> None:
 @pytest.mark.parametrize(
     ("n_match", "expected"),
     # 0: 0. 1: dropping the match -> 0 (1 subset), else 1/3 (9) -> 3/10. 3: 2/3 (3) and 1 (7) -> 9/10.
-    # 4 or more: every subset keeps >= 3 matches -> 1.
-    [(0, 0.0), (1, 0.3), (3, 0.9), (4, 1.0), (10, 1.0)],
+    # 4 or more: every subset keeps >= 3 matches -> 1. (10 matches: all agree, see below.)
+    [(0, 0.0), (1, 0.3), (3, 0.9), (4, 1.0), (9, 1.0)],
 )
 def test_vqa_accuracy_leave_one_out(n_match: int, expected: float) -> None:
     answers = ["cat"] * n_match + ["dog"] * (10 - n_match)
     assert vqa_accuracy("A cat.", answers) == pytest.approx(expected, abs=1e-12)
 
 
-def test_vqa_answers_get_punctuation_only_when_they_disagree() -> None:
-    # Official rule: ground-truth answers are punctuation-processed only if not all identical.
-    assert vqa_accuracy("red blue", ["red-blue"] * 4 + ["green"] * 6) == 1.0  # "red-blue" -> "red blue"
-    assert vqa_accuracy("red blue", ["red-blue"] * 10) == 0.0  # identical: compared raw
-    # ... and never get digit/article processing: "two" in an annotation does not match "2".
-    assert vqa_accuracy("2", ["two"] * 10) == 0.0
+def test_vqa_all_ten_agree_compares_stripped_text_only() -> None:
+    # vqaEval.py (a013f00): with one distinct answer neither side is punctuation/digit/article processed;
+    # only newlines/tabs -> spaces and strip apply.
+    assert vqa_accuracy("cat", ["cat"] * 10) == 1.0
+    assert vqa_accuracy(" cat\n", ["cat"] * 10) == 1.0
+    assert vqa_accuracy("A cat.", ["cat"] * 10) == 0.0  # article and period stay on the prediction
+    assert vqa_accuracy("Two", ["2"] * 10) == 0.0  # no number-word map, no lower-casing
+    assert vqa_accuracy("2", ["two"] * 10) == 0.0  # ... nor on the answers
+    assert vqa_accuracy("two", ["two"] * 10) == 1.0
+    assert vqa_accuracy("red blue", ["red-blue"] * 10) == 0.0  # '-' kept on the answers
+    assert vqa_accuracy("red blue", ["red-blue\t"] + ["red-blue"] * 9) == 0.0  # identical once stripped
+
+
+@pytest.mark.parametrize(
+    ("prediction", "answers", "expected"),
+    [
+        # Once the answers disagree, both sides are fully processed. 3 of 10 match -> 9/10, 2 -> 6/10.
+        ("2", ["two"] * 3 + ["3"] * 7, 0.9),  # answer number words -> digits
+        ("Two", ["2"] * 3 + ["3"] * 7, 0.9),  # prediction lower-cased, then mapped
+        ("none", ["0"] * 2 + ["1"] * 8, 0.6),  # "none" -> "0"
+        ("cat", ["the cat"] * 3 + ["dog"] * 7, 0.9),  # articles dropped from the answers
+        ("An apple", ["apple"] * 2 + ["pear"] * 8, 0.6),  # ... and from the prediction
+        ("red blue", ["red-blue"] * 4 + ["green"] * 6, 1.0),  # '-' touching no space -> ' '
+        ("1000", ["1,000"] * 2 + ["2000"] * 8, 0.6),  # digit-comma-digit: every mark deleted
+        ("1,000", ["1000"] * 2 + ["2000"] * 8, 0.6),
+        ("yes.", ["yes"] * 3 + ["no"] * 7, 0.9),  # '.' not followed by a digit dropped
+        ("3.5", ["3.5"] * 3 + ["35"] * 7, 0.9),  # '.' followed by a digit kept: "3.5" != "35"
+        ("dont", ["don't"] * 2 + ["no"] * 8, 0.6),  # contractions table on the prediction
+        ("don't", ["dont"] * 2 + ["no"] * 8, 0.6),  # ... and on the answers
+        ("Im", ["I'm"] * 3 + ["me"] * 7, 0.0),  # "im" (lower-cased before lookup) vs "i'm"
+    ],
+)
+def test_vqa_disagreeing_answers_normalise_both_sides(prediction: str, answers: list[str], expected: float) -> None:
+    assert vqa_accuracy(prediction, answers) == pytest.approx(expected, abs=1e-12)
 
 
 def test_textvqa_accuracy_normalises_both_sides() -> None:
