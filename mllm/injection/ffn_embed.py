@@ -11,8 +11,16 @@ official code), the method DEHVF extends. For a chosen LLM block ``l`` with FFN 
 1. ``F_m`` ``[B, N, d_v]``: the encoder layers ``m in M`` the encoder taps (the per-layer dict).
 2. Layer query ``q_l = mean_t x_l[t]`` over the prompt tokens (``VisualContext.query_mask``),
    computed at prefill and frozen for decoding, so decoding stays causal-consistent.
-3. Selection ``beta_l = softmax(W_l q_l / tau)`` ``[B, |M|]``; a per-layer ``W_l`` (zero init =
-   uniform weights); ``top_k > 0`` keeps the k largest weights, renormalised.
+3. Selection ``beta_l = softmax((W_l q_l + b_l) / tau)`` ``[B, |M|]`` with a per-layer linear selector.
+   ``top_k = 0``: soft over all tapped layers, ``W_l = b_l = 0`` at init (uniform weights).
+   ``top_k > 0``: exactly the k largest logits are kept and their weights renormalised; equal logits
+   go to the tapped layer listed first, so the choice is never a tie. ``W_l = 0`` and ``b_l`` starts at
+   the depth prior of :func:`depth_prior`: at the first step LLM layer ``l`` reads the k tapped layers
+   nearest its own relative depth, the abstract's "hierarchical features corresponding to semantic
+   granularity" (shallow LLM layers, shallow ViT layers). The renormalising sum is held constant in
+   the backward pass, so the selector gets the gradient of the kept softmax weights ``p_m`` (the
+   gate value of Switch Transformer's top-k routing, Fedus et al., 2022, arXiv 2101.03961, eqs. 1-2):
+   without it a top-1 choice would have weight 1 whatever the logits, and no gradient.
 4. ``Z_l = s_v * Proj(sum_m beta_{l,m} F_m)`` ``[B, N', d]`` with the MLLM's projector as the shared
    ``Proj`` (built on one encoder layer's width) and ``s_v = 0.01`` (MemVP). The paper does not fix
    the order; ``order: project_then_fuse`` gives ``Z_l = s_v * sum_m beta_{l,m} Proj(F_m)`` instead: the
@@ -33,6 +41,7 @@ Mistral, Gemma and Phi layers): its input is ``x_l``, and the memory read is add
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
@@ -55,7 +64,7 @@ from mllm.injection.base import (
 class FFNEmbedConfig:
     layers: list[int] = field(default_factory=list)  # LLM layers whose FFN gets visual memory; empty = all
     temperature: float = 1.0  # tau of the layer-selection softmax
-    top_k: int = 0  # keep the k largest selection weights (renormalised); 0 = soft over all tapped layers
+    top_k: int = 0  # keep exactly the k largest selection weights (renormalised); 0 = soft over all tapped layers
     scale: float = 0.1  # s, MemVP's adapter_scale
     visual_scale: float = 0.01  # s_v: Z = s_v * Proj(fused feature), as MemVP scales its visual prompts
     pos_init_std: float = 0.02  # P_k ~ N(0, std^2); P_v starts at 0
@@ -69,11 +78,22 @@ class FFNEmbedConfig:
 
 
 def select_weights(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
-    """``softmax(logits / tau)`` over encoder layers, optionally restricted to the ``top_k`` largest."""
-    if 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.softmax(logits / temperature, dim=-1)
+    """``softmax(logits / tau)`` over encoder layers, or, with ``top_k``, its ``top_k`` largest entries
+    renormalised (step 3 of the module docstring): ties go to the lower index, the sum is constant in backward."""
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if not 0 < top_k < logits.shape[-1]:
+        return probs
+    kept = torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., :top_k]  # stable: lower index first
+    probs = probs * torch.zeros_like(probs).scatter(-1, kept, 1.0)
+    return probs / probs.sum(-1, keepdim=True).detach()
+
+
+def depth_prior(layer: int, num_layers: int, encoder_layers: Sequence[int]) -> torch.Tensor:
+    """``-|r_l - r_m|`` ``[|M|]``: how far LLM layer ``l``'s relative depth ``l / (L - 1)`` lies from each tapped
+    encoder layer's place in the tapped range, ``(m - min M) / (max M - min M)`` (0 = shallowest, 1 = deepest)."""
+    low, span, depth = min(encoder_layers), max(max(encoder_layers) - min(encoder_layers), 1), max(num_layers - 1, 1)
+    # integer numerators over one denominator: equal distances are equal floats, so ties stay ties
+    return torch.tensor([-abs((m - low) * depth - layer * span) / (span * depth) for m in encoder_layers])
 
 
 def mix(beta: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
@@ -101,9 +121,10 @@ class FFNEmbedInjector(Injector):
         if cfg.top_k > len(spec.encoder_layers):
             raise InjectionError(f"ffn_embed.top_k: {cfg.top_k} exceeds the {len(spec.encoder_layers)} tapped encoder layers")
         self.select = nn.ModuleDict({str(i): nn.Linear(spec.hidden_size, len(spec.encoder_layers)) for i in self.layer_ids})
-        for lin in self.select.values():  # uniform selection at init
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
+        with torch.no_grad():  # step 3: uniform soft selection, or the depth prior for top-k
+            for i, lin in self.select.items():
+                lin.weight.zero_()
+                lin.bias.copy_(depth_prior(int(i), spec.num_layers, spec.encoder_layers) * bool(cfg.top_k))
         self.pos_k = nn.Parameter(torch.randn(spec.num_visual_tokens, spec.hidden_size) * cfg.pos_init_std)
         self.pos_v = nn.Parameter(torch.zeros(spec.num_visual_tokens, spec.hidden_size))
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mllm.injection.ffn_embed import memory_read, select_weights
+from mllm.injection.base import InjectionSpec
+from mllm.injection.ffn_embed import FFNEmbedConfig, FFNEmbedInjector, memory_read, select_weights
 from mllm.model import MLLM, ModelError
 
 FAMILIES = ["llama", "qwen2"]
@@ -114,3 +115,42 @@ def test_configuration_errors(kit: Any, word_tokenizer: Any) -> None:
         kit.build(word_tokenizer, "llama", [{**DEHVF, "top_k": 3}], splice=False, layers=[0, 1])
     with pytest.raises(ModelError, match="layer 4 is out of range for a 4-layer LLM"):
         kit.build(word_tokenizer, "llama", [{**DEHVF, "layers": [4]}], splice=False)
+
+
+def test_top_k_breaks_ties_by_layer_order_and_keeps_a_gradient() -> None:
+    logits = torch.zeros(1, 3, requires_grad=True)
+    beta = select_weights(logits, 1.0, 2)
+    torch.testing.assert_close(beta, torch.tensor([[0.5, 0.5, 0.0]]))  # equal logits: the first two layers
+    (beta * torch.tensor([1.0, 0.0, 0.0])).sum().backward()
+    # d beta_0 / d logit_j = p_0 (delta_0j - p_j) / (p_0 + p_1) with p = 1/3 each, the kept sum held constant
+    torch.testing.assert_close(logits.grad, torch.tensor([[1 / 3, -1 / 6, -1 / 6]]))
+    top1 = torch.tensor([[0.0, 1.0]], requires_grad=True)
+    beta = select_weights(top1, 1.0, 1)
+    assert beta.tolist() == [[0.0, 1.0]]
+    beta[0, 1].backward()
+    p = 1.0 / (1.0 + math.exp(-1.0))  # softmax weight of the chosen layer: d/dlogits = [-p(1-p), p(1-p)] / p
+    torch.testing.assert_close(top1.grad, torch.tensor([[-(1.0 - p), 1.0 - p]]))
+
+
+def test_top_k_selects_exactly_k_nearest_in_depth_at_the_first_step() -> None:
+    spec = InjectionSpec(hidden_size=8, num_layers=4, num_visual_tokens=4, visual_grid=(2, 2),
+                         encoder_layers=(0, 1, 2, 3), encoder_dim=8)
+    injector = FFNEmbedInjector(FFNEmbedConfig(top_k=2), spec)
+    query = torch.randn(3, 8)
+    beta = {i: select_weights(injector.select[str(i)](query), 1.0, 2) for i in range(4)}
+    # LLM layer l at relative depth l/3 against encoder layers at m/3: layer 1 is as far from 0 as from 2,
+    # the tie goes to 0 (listed first); layer 2 likewise keeps 1 before 3
+    assert {i: b.gt(0).nonzero()[:, 1].view(3, 2).tolist() for i, b in beta.items()} == {
+        0: [[0, 1]] * 3, 1: [[0, 1]] * 3, 2: [[1, 2]] * 3, 3: [[2, 3]] * 3}
+    near = 1.0 / (1.0 + math.exp(-1.0 / 3.0))  # logits 0 and -1/3 for the nearest and the next layer
+    torch.testing.assert_close(beta[0][0], torch.tensor([near, 1.0 - near, 0.0, 0.0]))
+    torch.testing.assert_close(beta[1][0], torch.tensor([1.0 - near, near, 0.0, 0.0]))
+    soft = FFNEmbedInjector(FFNEmbedConfig(top_k=0), spec)
+    assert all(lin.bias.abs().sum() == 0 for lin in soft.select.values())  # soft selection starts uniform
+
+
+def test_top_k_selector_trains(kit: Any, word_tokenizer: Any) -> None:
+    model = kit.build(word_tokenizer, "llama", [{**DEHVF, "top_k": 1}], splice=False, layers=[0, 1]).train()
+    model(**kit.prompt_batch(model, kit.images(1)[0], "how many?", [7, 2])).loss.backward()
+    for lin in model.injectors[0].select.values():
+        assert lin.weight.grad.abs().sum() > 0 and lin.bias.grad.abs().sum() > 0
