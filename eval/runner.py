@@ -8,7 +8,9 @@
   machine crash can take to that much work, which resume then recomputes);
 * ``protocol.json`` — prompt version and template, generation kwargs, coordinate convention, ...;
   resuming under a different protocol is refused;
-* ``metrics.json`` (atomic) — the task's metrics plus ``"protocol"``; ``results.md`` — the table.
+* ``metrics.json`` (atomic) — the task's metrics, ``main_metric`` (the name of the first, its headline),
+  the reasoning chains counted (``n_chain``, ``n_unterminated``: see ``eval/reasoning.py``) and
+  ``"protocol"``; ``results.md`` — the table.
 
 Under ``accelerate launch`` each process takes a strided shard of the unfinished samples and appends
 to its own ``predictions.rank{r}.jsonl``; rank 0 then gathers all files (shared file system),
@@ -36,6 +38,7 @@ from tqdm.auto import tqdm
 
 from common.atomic import atomic_write
 from common.errors import UserError
+from eval.reasoning import EXTRACTION, chain_counts, split_reasoning
 from eval.tasks.base import EvalSample, Task
 
 PREDICTIONS = "predictions.jsonl"
@@ -108,8 +111,10 @@ def predictions_path(out_dir: Path, dist: Dist) -> Path:
 
 
 def run_protocol(task: Task, cfg: EvalConfig) -> dict[str, Any]:
-    """What must not change between a run and its resumption (batch size and limit may)."""
-    return {**task.protocol(), "generation_kwargs": generation_kwargs(task, cfg)}
+    """What must not change between a run and its resumption (batch size and limit may). The answer
+    extraction is part of it: a file written before reasoning chains were split off (no such key) is
+    refused on resume rather than scored under two rules."""
+    return {**task.protocol(), "generation_kwargs": generation_kwargs(task, cfg), "answer_extraction": EXTRACTION}
 
 
 def generation_kwargs(task: Task, cfg: EvalConfig) -> dict[str, Any]:
@@ -249,11 +254,14 @@ def generate_shard(
 
 
 def _record(task: Task, index: int, sample: EvalSample, prompt: str, text: str) -> dict[str, Any]:
-    parsed = task.parse(sample, text)
+    """The sample's record: the raw ``prediction``, the ``answer`` the task parses (the text after any
+    reasoning chain, :func:`eval.reasoning.split_reasoning`) and the ``chain`` status."""
+    _, answer, chain = split_reasoning(text)
+    parsed = task.parse(sample, answer)
     return {
         "id": sample.id, "index": index, "type": sample.type, "prompt": prompt, "prediction": text,
-        "parsed": parsed, "reference": sample.reference, "score": task.score(sample, parsed),
-        "meta": sample.meta,
+        "answer": answer, "chain": chain, "parsed": parsed, "reference": sample.reference,
+        "score": task.score(sample, parsed), "meta": sample.meta,
     }
 
 
@@ -276,8 +284,9 @@ def gather(task: Task, cfg: EvalConfig, out_dir: Path, n_total: int, processes: 
     for path in files:
         if path != target:
             path.unlink()
+    scores = task.aggregate(records)
     metrics = {
-        "task": task.name, **task.aggregate(records),
+        "task": task.name, **scores, "main_metric": next(iter(scores)), **chain_counts(records),
         "protocol": {
             **run_protocol(task, cfg), "batch_size": cfg.batch_size, "batch_order": SCHEDULE, "limit": cfg.limit,
         },

@@ -5,8 +5,11 @@ the model's text into an answer, scores it, and aggregates per-sample records in
 (`eval/runner.py`) owns batching, files and resume; a task never sees the model.
 
 Records are the JSON lines the runner writes, one per sample:
-``{"id", "index", "type", "prompt", "prediction", "parsed", "reference", "score", "meta"}``;
-:meth:`Task.aggregate` reads only these, so metrics can be recomputed from the JSONL alone.
+``{"id", "index", "type", "prompt", "prediction", "answer", "chain", "parsed", "reference", "score", "meta"}``
+where ``prediction`` is the model's raw text and ``answer`` what :meth:`Task.parse` was given: the text
+after any ``<think> … </think>`` reasoning chain (``chain``: none, closed or unterminated; see
+``eval/reasoning.py``), so a task's parser never sees a chain. :meth:`Task.aggregate` reads only these
+records, so metrics can be recomputed from the JSONL alone.
 """
 
 from __future__ import annotations
@@ -69,7 +72,10 @@ class Task(Protocol):
 
     def score(self, sample: EvalSample, parsed: Any) -> float: ...
 
-    def aggregate(self, records: list[dict[str, Any]]) -> dict[str, Any]: ...
+    def aggregate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """The metrics of ``records``; the first entry is the task's headline metric (the one the summary
+        of several tasks shows)."""
+        ...
 
     def protocol(self) -> dict[str, Any]: ...
 
