@@ -70,11 +70,6 @@ def test_fit_decay_recovers_an_exact_exponential() -> None:
         fit_decay([0.5, 0.0])
 
 
-def test_prior_and_alpha_are_exclusive() -> None:
-    with pytest.raises(ValueError, match="either"):
-        FrankParams(prior="p.json", alpha=0.1)
-
-
 # --- end to end: a tiny LLaVA (V), a reasoning Llama (R) and their base -------------------------
 @pytest.fixture(scope="module")
 def frank_models(tmp_path_factory: pytest.TempPathFactory, ckpt) -> dict[str, Path]:
@@ -173,3 +168,30 @@ def test_frank_block_wise_statistics_match_whole_tensors(tmp_path: Path, ckpt, f
     assert [r["lambda_V"] for r in a] == pytest.approx([r["lambda_V"] for r in b], rel=1e-9)
     sa, sb = ckpt.state_of(whole), ckpt.state_of(blocked)
     assert all(torch.allclose(sa[n], sb[n], atol=1e-7) for n in sa)
+
+
+def test_frank_outside_frank_merges_each_outer_tensor_with_eq13(tmp_path: Path, ckpt, llamas) -> None:
+    """``outside: frank``: embeddings, final norm and lm_head each get Eq. 13 over their own ||tau||^2 (no
+    prior, whatever the blocks use), by hand from the checkpoints (V = llama a, R = llama b, same vocab)."""
+    path = ckpt.write_yaml(tmp_path / "f.yaml", {
+        "merge_method": "frank", "base_model": str(llamas["base"]),
+        "models": [{"model": str(llamas["a"])}, {"model": str(llamas["b"])}],
+        "parameters": {"prior": "linear", "outside": "frank"},
+    })
+    out = run_merge(path, tmp_path / "out")
+    merged, base = ckpt.state_of(out), ckpt.state_of(llamas["base"])
+    v, r = ckpt.state_of(llamas["a"]), ckpt.state_of(llamas["b"])
+    other = json.loads((out / "frank_coefficients.json").read_text())["other_tensors"]
+    outer = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+    assert sorted(other) == sorted(outer)
+    for n in outer:
+        nv, nr = float(((v[n] - base[n]) ** 2).sum()), float(((r[n] - base[n]) ** 2).sum())
+        lam_v = nv / (nv + nr)
+        assert other[n]["w_V"] == 0.5 and other[n]["lambda_V"] == pytest.approx(lam_v, rel=1e-6)
+        assert torch.allclose(merged[n], base[n] + lam_v * (v[n] - base[n]) + (1 - lam_v) * (r[n] - base[n]),
+                              atol=1e-6), n
+    # the blocks still follow the linear prior: block 1 is all V, the last all R
+    n = "model.layers.0.mlp.down_proj.weight"
+    assert torch.allclose(merged[n], v[n], atol=1e-6)
+    n = "model.layers.3.mlp.down_proj.weight"
+    assert torch.allclose(merged[n], r[n], atol=1e-6)
