@@ -7,6 +7,9 @@
   (Antol et al., 2015, arXiv:1505.00468, Sec. 2).
 * TextVQA accuracy (LLaVA's ``m4c_evaluator.TextVQAAccuracyEvaluator``, from MMF/EvalAI): the same
   leave-one-out formula, with the EvalAI answer processor applied to the prediction *and* every answer.
+* VizWiz accuracy (the VizWiz challenge's vqaEval.py): the same formula; the prediction always processed,
+  the answers as stored. AI2D multiple choice as lmms-eval scores it (leading-letter filter, exact match
+  ignoring case and punctuation). ChartQA, DocVQA and OCRBench metrics live in ``eval/doc_metrics.py``.
 * GQA (LLaVA ``convert_gqa_for_eval.py`` + GQA ``eval.py`` v1.2, gqadataset.org): exact match, the
   binary/open split, validity and plausibility (``belongs``), consistency over entailed questions and the
   chi-square answer-distribution score. ScienceQA letter extraction
@@ -17,6 +20,7 @@
 from __future__ import annotations
 
 import re
+import string
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from fractions import Fraction
@@ -145,6 +149,17 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
         pred = normalize_vqa_answer(pred)
         gts = [normalize_vqa_answer(a) for a in gts]
     return _leave_one_out(pred, gts)
+
+
+def vizwiz_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """VizWiz-VQA accuracy as the VizWiz challenge's ``vqaEval.py`` (VizWiz VQA API; Gurari et al., 2018,
+    arXiv:1802.08218) computes it.
+
+    Unlike VQAv2's script: the prediction always gets the full processing (:func:`normalize_vqa_answer`,
+    whatever the answers), and the answers are compared exactly as stored (no stripping, no processing).
+    "unanswerable" is an answer like any other. Leave-one-out by position, as in :func:`vqa_accuracy`.
+    """
+    return _leave_one_out(normalize_vqa_answer(prediction), list(answers))
 
 
 def textvqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
@@ -306,6 +321,24 @@ def scienceqa_choice(prediction: str, n_choices: int) -> int | None:
     if letter is None or letter not in SCIENCEQA_OPTIONS[:n_choices]:
         return None
     return SCIENCEQA_OPTIONS.index(letter)
+
+
+# lmms-eval's ``MultiChoiceRegexFilter`` (ai2d/utils.py): a leading "X." gives the letter X.
+_LEADING_LETTER = re.compile(r"^\s*([A-Z])\.")
+_PUNCTUATION_TABLE = str.maketrans("", "", string.punctuation)
+
+
+def lmms_choice_filter(text: str) -> str:
+    """lmms-eval's AI2D answer filter: the letter of a leading "X." (spaces before it allowed), else the
+    whole response unchanged."""
+    match = _LEADING_LETTER.match(text)
+    return match.group(1) if match else text
+
+
+def lmms_exact_match(prediction: str, target: str) -> float:
+    """lmms-eval ``exact_match`` with ``ignore_case`` and ``ignore_punctuation``: both sides lower-cased and
+    stripped of ``string.punctuation``, then compared whole (whitespace is kept: " b" != "b")."""
+    return float(prediction.lower().translate(_PUNCTUATION_TABLE) == target.lower().translate(_PUNCTUATION_TABLE))
 
 
 def pope_answer_is_yes(prediction: str) -> bool:

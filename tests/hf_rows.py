@@ -43,3 +43,8 @@ def save_to_disk(rows: list[dict[str, Any]], folder: Path, image_columns: tuple[
         ds = ds.cast_column(column, datasets.Image())
     ds.save_to_disk(str(folder))
     return folder
+
+
+def sample_view(task: Any) -> list[tuple[Any, ...]]:
+    """What a task hands the runner, images decoded: equal views mean equal samples in equal order."""
+    return [(s.id, task.build_prompt(s), s.reference, s.type, s.meta, s.load_image().tobytes()) for s in task.samples()]

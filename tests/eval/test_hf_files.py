@@ -9,7 +9,7 @@ import pytest
 from hf_rows import hf_image, png, save_to_disk, write_parquet
 
 from eval.tasks.base import EvalDataError
-from eval.tasks.hf_files import image_bytes, read_rows
+from eval.tasks.hf_files import image_bytes, is_hf_copy, read_rows, read_split, revision_files
 
 ROWS = [{"question_id": i, "question": f"q{i}", "image": hf_image(png((10 * i, 0, 0)))} for i in range(5)]
 
@@ -60,3 +60,13 @@ def test_image_bytes() -> None:
         image_bytes({"bytes": None, "path": "a.png"}, "row 3")
     with pytest.raises(EvalDataError, match="row 3: expected an embedded image"):
         image_bytes("a.png", "row 3")
+
+
+def test_read_split_picks_the_split_shards_of_a_snapshot(tmp_path: Path) -> None:
+    write_parquet(ROWS[:2], tmp_path / "hub", "val", shards=2)
+    write_parquet(ROWS[2:], tmp_path / "hub", "test")
+    assert [r["question_id"] for r in read_split(tmp_path / "hub", "val")] == [0, 1]
+    assert [r["question_id"] for r in read_split(tmp_path / "hub", "test")] == [2, 3, 4]
+    assert [Path(f).name for f in revision_files(tmp_path / "hub", "val")] == \
+        ["val-00000-of-00002.parquet", "val-00001-of-00002.parquet"]
+    assert is_hf_copy(tmp_path / "hub") and not is_hf_copy(tmp_path / "hub" / "missing.json")

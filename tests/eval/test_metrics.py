@@ -16,6 +16,7 @@ from eval.metrics import (
     process_punctuation,
     scienceqa_choice,
     textvqa_accuracy,
+    vizwiz_accuracy,
     vqa_accuracy,
     xywh_to_xyxy,
 )
@@ -114,6 +115,16 @@ def test_vqa_all_ten_agree_compares_stripped_text_only() -> None:
 )
 def test_vqa_disagreeing_answers_normalise_both_sides(prediction: str, answers: list[str], expected: float) -> None:
     assert vqa_accuracy(prediction, answers) == pytest.approx(expected, abs=1e-12)
+
+
+def test_vizwiz_accuracy_processes_the_prediction_only() -> None:
+    # The VizWiz script: prediction always fully processed, answers compared as stored.
+    assert vizwiz_accuracy("Two", ["2"] * 10) == 1.0  # vqa_accuracy gives 0 here (all ten agree)
+    assert vizwiz_accuracy("2", ["two"] * 10) == 0.0  # "two" on the answer side is not mapped
+    assert vizwiz_accuracy("Unanswerable.", ["unanswerable"] * 10) == 1.0
+    assert vizwiz_accuracy("cat", [" cat"] * 10) == 0.0  # answers not even stripped
+    # 2 of 10: dropping one of the 2 leaves 1/3 (2 subsets), else 2/3 (8 subsets) -> 0.6.
+    assert vizwiz_accuracy("A red-blue", ["red blue"] * 2 + ["red-blue"] * 8) == pytest.approx(0.6)
 
 
 def test_textvqa_accuracy_normalises_both_sides() -> None:
