@@ -149,3 +149,4 @@ EVAL_TASKS.register("refcocog", "eval.tasks.refcoco:RefCOCOgTask")
 EVAL_TASKS.register("arithmetic", "eval.tasks.arithmetic:ArithmeticTask")  # FRANK toy: text-only skill
 EVAL_TASKS.register("compositional", "eval.tasks.compositional:CompositionalTask")  # FRANK toy: count + arithmetic
 EVAL_TASKS.register("vizwiz_vqa_val", "eval.tasks.vizwiz:VizWizTask")
+EVAL_TASKS.register("mme", "eval.tasks.mme:MMETask")
