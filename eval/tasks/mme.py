@@ -28,6 +28,7 @@ records (``limit``) adds nothing, and a total with none of its subtasks is None.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,8 @@ from eval.tasks.base import (
     mean_score,
     per_type,
 )
-from eval.tasks.hf_files import image_bytes
-from eval.tasks.hub_copies import HubTask, lmms_eval_entry, split_rows
+from eval.tasks.hf_files import HFCopyTask, image_bytes, is_hf_copy, read_split
+from eval.tasks.hub_copies import lmms_eval_entry
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
               "artwork", "OCR")
@@ -104,7 +105,7 @@ def _release_rows(root: Path) -> Iterator[Row]:
 
 
 def _hub_rows(path: Path) -> Iterator[Row]:
-    for i, row in enumerate(split_rows(path, "test")):
+    for i, row in enumerate(read_split(path, "test")):
         where = f"{path}: row {i}"
         subtask = field_of(row, "category", str, where)
         if subtask not in SUBTASKS:
@@ -114,7 +115,16 @@ def _hub_rows(path: Path) -> Iterator[Row]:
                image_bytes(field_of(row, "image", (dict, bytes), where), where), where)
 
 
-class MMETask(HubTask[FileTaskConfig]):
+def _release_digest(root: Path) -> dict[str, Any]:
+    """The release folder's identity: its question files' count and one SHA-256 over their names and text."""
+    digest = hashlib.sha256()
+    files = sorted(root.rglob("*.txt"))
+    for f in files:
+        digest.update(f"{f.relative_to(root)}\0".encode() + f.read_bytes())
+    return {"folder": root.name, "question_files": len(files), "sha256": digest.hexdigest()[:16]}
+
+
+class MMETask(HFCopyTask[FileTaskConfig]):
     config_cls = FileTaskConfig
     name = "mme"
     prompt_version = "llava-1.5"
@@ -124,10 +134,13 @@ class MMETask(HubTask[FileTaskConfig]):
         if cfg.images is not None:
             raise EvalDataError(f"mme.images: not used (the images are in the release folder or embedded), got {cfg.images!r}")
 
+    def release_files(self) -> list[str]:
+        """None: the release folder's ~1200 files are recorded as one digest (:meth:`protocol_extra`)."""
+        return []
+
     def _rows(self) -> Iterator[Row]:
         data = Path(self.cfg.data)
-        release = data.is_dir() and any((data / s).is_dir() for s in SUBTASKS)
-        return _release_rows(data) if release else _hub_rows(data)
+        return _hub_rows(data) if is_hf_copy(data) else _release_rows(data)
 
     def samples(self) -> Iterator[EvalSample]:
         rows = sorted(self._rows(), key=lambda r: (SUBTASKS.index(r[0]), r[1]))  # stable: questions keep their order
@@ -163,5 +176,7 @@ class MMETask(HubTask[FileTaskConfig]):
         }
 
     def protocol_extra(self) -> dict[str, Any]:
-        return {"answer_parsing": "MME eval_tool calculation.py (first four characters)", "per_type": "subtask acc",
+        data = Path(self.cfg.data)
+        release = {} if is_hf_copy(data) else {"release_revision": _release_digest(data)}
+        return {**release, "answer_parsing": "MME eval_tool calculation.py (first four characters)", "per_type": "subtask acc",
                 "score": "100 (acc + acc+) per subtask, summed: perception /2000, cognition /800"}

@@ -91,6 +91,7 @@ def test_mme_scores_end_to_end(tmp_path: Path, scripted: Any) -> None:
     assert m["per_subtask"]["existence"] == {"acc": 0.75, "acc_plus": 0.5, "score": 125.0, "n_images": 2}
     assert m["per_subtask"]["count"] == {"acc": 0.5, "acc_plus": 0.0, "score": 50.0, "n_images": 1}
     assert list(m["per_subtask"]) == ["existence", "count", "artwork", "code_reasoning"]  # the tool's order
+    assert m["protocol"]["release_revision"]["question_files"] == 5 and m["protocol"]["dataset_revision"] == []
     assert m["accuracy"] == pytest.approx(8 / 10) and m["acc_plus"] == pytest.approx(3 / 5) and m["n"] == 10
     assert m["lmms_eval"] == [{"task": "mme", "metric": "mme_perception_score", "value": pytest.approx(375.0)},
                               {"task": "mme", "metric": "mme_cognition_score", "value": pytest.approx(200.0)}]
