@@ -28,11 +28,11 @@ with w_R(l) = 1 - w_V(l). The prior w_V (§3.2.3, Appendix A.9) comes from one o
   for any L -- the picture the paper describes. Which one the authors ran is not stated.
 * ``alpha: <rate>`` -- the ablation's fixed decay factor (FRANK-15B, MMMU: 0.3 -> 59.1, 0.5 -> 56.3;
   fitted 61.3): the decay rate alpha of e^{-alpha l} given instead of fitted, normalised by ``sum``
-  or ``max``. The rows are labelled only "fixed decay factor", which could also mean a per-layer
-  ratio w_V(l+1) / w_V(l) = 0.3; we read it as alpha, the prior's one decay parameter, under which
-  both rows decay from shallow to deep and the faster decay (0.5) loses more, as the table shows. The
-  ratio reading q is ``alpha: -ln q`` (q = 0.3 -> alpha = 1.204). ``share`` needs the fitted C, so it
-  takes a probe file, not ``alpha``.
+  or ``max``. "Fixed decay factor" could also mean a per-layer ratio w_V(l+1) / w_V(l) = 0.3; it is
+  read here as alpha, the prior's one decay parameter, under which both rows decay from shallow to
+  deep and the faster decay (0.5) scores lower, as the table shows. The ratio reading q is ``alpha:
+  -ln q`` (q = 0.3 -> alpha = 1.204). ``share`` needs the fitted C, so it takes a probe file, not
+  ``alpha``.
 * ``prior: linear`` -- the ablation's layer-indexed linear decay (59.6): w_V(l) = first + (last -
   first) (l - 1) / (L - 1), with ``prior_first`` (default 1) and ``prior_last`` (default 0); a probe
   file that is itself named ``linear`` is given as ``./linear``.
