@@ -1,4 +1,5 @@
-"""Gated cross-attention: hand-computed block, exact identity at init, visual flow, KV-cached generate."""
+"""Gated cross-attention: hand-computed block and Perceiver Resampler, exact identity at init, visual flow,
+KV-cached generate."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ import pytest
 import torch
 
 from mllm.injection.base import InjectionSpec
-from mllm.injection.gated_xattn import GatedXAttnBlock, GatedXAttnConfig, GatedXAttnInjector
+from mllm.injection.gated_xattn import (
+    GatedXAttnBlock,
+    GatedXAttnConfig,
+    GatedXAttnInjector,
+    PerceiverResampler,
+    ResamplerConfig,
+)
+from mllm.schema import ConfigError
 
 FAMILIES = ["llama", "qwen2"]
 XATTN = {"name": "gated_xattn", "heads": 2, "dim_head": 8, "ff_mult": 2}
@@ -84,3 +92,73 @@ def test_open_gates_carry_the_image_and_generate_uses_the_cache(kit: Any, word_t
     assert len(calls) == 2  # the visual keys/values of each of the 2 blocks, once for all decoding steps
     kit.assert_generate_matches_teacher_forcing(model)
     kit.assert_batch_equals_one_by_one(model)
+
+
+def _ln2(v: list[float]) -> list[float]:
+    """LayerNorm of a 2-vector (unit weight, zero bias): ``+-h / sqrt(h^2 + eps)`` with ``h = (a - b) / 2``."""
+    h = (v[0] - v[1]) / 2.0
+    return [h / math.sqrt(h * h + 1e-5), -h / math.sqrt(h * h + 1e-5)]
+
+
+def test_resampler_hand_computed() -> None:
+    resampler = PerceiverResampler(dim=2, cfg=ResamplerConfig(latents=1, depth=1, heads=1, dim_head=2, ff_mult=1))
+    layer = resampler.layers[0]
+    w_v = [[1.0, 2.0], [3.0, 4.0]]
+    with torch.no_grad():
+        for lin in (layer.to_q, layer.to_out, layer.ff[1], layer.ff[3]):
+            lin.weight.copy_(torch.eye(2))
+        layer.to_kv.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], *w_v]))  # W_k = I, then W_v
+        resampler.latents.copy_(torch.tensor([[0.0, 3.0]]))
+        resampler.time.copy_(torch.tensor([1.0, 0.0]))
+    media = [[1.0, 0.0], [0.0, 2.0]]
+    latent = [0.0, 3.0]
+    # keys/values read [LN(media + t) ; LN(latent)]; the query is LN(latent)
+    inputs = [_ln2([m[0] + 1.0, m[1]]) for m in media] + [_ln2(latent)]
+    q = _ln2(latent)
+    scores = [(q[0] * k[0] + q[1] * k[1]) / math.sqrt(2.0) for k in inputs]
+    weights = [math.exp(s) / sum(math.exp(t) for t in scores) for s in scores]
+    values = [[w_v[r][0] * n[0] + w_v[r][1] * n[1] for r in range(2)] for n in inputs]
+    z1 = [latent[c] + sum(w * v[c] for w, v in zip(weights, values, strict=True)) for c in range(2)]
+    gelu = [x * 0.5 * (1.0 + math.erf(x / math.sqrt(2.0))) for x in _ln2(z1)]
+    z2 = [z1[c] + gelu[c] for c in range(2)]
+    expected = torch.tensor([[_ln2(z2)]])
+    torch.testing.assert_close(resampler(torch.tensor([media])), expected)
+    # the media count is free; the output is always R latents
+    assert PerceiverResampler(8, ResamplerConfig(latents=3, depth=2, heads=2, dim_head=4))(
+        torch.randn(2, 7, 8)).shape == (2, 3, 8)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_resampled_latents_are_the_cross_attended_set(kit: Any, word_tokenizer: Any, family: str) -> None:
+    resampler = {"latents": 5, "depth": 2, "heads": 2, "dim_head": 8, "ff_mult": 2}
+    model = kit.build(word_tokenizer, family, [{**XATTN, "gate_init": 0.7, "every": 2, "resampler": resampler}],
+                      splice=False)
+    injector = model.injectors[0]
+    assert injector.cfg.resampler == ResamplerConfig(**resampler)
+    shapes, calls = [], []
+    for block in injector.blocks.values():
+        original = block.keys_values
+        block.keys_values = lambda v, _f=original: shapes.append(tuple(v.shape)) or _f(v)
+    injector.resampler.register_forward_hook(lambda *_: calls.append(1))
+    a, b = (kit.prompt_batch(model, im, "how many?", [7]) for im in kit.images(2))
+    width = model.llm.config.hidden_size
+    with torch.no_grad():
+        out = model(**a).logits
+        assert shapes == [(1, 5, width)] * 2 and len(calls) == 1 and out.shape[1] == a["input_ids"].shape[1]
+        assert not torch.allclose(out, model(**b).logits)  # the image reaches the logits through the latents
+    shapes.clear()
+    calls.clear()
+    model.generate_ids(kit.images(1), ["how many?"], max_new_tokens=5)
+    assert shapes == [(1, 5, width)] * 2 and len(calls) == 1  # once per context, reused while decoding
+    kit.assert_generate_matches_teacher_forcing(model)
+    model.train()
+    model(**a).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in injector.resampler.parameters())
+
+
+def test_resampler_config_errors(kit: Any, word_tokenizer: Any) -> None:
+    with pytest.raises(ConfigError, match=r"injectors\[0\]\.resampler\.latents: expected a positive integer, got 0"):
+        kit.build(word_tokenizer, "llama", [{**XATTN, "resampler": {"latents": 0}}], splice=False)
+    with pytest.raises(ConfigError, match=r"injectors\[0\]\.resampler\.dept: unknown key.*did you mean 'depth'"):
+        kit.build(word_tokenizer, "llama", [{**XATTN, "resampler": {"dept": 2}}], splice=False)
+    assert GatedXAttnConfig().resampler is None  # off unless a recipe asks for it
