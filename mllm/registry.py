@@ -150,3 +150,5 @@ EVAL_TASKS.register("arithmetic", "eval.tasks.arithmetic:ArithmeticTask")  # FRA
 EVAL_TASKS.register("compositional", "eval.tasks.compositional:CompositionalTask")  # FRANK toy: count + arithmetic
 EVAL_TASKS.register("vizwiz_vqa_val", "eval.tasks.vizwiz:VizWizTask")
 EVAL_TASKS.register("mme", "eval.tasks.mme:MMETask")
+EVAL_TASKS.register("mmbench_en_dev", "eval.tasks.mmbench:MMBenchTask")
+EVAL_TASKS.register("seedbench", "eval.tasks.seed:SEEDBenchTask")
