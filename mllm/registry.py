@@ -149,6 +149,10 @@ EVAL_TASKS.register("refcocog", "eval.tasks.refcoco:RefCOCOgTask")
 EVAL_TASKS.register("arithmetic", "eval.tasks.arithmetic:ArithmeticTask")  # FRANK toy: text-only skill
 EVAL_TASKS.register("compositional", "eval.tasks.compositional:CompositionalTask")  # FRANK toy: count + arithmetic
 EVAL_TASKS.register("vizwiz_vqa_val", "eval.tasks.vizwiz:VizWizTask")
+EVAL_TASKS.register("chartqa", "eval.tasks.chartqa:ChartQATask")
+EVAL_TASKS.register("docvqa_val", "eval.tasks.docvqa:DocVQATask")
+EVAL_TASKS.register("ocrbench", "eval.tasks.ocrbench:OCRBenchTask")
+EVAL_TASKS.register("ai2d", "eval.tasks.ai2d:AI2DTask")
 EVAL_TASKS.register("mme", "eval.tasks.mme:MMETask")
 EVAL_TASKS.register("mmbench_en_dev", "eval.tasks.mmbench:MMBenchTask")
 EVAL_TASKS.register("seedbench", "eval.tasks.seed:SEEDBenchTask")
