@@ -24,7 +24,7 @@ import dataclasses
 import importlib.util
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from mllm.injection.base import (
 )
 from mllm.loss import causal_lm_loss, supervised_positions
 from mllm.numbers import init_number_embeddings
+from mllm.placement import dispatch, load_device, plan_device_map
 from mllm.registry import AUX_HEADS, ENCODERS, INJECTORS, PROJECTORS
 from mllm.schema import ConfigError, Part, from_dict, read_yaml, to_dict
 from train.templates import IGNORE_INDEX, encode_prompt, get_template, image_token_id
@@ -520,7 +521,8 @@ class MLLM(AnswersText, nn.Module):
     @classmethod
     def from_pretrained(
         cls, directory: str | os.PathLike[str], device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None,
+        dtype: str | torch.dtype | None = None, device_map: str | None = None,
+        max_memory: Mapping[int | str, int | str] | None = None, offload_to_disk: bool = False,
     ) -> MLLM:
         """Load a folder written by :meth:`save_pretrained` (one file or shards; no network).
 
@@ -537,6 +539,11 @@ class MLLM(AnswersText, nn.Module):
         (transformers' ``tie_weights``). ``device``: default CUDA when available, else CPU; ``dtype``:
         default the checkpoint's (each tensor as stored, and the LLM built in its stored dtype); a given
         floating dtype casts every floating tensor. The choice is logged.
+
+        ``device_map="auto"`` (instead of ``device``) spreads the model over the GPUs, then the CPU, and with
+        ``offload_to_disk`` leaves what fits nowhere in the checkpoint files (:mod:`mllm.placement`:
+        accelerate's big-model inference; ``max_memory`` as accelerate's). Each tensor is read straight to its
+        device.
         """
         from accelerate import init_empty_weights
         from safetensors import safe_open
@@ -549,6 +556,8 @@ class MLLM(AnswersText, nn.Module):
         if not root.is_dir():
             raise ModelError(f"{root}: checkpoint folder not found")
         target_dtype = resolve_dtype(dtype)
+        if device_map is not None and device is not None:
+            raise ModelError("device and device_map: give one (device_map spreads the model over several)")
         target_device = resolve_device(device)
         for name in (CONFIG_FILE, f"{LLM_DIR}/config.json", TOKENIZER_DIR):
             if not (root / name).exists():
@@ -577,20 +586,28 @@ class MLLM(AnswersText, nn.Module):
             with init_empty_weights(include_buffers=False):
                 model = cls(cfg, tokenizer, llm_config=llm_config, encoder=encoder)
         expected = model.state_dict()
-        state, mapped = {}, {}
+        placed = None
+        if device_map is not None:
+            model.llm.tie_weights()  # tied parameters are one tensor, counted once by the planner
+            placed = plan_device_map(model, device_map, llm_dtype, max_memory, disk=offload_to_disk)
+        state, mapped, on_disk = {}, {}, {}
         for name in reader.names():
             shape, stored_dtype = reader.shape(name), reader.dtype(name)
             if name in expected and shape != tuple(expected[name].shape):
                 raise ModelError(f"{reader.file_of(name)}: tensor {name!r} has shape {shape}, "
                                  f"{root / CONFIG_FILE} builds {tuple(expected[name].shape)}")
             cast = target_dtype if target_dtype is not None and stored_dtype.is_floating_point else stored_dtype
-            if target_device.type == "cpu" and cast == stored_dtype:  # used as stored: map the file's pages
+            where = target_device if placed is None or name not in expected else load_device(placed, name)
+            if where is None:  # left in the checkpoint file, read by the dispatch hooks when used
+                on_disk[name] = {"safetensors_file": str(reader.file_of(name)), "weight_name": name,
+                                 "dtype": str(cast).removeprefix("torch.")}
+            elif where.type == "cpu" and cast == stored_dtype:  # used as stored: map the file's pages
                 file = reader.file_of(name)
                 if file not in mapped:
                     mapped[file] = safe_open(str(file), framework="pt", device="cpu")
                 state[name] = mapped[file].get_tensor(name)
             else:  # cast or moved: read into a fresh buffer, which is freed once converted
-                state[name] = reader.get(name).to(device=target_device, dtype=cast)
+                state[name] = reader.get(name).to(device=where, dtype=cast)
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         # A module reachable under two names (an encoder's block alias) got its tensor through the other
         # name; tied weights (lm_head = embeddings, stored once) are tied again by transformers.
@@ -598,14 +615,20 @@ class MLLM(AnswersText, nn.Module):
         llm_missing = {k.removeprefix("llm.") for k in missing if k.startswith("llm.")}
         if llm_missing:
             model.llm.tie_weights(missing_keys=llm_missing)
-        missing = [k for k in missing if _tensor(model, k).is_meta]
+        missing = [k for k in missing if _tensor(model, k).is_meta and k not in on_disk]
         if missing or unexpected:
             what = f"missing {missing[:5]}" if missing else f"unexpected {unexpected[:5]}"
             raise ModelError(f"{root}: weights do not match {root / CONFIG_FILE}: {what}")
-        model.to(target_device)  # the buffers that are not stored (computed at build, on the CPU)
-        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
-        log.info("loaded %s on %s in %s (%s)", root, target_device, "+".join(dtypes),
-                 "as asked" if dtype is not None else "the checkpoint's dtype")
+        dtypes = sorted({str(reader.dtype(n) if target_dtype is None else target_dtype).removeprefix("torch.")
+                         for n in reader.names() if reader.dtype(n).is_floating_point})
+        if placed is None:
+            model.to(target_device)  # the buffers that are not stored (computed at build, on the CPU)
+            log.info("loaded %s on %s in %s (%s)", root, target_device, "+".join(dtypes),
+                     "as asked" if dtype is not None else "the checkpoint's dtype")
+            return model
+        model = dispatch(model, placed, on_disk)
+        log.info("loaded %s spread as %s (device_map %s) in %s", root, sorted(set(map(str, placed.values()))),
+                 device_map, "+".join(dtypes))
         return model
 
 
