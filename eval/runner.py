@@ -327,14 +327,15 @@ def format_table(metrics: dict[str, Any]) -> str:
     """Markdown: the headline numbers, then one row per question type."""
     headline = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     lines = [f"## {metrics.get('task', 'eval')}", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in headline.items()]
+    lines += [f"| {k} | {fmt_value(v)} |" for k, v in headline.items()]
     per_type, counts = metrics.get("per_type", {}), metrics.get("n_per_type", {})
     if per_type:
         lines += ["", "| type | n | score |", "|---|---|---|"]
-        lines += [f"| {t} | {counts.get(t, '')} | {_fmt(v)} |" for t, v in per_type.items()]
+        lines += [f"| {t} | {counts.get(t, '')} | {fmt_value(v)} |" for t, v in per_type.items()]
     return "\n".join(lines) + "\n"
 
 
-def _fmt(v: float | int) -> str:
-    return str(v) if isinstance(v, int) else f"{v:.4f}"
+def fmt_value(v: float | int | None) -> str:
+    """A table cell: integers as they are, fractions to 4 places, a metric over nothing as n/a."""
+    return "n/a" if v is None else str(v) if isinstance(v, int) else f"{v:.4f}"
 

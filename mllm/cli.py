@@ -39,6 +39,15 @@ def _task(name: str) -> str:
     return name
 
 
+def _task_list(text: str) -> list[str]:
+    """argparse type: comma-separated registered eval task names, each once."""
+    names = [_task(name.strip()) for name in text.split(",") if name.strip()]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if not names or repeated:
+        raise argparse.ArgumentTypeError(f"expected distinct task names separated by commas, got {text!r}")
+    return names
+
+
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -91,17 +100,30 @@ def build_parser() -> argparse.ArgumentParser:
                        "same as --set train.stage=NAME")
     _add_overrides(train)
 
-    ev = sub.add_parser("eval", help="evaluate a saved checkpoint")
+    ev = sub.add_parser("eval", help="evaluate a saved checkpoint on one task, or on several with one model load")
     ev.add_argument("checkpoint", help="folder written by save_pretrained (e.g. RUN/model), or a transformers "
                     "image-text-to-text folder")
-    ev.add_argument("--task", default="shapesworld", type=_task, help=" | ".join(EVAL_TASKS.names()))
-    ev.add_argument("--data", default=None, help="the benchmark's question/annotation file (public format)")
-    ev.add_argument("--images", default=None, help="image folder of the benchmark")
+    which = ev.add_mutually_exclusive_group()
+    which.add_argument("--task", default=None, type=_task,
+                       help="one task, written to --out (default: shapesworld): " + " | ".join(EVAL_TASKS.names()))
+    which.add_argument("--tasks", default=None, type=_task_list, metavar="TASK,TASK,...",
+                       help="several tasks, one model load: each written to OUT/TASK, and a summary of their "
+                       "headline metrics to OUT/results.json and OUT/results.md; per-task inputs then name their "
+                       "task: --data TASK=PATH, --images TASK=PATH, --opt TASK.KEY=VALUE")
+    ev.add_argument("--data", action="append", default=[], metavar="PATH",
+                    help="the benchmark's question/annotation file (public format); with --tasks, TASK=PATH "
+                    "(repeatable, one per file-based task)")
+    ev.add_argument("--images", action="append", default=[], metavar="PATH",
+                    help="image folder of the benchmark; with --tasks, TASK=PATH (repeatable)")
     ev.add_argument("--opt", dest="options", action="append", default=[], metavar="KEY=VALUE",
-                    help="task option, e.g. --opt annotations=v2_mscoco_val2014_annotations.json (repeatable)")
+                    help="task option, e.g. --opt annotations=v2_mscoco_val2014_annotations.json; with --tasks, "
+                    "TASK.KEY=VALUE, e.g. --opt arithmetic.test_size=50 (repeatable)")
     ev.add_argument("--out", required=True, help="output directory for predictions.jsonl and metrics.json")
     ev.add_argument("--batch-size", type=_positive, default=None)
-    ev.add_argument("--max-new-tokens", type=_positive, default=None)
+    ev.add_argument("--max-new-tokens", type=_positive, default=None,
+                    help="generation budget per answer (default 24), recorded in protocol.json; a reasoning model "
+                    "writes its <think> chain first and needs far more (e.g. 4096): chains cut short are counted "
+                    "as n_unterminated in metrics.json")
     ev.add_argument("--limit", type=_positive, default=None, help="evaluate the first N samples only")
     ev.add_argument("--resume", action="store_true", help="keep finished samples of an interrupted run")
     _add_placement(ev)
@@ -141,6 +163,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    """``mllm eval``: one task (``--task``, written to --out) or several (``--tasks``, one folder each)."""
+    from mllm import run
+
+    shared = {"options": args.options, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+              "limit": args.limit, "resume": args.resume, "device": args.device, "dtype": args.dtype}
+    if args.tasks:
+        run.evaluate_tasks(Path(args.checkpoint), args.tasks, Path(args.out), data=args.data, images=args.images,
+                           **shared)
+        return
+    for flag, values in (("--data", args.data), ("--images", args.images)):
+        if len(values) > 1:
+            raise UserError(f"{flag}: given {len(values)} times; one task reads one (several tasks: --tasks A,B "
+                            f"with {flag} TASK=PATH)")
+    run.evaluate_checkpoint(Path(args.checkpoint), args.task or "shapesworld", Path(args.out),
+                            data=next(iter(args.data), None), images=next(iter(args.images), None), **shared)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -154,11 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             run.train(args.recipe, Path(args.out), [*args.overrides, *stage], resume=args.resume,
                       evaluate=not args.no_eval)
         elif args.command == "eval":
-            run.evaluate_checkpoint(
-                Path(args.checkpoint), args.task, Path(args.out), data=args.data, images=args.images,
-                options=args.options, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                limit=args.limit, resume=args.resume, device=args.device, dtype=args.dtype,
-            )
+            _evaluate(args)
         elif args.command == "chat":
             print(run.chat(Path(args.model), Path(args.image), args.question, max_new_tokens=args.max_new_tokens,
                            device=args.device, dtype=args.dtype))

@@ -213,45 +213,113 @@ def evaluate_checkpoint(
     options: list[str] | None = None, batch_size: int | None = None, max_new_tokens: int | None = None,
     limit: int | None = None, resume: bool = False, device: str | None = None, dtype: str | None = None,
 ) -> dict[str, Any]:
-    """``mllm eval``: a saved checkpoint on one registered task, resumable, written to ``out_dir``.
+    """``mllm eval --task NAME``: a saved checkpoint on one registered task, resumable, written to ``out_dir``.
 
     The model is loaded onto ``device`` in ``dtype`` (defaults: CUDA when available, else CPU; the
     checkpoint's dtype); the device type and dtype used are recorded in ``protocol.json`` and the
     metrics' ``protocol`` (see :class:`_Placed`), so a resumed run must use the same.
 
     ``checkpoint`` is one of our folders or any transformers image-text-to-text folder
-    (:func:`mllm.hf_native.load_generator` picks by what it holds). A generated task (ShapesWorld,
-    arithmetic, compositional) builds its config from ``--opt key=value`` over the ShapesWorld settings
-    of the run config saved beside our checkpoint (see :func:`_generated_task_config`; a transformers
-    folder has none, so the task's defaults); every other task reads the benchmark's public files
-    (``data``, ``images``) plus ``--opt key=value``.
+    (:func:`mllm.hf_native.load_generator` picks by what it holds). The task is built by
+    :func:`build_eval_task` from ``data``, ``images`` and ``options`` (``key=value``).
     """
-    from eval.runner import EvalConfig, run_task
-    from mllm.config import ConfigError, apply_overrides, from_dict
-    from mllm.hf_native import is_native, load_generator
-    from mllm.registry import EVAL_TASKS
+    from eval.runner import run_task
+    from mllm.hf_native import load_generator
+
+    _check_model_folder(checkpoint)
+    built = build_eval_task(checkpoint, task, data, images, options or [])
+    cfg = _eval_config(batch_size, max_new_tokens, limit)
+    model = load_generator(checkpoint, device=device, dtype=dtype)
+    return run_task(model, _Placed(built, placement(model)), cfg, out_dir, resume=resume)
+
+
+def evaluate_tasks(
+    checkpoint: Path, tasks: list[str], out_dir: Path, *, data: list[str] | None = None,
+    images: list[str] | None = None, options: list[str] | None = None, batch_size: int | None = None,
+    max_new_tokens: int | None = None, limit: int | None = None, resume: bool = False, device: str | None = None,
+    dtype: str | None = None,
+) -> dict[str, Any]:
+    """``mllm eval --tasks a,b``: every task with one model load, each into ``out_dir/NAME`` (resumable as
+    :func:`evaluate_checkpoint`), then ``out_dir/results.json`` and ``results.md`` (:mod:`eval.suite`).
+
+    Per-task inputs name their task: ``data`` and ``images`` hold ``TASK=PATH`` items, ``options``
+    ``TASK.KEY=VALUE`` items. Every task is built, so every file checked, before the model loads.
+    """
+    from eval.suite import run_tasks
+    from mllm.hf_native import load_generator
+
+    _check_model_folder(checkpoint)
+    inputs = _per_task_inputs(tasks, data or [], images or [], options or [])
+    built = {name: build_eval_task(checkpoint, name, *inputs[name]) for name in tasks}
+    cfg = _eval_config(batch_size, max_new_tokens, limit)
+    model = load_generator(checkpoint, device=device, dtype=dtype)
+    where = placement(model)
+    return run_tasks(model, {name: _Placed(task, where) for name, task in built.items()}, cfg, out_dir, resume=resume)
+
+
+def _check_model_folder(checkpoint: Path) -> None:
+    from mllm.hf_native import is_native
 
     if not (checkpoint / "mllm_config.yaml").is_file() and not is_native(checkpoint):
         raise ConfigError(f"{checkpoint}: not a model folder (no mllm_config.yaml, ours, nor a transformers "
                           "config.json); pass RUN/model")
-    opts = apply_overrides({}, options or [])
-    if EVAL_TASKS.get(task).generated:
-        if data is not None or images is not None:
-            raise ConfigError(f"--data/--images: task {task!r} generates its samples; set them with --opt key=value")
-        split = opts.pop("split", "test")
-        built = EVAL_TASKS.build(task, _generated_task_config(task, checkpoint, opts), split=split)
-    else:
-        if data is None:
-            raise ConfigError(f"--data: task {task!r} needs the benchmark file (questions / annotations)")
-        built = EVAL_TASKS.build(task, {"data": data, **({"images": images} if images else {}), **opts})
+
+
+def _eval_config(batch_size: int | None, max_new_tokens: int | None, limit: int | None) -> Any:
+    """The runner's settings: the flags given, :class:`eval.runner.EvalConfig`'s defaults for the rest."""
+    from eval.runner import EvalConfig
+    from mllm.config import from_dict
+
     defaults = EvalConfig()
-    cfg = from_dict(EvalConfig, {
+    return from_dict(EvalConfig, {
         "batch_size": batch_size or defaults.batch_size,
         "max_new_tokens": max_new_tokens or defaults.max_new_tokens,
         "limit": limit,
     }, where="eval")
-    model = load_generator(checkpoint, device=device, dtype=dtype)
-    return run_task(model, _Placed(built, placement(model)), cfg, out_dir, resume=resume)
+
+
+def build_eval_task(checkpoint: Path, task: str, data: str | None, images: str | None, options: list[str]) -> Any:
+    """One registered eval task, ready to run. A generated task (ShapesWorld, arithmetic, compositional)
+    builds its config from ``options`` (``key=value``) over the ShapesWorld settings of the run config
+    saved beside our checkpoint (see :func:`_generated_task_config`; a transformers folder has none, so
+    the task's defaults); every other task reads the benchmark's public files (``data``, ``images``)
+    plus ``options``."""
+    from mllm.config import apply_overrides
+    from mllm.registry import EVAL_TASKS
+
+    opts = apply_overrides({}, options)
+    if EVAL_TASKS.get(task).generated:
+        if data is not None or images is not None:
+            raise ConfigError(f"--data/--images: task {task!r} generates its samples; set them with --opt key=value")
+        split = opts.pop("split", "test")
+        return EVAL_TASKS.build(task, _generated_task_config(task, checkpoint, opts), split=split)
+    if data is None:
+        raise ConfigError(f"--data: task {task!r} needs the benchmark file (questions / annotations)")
+    return EVAL_TASKS.build(task, {"data": data, **({"images": images} if images else {}), **opts})
+
+
+def _per_task_inputs(
+    tasks: list[str], data: list[str], images: list[str], options: list[str]
+) -> dict[str, tuple[str | None, str | None, list[str]]]:
+    """``{task: (data, images, ["KEY=VALUE", ...])}`` from ``--data TASK=PATH``, ``--images TASK=PATH``
+    and ``--opt TASK.KEY=VALUE`` items; each must name one of ``tasks``, a path at most once per task."""
+    listed = ", ".join(tasks)
+    paths: dict[str, dict[str, str]] = {"--data": {}, "--images": {}}
+    for flag, items in (("--data", data), ("--images", images)):
+        for item in items:
+            name, sep, path = item.partition("=")
+            if not sep or not path or name not in tasks:
+                raise ConfigError(f"{flag} {item}: with --tasks, expected TASK=PATH with TASK one of {listed}")
+            if name in paths[flag]:
+                raise ConfigError(f"{flag} {item}: task {name!r} was given a path already")
+            paths[flag][name] = path
+    opts: dict[str, list[str]] = {name: [] for name in tasks}
+    for item in options:
+        name, dot, rest = item.partition(".")
+        if not dot or "=" not in rest or name not in tasks:
+            raise ConfigError(f"--opt {item}: with --tasks, expected TASK.KEY=VALUE with TASK one of {listed}")
+        opts[name].append(rest)
+    return {name: (paths["--data"].get(name), paths["--images"].get(name), opts[name]) for name in tasks}
 
 
 def placement(model: Any) -> dict[str, str]:
