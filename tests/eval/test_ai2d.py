@@ -2,45 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hf_rows import hf_image, png, sample_view, save_to_disk, write_parquet
+from bench_copies import ai2d_hf_rows as hf_rows
+from bench_copies import ai2d_release as release
+from hf_rows import sample_view, save_to_disk, write_parquet
 
 from eval.metrics import lmms_choice_filter, lmms_exact_match
 from eval.runner import Dist, EvalConfig, run_task
 from eval.tasks.base import EvalDataError
 from mllm.registry import EVAL_TASKS
 
-IMAGES = {"5": (10, 10, 10), "3": (30, 30, 30)}
-QUESTIONS = [  # (image id, question, options, correct index), in test-ids order
-    ("5", "Which label shows the sun?", ["moon", "sun", "earth", "mars"], 1),
-    ("5", "What comes after larva?", ["egg", "pupa", "adult"], 1),
-    ("3", "What eats grass?", ["cow", "lion", "hawk", "snake"], 0),
-]
 # By hand: " B. sun" -> leading "B." -> "B" == "B"; "(B)" has no leading "X." so stays whole, then loses
 # its punctuation: "b" == "b"; "The answer is A" stays whole: "the answer is a" != "a". Accuracy 2/3.
 ANSWERS = {"sun": " B. sun", "larva": "(B)", "grass": "The answer is A"}
-
-
-def release(root: Path) -> dict[str, Any]:
-    (root / "questions").mkdir(parents=True)
-    (root / "images").mkdir()
-    for image_id, colour in IMAGES.items():
-        (root / "images" / f"{image_id}.png").write_bytes(png(colour))
-        questions = {q: {"abcLabel": False, "answerTexts": opts, "correctAnswer": k, "questionId": f"{image_id}.png-{j}"}
-                     for j, (i, q, opts, k) in enumerate(x for x in QUESTIONS if x[0] == image_id)}
-        (root / "questions" / f"{image_id}.png.json").write_text(
-            json.dumps({"imageName": f"{image_id}.png", "questions": questions}))
-    (root / "ai2d_test_ids.csv").write_text("5\n3\n")
-    return {"data": str(root)}
-
-
-def hf_rows() -> list[dict[str, Any]]:
-    return [{"question": q, "options": opts, "answer": str(k), "image": hf_image(png(IMAGES[i]))}
-            for i, q, opts, k in QUESTIONS]
 
 
 def test_release_parquet_and_saved_copies_give_the_same_samples(tmp_path: Path) -> None:

@@ -2,43 +2,23 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hf_rows import hf_image, png, sample_view, save_to_disk, write_parquet
+from bench_copies import chartqa_hf_rows as hf_rows
+from bench_copies import chartqa_release as release
+from hf_rows import sample_view, save_to_disk, write_parquet
 
 from eval.runner import Dist, EvalConfig, run_task
 from eval.tasks.base import EvalDataError
 from mllm.registry import EVAL_TASKS
 
-HUMAN = [("a.png", "How many bars are there?", "12"), ("b.png", "Which country is highest?", "Japan"),
-         ("c.png", "What is the difference?", "5")]
-AUGMENTED = [("d.png", "What is the value in 2010?", "45"), ("e.png", "What is the share of X?", "0")]
 # By hand (eval.doc_metrics.relaxed_accuracy): "12.5" vs 12: 0.5/12 = 4.2% <= 5% right; "japan" right
 # (case); "5%" = 0.05 vs 5 wrong. "47.5" vs 45: 2.5/45 = 5.6% wrong; "0.0" vs "0": the target is 0,
 # so strings compare: wrong. Human 2/3, augmented 0: accuracy (2/3 + 0) / 2 = 1/3; overall 2/5.
 ANSWERS = {"How many bars": "12.5", "Which country": "japan", "difference": "5%", "value in 2010": "47.5",
            "share of X": "0.0"}
-
-
-def _colour(name: str) -> tuple[int, int, int]:
-    return (10 * ord(name[0]) % 256, 0, 0)
-
-
-def release(root: Path) -> dict[str, Any]:
-    (root / "png").mkdir(parents=True)
-    for split, rows in (("test_human", HUMAN), ("test_augmented", AUGMENTED)):
-        for name, _, _ in rows:
-            (root / "png" / name).write_bytes(png(_colour(name)))
-        (root / f"{split}.json").write_text(json.dumps([{"imgname": n, "query": q, "label": a} for n, q, a in rows]))
-    return {"data": str(root)}
-
-
-def hf_rows() -> list[dict[str, Any]]:
-    return [{"type": split, "question": q, "answer": a, "image": hf_image(png(_colour(n)))}
-            for split, rows in (("human_test", HUMAN), ("augmented_test", AUGMENTED)) for n, q, a in rows]
 
 
 def test_release_parquet_and_saved_copies_give_the_same_samples(tmp_path: Path) -> None:

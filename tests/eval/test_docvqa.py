@@ -2,48 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hf_rows import hf_image, png, sample_view, save_to_disk, write_parquet
+from bench_copies import docvqa_hf_rows as hf_rows
+from bench_copies import docvqa_release as release
+from hf_rows import sample_view, save_to_disk, write_parquet
 
 from eval.runner import Dist, EvalConfig, run_task
 from eval.tasks.base import EvalDataError
 from mllm.registry import EVAL_TASKS
 
-QUESTIONS = [  # (questionId, question, answers, question types, image name)
-    (101, "What is the date?", ["March 5, 1998"], ["form"], "abc_1.png"),
-    (102, "What is the total?", ["$1,200", "1200"], ["table/list"], "abc_2.png"),
-    (103, "Who signed the letter?", ["John Smith"], ["handwritten", "form"], "abc_2.png"),
-]
 # By hand (eval.doc_metrics.anls): "march 5 1998" vs "march 5, 1998": 1 edit over max(13, 12) = 13
 # characters -> 12/13; "1200" equals the second answer -> 1; "Mary" vs "john smith": 9 edits / 10 -> 0.1,
 # below 0.5 -> 0. ANLS = (12/13 + 1 + 0) / 3; form (12/13 + 0) / 2 = 6/13, table/list 1, handwritten 0.
 ANSWERS = {"date": "march 5 1998", "total": "1200", "signed": "Mary"}
-
-
-def _colour(name: str) -> tuple[int, int, int]:
-    return (0, 40 * int(name[-5]), 0)
-
-
-def release(root: Path) -> dict[str, Any]:
-    (root / "documents").mkdir(parents=True)
-    rows = []
-    for qid, question, answers, types, name in QUESTIONS:
-        (root / "documents" / name).write_bytes(png(_colour(name)))
-        rows.append({"questionId": qid, "question": question, "question_types": types, "image": f"documents/{name}",
-                     "docId": qid // 2, "ucsf_document_id": "abc", "ucsf_document_page_no": "1", "answers": answers,
-                     "data_split": "val"})
-    (root / "val_v1.0_withQT.json").write_text(json.dumps({"dataset_name": "docvqa", "data": rows}))
-    return {"data": str(root / "val_v1.0_withQT.json")}
-
-
-def hf_rows() -> list[dict[str, Any]]:
-    return [{"questionId": str(qid), "question": question, "question_types": types, "image": hf_image(png(_colour(n))),
-             "docId": qid // 2, "ucsf_document_id": "abc", "ucsf_document_page_no": "1", "answers": answers,
-             "data_split": "val"} for qid, question, answers, types, n in QUESTIONS]
 
 
 def test_release_parquet_and_saved_copies_give_the_same_samples(tmp_path: Path) -> None:

@@ -2,49 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hf_rows import hf_image, png, sample_view, save_to_disk, write_parquet
+from bench_copies import ocrbench_hf_rows as hf_rows
+from bench_copies import ocrbench_release as release
+from hf_rows import sample_view, save_to_disk, write_parquet
 
 from eval.runner import Dist, EvalConfig, run_task
 from eval.tasks.base import EvalDataError
 from mllm.registry import EVAL_TASKS
 
-FORMULA = "Please write out the expression of the formula in the image using LaTeX format."
-QUESTIONS = [  # (source, image path, question, answers as released, category)
-    ("IIIT5K", "IIIT5K/1.png", "what is written in the image?", "CENTRE", "Regular Text Recognition"),
-    ("HME100k", "HME100k/2.png", FORMULA, "x ^ { 2 }", "Handwritten Mathematical Expression Recognition"),
-    ("docVQA", "docVQA/3.png", "What is the total?", ["$1,200", "1200"], "Doc-oriented VQA"),
-    ("IIIT5K", "IIIT5K/4.png", "what is the word in the image? ", "FRIEND", "Regular Text Recognition"),
-]
 # By hand (eval.doc_metrics.ocrbench_hit): "centre" is in "the text is centre." -> hit; HME100k keeps case:
 # "x^{2}" is not in "X^{2}" -> miss; "1200" in "1200 dollars" -> hit; "friend" not in "fiend" -> miss.
 # Score 2 (of 4); text recognition 1; per category: Regular 1, HME 0, Doc-oriented 1.
 ANSWERS = {"written": "The text is CENTRE.", "LaTeX": "X^{2}", "total": "1200 dollars", "word in": "fiend"}
-
-
-def _colour(path: str) -> tuple[int, int, int]:
-    return (0, 0, 50 * int(path[-5]))
-
-
-def release(root: Path) -> dict[str, Any]:
-    rows = []
-    for i, (source, image, question, answers, kind) in enumerate(QUESTIONS):
-        (root / "OCRBench_Images" / image).parent.mkdir(parents=True, exist_ok=True)
-        (root / "OCRBench_Images" / image).write_bytes(png(_colour(image)))
-        rows.append({"dataset_name": source, "id": 100 + i, "image_path": image, "question": question,
-                     "answers": answers, "type": kind})
-    (root / "OCRBench.json").write_text(json.dumps(rows))
-    return {"data": str(root / "OCRBench.json")}
-
-
-def hf_rows() -> list[dict[str, Any]]:
-    return [{"dataset": source, "question": question, "question_type": kind, "image": hf_image(png(_colour(image))),
-             "answer": [answers] if isinstance(answers, str) else answers}
-            for source, image, question, answers, kind in QUESTIONS]
 
 
 def test_release_parquet_and_saved_copies_give_the_same_samples(tmp_path: Path) -> None:

@@ -2,43 +2,23 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hf_rows import hf_image, png, sample_view, save_to_disk, write_parquet
+from bench_copies import VIZWIZ_QUESTIONS as QUESTIONS
+from bench_copies import vizwiz_hf_rows as hf_rows
+from bench_copies import vizwiz_release as release
+from hf_rows import sample_view, save_to_disk, write_parquet
 
 from eval.runner import Dist, EvalConfig, run_task
 from eval.tasks.base import EvalDataError
 from mllm.registry import EVAL_TASKS
 
-QUESTIONS = [  # (image stem, question, answers, answer type, colour)
-    ("VizWiz_val_00000000", "what is this?", ["soup"] * 3 + ["can of soup"] * 7, "other", (200, 0, 0)),
-    ("VizWiz_val_00000001", "what color is this shirt", ["unanswerable"] * 10, "unanswerable", (0, 200, 0)),
-    ("VizWiz_val_00000002", "how many coins are there", ["two"] * 3 + ["2"] * 2 + ["three"] * 5, "number",
-     (0, 0, 200)),
-]
 # By hand (eval.metrics.vizwiz_accuracy: prediction processed, answers raw, leave-one-out mean):
 #   "Soup." -> "soup": 3 matches -> 9/10; "Unanswerable" -> "unanswerable": 10 -> 1;
 #   "2": only the two raw "2" match ("two" is not mapped on the answer side) -> 6/10. Mean 2.5 / 3.
 ANSWERS = {"What is this": "Soup.", "What color": "Unanswerable", "How many": "2"}
-
-
-def release(root: Path) -> dict[str, Any]:
-    rows = []
-    for stem, question, answers, kind, colour in QUESTIONS:
-        (root / "val").mkdir(parents=True, exist_ok=True)
-        (root / "val" / f"{stem}.jpg").write_bytes(png(colour))  # PIL reads by content, not suffix
-        rows.append({"image": f"{stem}.jpg", "question": question, "answer_type": kind, "answerable": 1,
-                     "answers": [{"answer": a, "answer_confidence": "yes"} for a in answers]})
-    (root / "val.json").write_text(json.dumps(rows))
-    return {"data": str(root / "val.json")}
-
-
-def hf_rows() -> list[dict[str, Any]]:
-    return [{"question_id": stem, "image": hf_image(png(colour)), "question": question, "answers": answers,
-             "category": kind} for stem, question, answers, kind, colour in QUESTIONS]
 
 
 def test_release_parquet_and_saved_copies_give_the_same_samples(tmp_path: Path) -> None:
