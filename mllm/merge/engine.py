@@ -3,9 +3,10 @@
 Steps of :func:`run_merge`:
 
 1. ``load_plan``: YAML validated (registry name, parameters, dtypes, regexes); nothing is opened.
-2. Readers open the safetensors headers of every input; ``plan_tensors`` checks architecture
-   family, names and shapes of every tensor to merge, and parameters per tensor -- all before any
-   tensor is read and before anything is written.
+2. Readers open the safetensors headers of every input; without name_map in the YAML, the reference's
+   language-model names are found from its config and weights (:mod:`mllm.merge.families`);
+   ``plan_tensors`` checks architecture family, names and shapes of every tensor to merge, and
+   parameters per tensor -- all before any tensor is read and before anything is written.
 3. For two-pass methods (FRANK; LiNeS with ``alpha: auto``), pass 1 streams the merged tensors block
    by block through ``collect`` and sums the numbers per decoder layer; ``finalize`` turns them into
    the ``info.stats`` of pass 2.
@@ -55,6 +56,7 @@ from typing import Any
 import torch
 
 from common.atomic import atomic_folder
+from mllm.merge.families import with_detected_names
 from mllm.merge.layout import TensorJob, describe, plan_tensors
 from mllm.merge.lora import LoraReader
 from mllm.merge.methods.base import TensorInfo
@@ -287,6 +289,7 @@ def run_merge(config_path: str | Path, out_dir: str | Path, *, overwrite: bool =
     if dry_run:
         plan = load_plan(config_path)
         readers = open_readers(plan)
+        plan = with_detected_names(plan, readers)
         print(describe(plan, plan_tensors(plan, readers, build_vocab(plan, readers))), flush=True)
         return Path(out_dir)
     tune_malloc()
@@ -300,6 +303,7 @@ def run_merge(config_path: str | Path, out_dir: str | Path, *, overwrite: bool =
 def _run(plan: MergePlan, out: Path, overwrite: bool, progress: bool) -> Path:
     ensure_output_free(out, overwrite)
     readers = open_readers(plan)
+    plan = with_detected_names(plan, readers)
     vocab = build_vocab(plan, readers)
     jobs = plan_tensors(plan, readers, vocab)
     merged = sum(j.params is not None for j in jobs)

@@ -2,7 +2,11 @@
 
 :func:`plan_tensors` checks that the models are of one architecture family, that every tensor to merge
 exists in every input with the reference's shape, and that layer ranges fit the models, naming the
-first offending tensor / file / field -- before any tensor is read.
+first offending tensor / file / field -- before any tensor is read. One family means the same text
+``model_type``; where an MLLM meets plain LLMs in the ``models:`` form, whose text model types may differ
+(Qwen2-VL's ``qwen2_vl_text`` decoder is a ``qwen2`` one), it means the same decoder blocks instead:
+every input holds as many blocks as the reference, each with the reference's tensors (names after
+``name_map``) and shapes.
 
 * ``models:`` -- one job per tensor of the reference model, under its name; the layer position of a
   gradient is ``t = layer / (num_layers - 1)``, as mergekit plans whole models as one slice.
@@ -24,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mllm.merge.families import is_multimodal, text_config
 from mllm.merge.methods.base import TensorInfo, tensor_seed
 from mllm.merge.plan import MergePlan, OutputSlice, SliceSource
 from mllm.merge.tensors import MergeError, ModelReader, TensorSpec, tokenizer_files
@@ -44,12 +49,6 @@ class TensorJob:
     t: float = 0.0  # layer position of gradients
     vocab: Vocab | None = None  # an embedding / lm_head matrix whose rows are aligned to the output vocabulary
     vocab_base: str | None = None  # the model whose row a token takes when several (not all) have it
-
-
-def _text_config(cfg: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The language-model part of a config.json (``text_config`` of an MLLM, else the config)."""
-    text = cfg.get("text_config")
-    return text if isinstance(text, Mapping) else cfg
 
 
 def _locate(reader: ModelReader, name: str, canonical: str) -> str | None:
@@ -83,7 +82,6 @@ def plan_tensors(plan: MergePlan, readers: Mapping[str, ModelReader], vocab: Voc
     """One job per output tensor; raises MergeError at the first incompatibility. With ``vocab`` (the
     output vocabulary, :func:`mllm.merge.vocab.build_vocab`) the embedding / lm_head jobs take the output
     vocabulary's row count and read their inputs aligned to it."""
-    ref = readers[plan.reference.id]
     if plan.tokenizer_source is not None:
         if not plan.tokenizer_source.is_dir():
             raise MergeError(f"{plan.source}: tokenizer_source: folder {plan.tokenizer_source} not found")
@@ -92,16 +90,63 @@ def plan_tensors(plan: MergePlan, readers: Mapping[str, ModelReader], vocab: Voc
         tok_dir = plan.tokenizer_source or plan.reference.path
         if not (tok_dir / "tokenizer_config.json").is_file():
             raise MergeError(f"{plan.source}: chat_template: {tok_dir} has no tokenizer_config.json to set it in")
-    ref_family = _text_config(ref.config).get("model_type")
+    _check_family(plan, readers)
+    jobs = _whole_model_jobs(plan, readers) if plan.slices is None else _slice_jobs(plan, readers)
+    return jobs if vocab is None else [_vocab_job(plan, readers, j, vocab) for j in jobs]
+
+
+def _check_family(plan: MergePlan, readers: Mapping[str, ModelReader]) -> None:
+    """Every input of the reference's architecture: its decoder blocks where an MLLM is merged whole
+    (:func:`_check_blocks`), else its text model_type."""
+    ref = readers[plan.reference.id]
+    ref_family = text_config(ref.config).get("model_type")
     for m in plan.inputs:
-        fam = _text_config(readers[m.id].config).get("model_type")
+        reader = readers[m.id]
+        if m.id == plan.reference.id:
+            continue
+        if plan.slices is None and (is_multimodal(ref.config) or is_multimodal(reader.config)):
+            _check_blocks(plan, ref, reader)
+            continue
+        fam = text_config(reader.config).get("model_type")
         if ref_family and fam and fam != ref_family:
             raise MergeError(
                 f"{m.path / 'config.json'}: model_type {fam!r} differs from {ref_family!r} of "
                 f"{plan.reference.path / 'config.json'} (models must be of one architecture family)"
             )
-    jobs = _whole_model_jobs(plan, readers) if plan.slices is None else _slice_jobs(plan, readers)
-    return jobs if vocab is None else [_vocab_job(plan, readers, j, vocab) for j in jobs]
+
+
+def _blocks(plan: MergePlan, reader: ModelReader) -> dict[int, dict[str, str]]:
+    """Decoder block -> {name after name_map: the model's own name} of the tensors the plan selects."""
+    out: dict[int, dict[str, str]] = {}
+    for n in reader.names():
+        layer = _layer(plan, n)
+        if layer is not None and plan.selected(n):
+            out.setdefault(layer, {})[plan.canonical(n)] = n
+    return out
+
+
+def _check_blocks(plan: MergePlan, ref: ModelReader, reader: ModelReader) -> None:
+    """``reader``'s decoder blocks against the reference's: the same count, tensors and shapes."""
+    want, have = _blocks(plan, ref), _blocks(plan, reader)
+    if not want:  # no blocks found in the reference: the method says so, naming layer_pattern and name_map
+        return
+    if len(have) != len(want):
+        raise MergeError(f"{reader.path}: number of decoder blocks {len(have)}, the reference {ref.path} has "
+                         f"{len(want)}")
+    for layer, tensors in sorted(want.items()):
+        got = have.get(layer, {})
+        for key, name in tensors.items():
+            if key not in got:
+                raise MergeError(f"{reader.path}: decoder block {layer} has no tensor {key!r} (the reference "
+                                 f"{ref.path} has {name!r})")
+            if reader.shape(got[key]) != ref.shape(name):
+                raise MergeError(f"{reader.file_of(got[key])}: tensor {got[key]!r} of decoder block {layer} has shape "
+                                 f"{list(reader.shape(got[key]))}, the reference's {name!r} in {ref.file_of(name)} "
+                                 f"has {list(ref.shape(name))}")
+        extra = sorted(set(got) - set(tensors))
+        if extra:
+            raise MergeError(f"{reader.path}: tensor {got[extra[0]]!r} of decoder block {layer} has no counterpart "
+                             f"in the reference {ref.path} (the decoder blocks differ)")
 
 
 def _vocab_job(plan: MergePlan, readers: Mapping[str, ModelReader], job: TensorJob, vocab: Vocab) -> TensorJob:
@@ -220,8 +265,8 @@ def _check_input(plan: MergePlan, readers: Mapping[str, ModelReader], mid: str, 
     if (reader.shape(found)[1:] != shape[1:]) if aligned else (reader.shape(found) != shape):
         msg = (f"{reader.file_of(found)}: tensor {found!r} has shape {list(reader.shape(found))}, "
                f"the reference {plan.reference.path} has {list(shape)}")
-        v_ref = _text_config(readers[plan.reference.id].config).get("vocab_size")
-        v_in = _text_config(reader.config).get("vocab_size")
+        v_ref = text_config(readers[plan.reference.id].config).get("vocab_size")
+        v_in = text_config(reader.config).get("vocab_size")
         if v_ref and v_in and v_ref != v_in and shape and shape[0] == v_ref:
             msg += (f"; vocab sizes differ ({v_in} vs {v_ref}): exclude the embedding/lm_head tensors "
                     f"to keep the reference model's, with its tokenizer")
@@ -235,11 +280,14 @@ def _fmt(value: Any) -> str:
 
 
 def describe(plan: MergePlan, jobs: Sequence[TensorJob]) -> str:
-    """The plan as text, one line per output tensor: what ``--dry-run`` prints."""
+    """The plan as text, one line per output tensor after a header (and the name_map in use): what
+    ``--dry-run`` prints."""
     merged = sum(j.params is not None for j in jobs)
     layers = jobs[0].info.num_layers if jobs else 0
     lines = [f"# {plan.source}: {plan.method_name}, {len(jobs)} tensors ({merged} merged, {len(jobs) - merged} "
              f"copied), {layers} decoder layers, reference {plan.reference.id}"]
+    if plan.name_map:  # given in the YAML or found from the reference's weights (mllm.merge.families)
+        lines.append("# name_map: " + ", ".join(f"{p.pattern} -> {r}" for p, r in plan.name_map))
     for job in jobs:
         head = f"{job.spec.name} {list(job.spec.shape)} {str(job.spec.dtype).removeprefix('torch.')}"
         if job.params is None:

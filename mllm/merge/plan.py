@@ -21,7 +21,9 @@ Accepted keys (mergekit's names and meaning where mergekit has them)::
     chat_template: chatml               # set in the output's tokenizer_config.json ('auto', a name, Jinja)
     # mllm extensions
     reference_model: /models/mllm       # output names, config, unmerged tensors (default per method)
-    name_map: llava                     # preset or {regex: replacement}: reference name -> LLM name
+    name_map: llava                     # preset or {regex: replacement}: reference name -> LLM name; without
+                                        # it (and without layer_pattern) found from the reference's config
+                                        # and weights (mllm.merge.families)
     include: ['^model\\.layers\\.']     # merge only tensors matching one of these (default: all)
     exclude: ['embed_tokens', 'lm_head']  # ...and none of these; the rest is copied from the reference
     layer_pattern: '^model\\.layers\\.(\\d+)\\.'   # decoder-layer index, matched on mapped names
@@ -126,6 +128,7 @@ class MergePlan:
     slices: tuple[OutputSlice, ...] | None = None  # None: whole models (the models: form)
     tokenizer: TokenizerSpec | None = None
     chat_template: str | None = None  # 'auto' or a Jinja template
+    detect_names: bool = False  # neither name_map nor layer_pattern given: name_map from the reference's weights
 
     @property
     def inputs(self) -> tuple[ModelEntry, ...]:
@@ -423,6 +426,7 @@ def load_plan(path: str | Path) -> MergePlan:
         include=lists["include"], exclude=lists["exclude"], layer_pattern=layer_pattern, seed=seed,
         shard_bytes=_size(data.get("shard_size", "5GB"), f"{src}: shard_size"),
         slices=slices, tokenizer=tokenizer, chat_template=parse_chat_template(data.get("chat_template"), src),
+        detect_names=data.get("name_map") is None and data.get("layer_pattern") is None,
     )
     for sl in slices or (None,):
         plan.params_for(None, 0.0, sl)  # required parameters and __post_init__ checks, before any I/O

@@ -170,3 +170,18 @@ def test_yaml_numbers_without_a_dot_are_numbers(tmp_path: Path, llamas) -> None:
     params = plan.params_for(None)
     assert dataclasses.asdict(params)["weight"] == {str(llamas["a"]): 0.6, str(llamas["b"]): 0.4}
     assert dataclasses.asdict(params)["density"] == {str(llamas["a"]): 0.5, str(llamas["b"]): 0.8}
+
+
+@pytest.mark.parametrize(("extra", "detect"), [
+    ({}, True), ({"name_map": {}}, False), ({"name_map": "llava"}, False),
+    ({"layer_pattern": r"^language_model\.model\.layers\.(\d+)\."}, False),
+])
+def test_name_map_is_found_from_the_weights_unless_the_yaml_sets_name_map_or_layer_pattern(
+        tmp_path: Path, ckpt, llamas, extra: dict, detect: bool) -> None:
+    from mllm.merge.engine import open_readers
+    from mllm.merge.families import with_detected_names
+
+    plan = load_plan(_ties(ckpt, tmp_path, llamas, **extra))
+    assert plan.detect_names is detect
+    found = with_detected_names(plan, open_readers(plan))
+    assert not found.detect_names and found.name_map == plan.name_map  # a plain LLM's names need no map
