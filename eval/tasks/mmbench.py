@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,8 +46,8 @@ from eval.tasks.base import (
     group_by,
     mean_score,
 )
-from eval.tasks.hf_files import HFCopyTask, image_bytes, is_hf_copy, read_split
-from eval.tasks.hub_copies import lmms_eval_entry, missing
+from eval.tasks.hf_files import image_bytes, is_hf_copy, read_split
+from eval.tasks.hub_copies import SelfContainedTask, int_field, lmms_eval_entry, missing
 from eval.tasks.scienceqa import SINGLE_PRED
 
 ROTATION = 10**6  # index offset of each rotated copy
@@ -61,14 +61,6 @@ class MMBenchConfig(FileTaskConfig):
     split: str = "dev"  # the split's shards in a hub snapshot folder
 
 
-def _index(row: Mapping[str, Any], where: str) -> int:
-    value = field_of(row, "index", (int, str), where)
-    try:
-        return int(value)
-    except ValueError:
-        raise EvalDataError(f"{where}: field 'index' should be an integer, got {value!r}") from None
-
-
 def _tsv_rows(path: Path) -> list[dict[str, Any]]:
     """The release's rows with their base64 images decoded (shared images resolved)."""
     if not path.is_file():
@@ -79,7 +71,7 @@ def _tsv_rows(path: Path) -> list[dict[str, Any]]:
         rows = pd.read_csv(path, sep="\t", dtype=str).to_dict("records")
     except (ValueError, UnicodeDecodeError) as err:
         raise EvalDataError(f"{path}: not a readable MMBench .tsv file: {err}") from err
-    cells = {str(_index(r, f"{path}: row {i}")): str(r.get("image")) for i, r in enumerate(rows)}
+    cells = {str(int_field(r, "index", f"{path}: row {i}")): str(r.get("image")) for i, r in enumerate(rows)}
     for i, row in enumerate(rows):
         where = f"{path}: row {i} (index {row['index']})"
         cell = cells[str(row["index"])]
@@ -94,24 +86,19 @@ def _tsv_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-class MMBenchTask(HFCopyTask[MMBenchConfig]):
+class MMBenchTask(SelfContainedTask[MMBenchConfig]):
     config_cls = MMBenchConfig
     name = "mmbench_en_dev"
     prompt_version = "llava-1.5"
-
-    def __init__(self, cfg: MMBenchConfig) -> None:
-        super().__init__(cfg)
-        if cfg.images is not None:
-            raise EvalDataError(f"{self.name}.images: not used (MMBench embeds its images), got {cfg.images!r}")
 
     def _rows(self) -> Iterator[tuple[dict[str, Any], str]]:
         path = Path(self.cfg.data)
         if not is_hf_copy(path):
             return ((row, f"{path}: row {i}") for i, row in enumerate(_tsv_rows(path)))
-        return ((row, f"{path}: {self.cfg.split} row {i}") for i, row in enumerate(read_split(path, self.cfg.split)))
+        return ((row, f"{path}: {self.hf_split} row {i}") for i, row in enumerate(read_split(path, self.hf_split)))
 
     def samples(self) -> Iterator[EvalSample]:
-        rows = sorted(((_index(row, where), row, where) for row, where in self._rows()), key=lambda t: t[0])
+        rows = sorted(((int_field(row, "index", where), row, where) for row, where in self._rows()), key=lambda t: t[0])
         for index, row, where in rows:
             options: list[str] = []
             for letter in OPTIONS:

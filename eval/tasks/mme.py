@@ -42,8 +42,8 @@ from eval.tasks.base import (
     mean_score,
     per_type,
 )
-from eval.tasks.hf_files import HFCopyTask, image_bytes, is_hf_copy, read_split
-from eval.tasks.hub_copies import lmms_eval_entry
+from eval.tasks.hf_files import image_bytes, is_hf_copy, read_split
+from eval.tasks.hub_copies import SelfContainedTask, lmms_eval_entry
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
               "artwork", "OCR")
@@ -124,15 +124,10 @@ def _release_digest(root: Path) -> dict[str, Any]:
     return {"folder": root.name, "question_files": len(files), "sha256": digest.hexdigest()[:16]}
 
 
-class MMETask(HFCopyTask[FileTaskConfig]):
+class MMETask(SelfContainedTask[FileTaskConfig]):
     config_cls = FileTaskConfig
     name = "mme"
     prompt_version = "llava-1.5"
-
-    def __init__(self, cfg: FileTaskConfig) -> None:
-        super().__init__(cfg)
-        if cfg.images is not None:
-            raise EvalDataError(f"mme.images: not used (the images are in the release folder or embedded), got {cfg.images!r}")
 
     def release_files(self) -> list[str]:
         """None: the release folder's ~1200 files are recorded as one digest (:meth:`protocol_extra`)."""

@@ -46,8 +46,8 @@ from eval.tasks.base import (
     mean_score,
     per_type,
 )
-from eval.tasks.hf_files import HFCopyTask, image_bytes, is_hf_copy, read_split
-from eval.tasks.hub_copies import lmms_eval_entry
+from eval.tasks.hf_files import image_bytes, is_hf_copy, read_split
+from eval.tasks.hub_copies import SelfContainedTask, lmms_eval_entry
 from eval.tasks.scienceqa import SINGLE_PRED
 
 DISCIPLINES = {
@@ -155,16 +155,10 @@ def _gold(answer: str) -> str | list[str]:
     return answer
 
 
-class MMMUTask(HFCopyTask[MMMUConfig]):
+class MMMUTask(SelfContainedTask[MMMUConfig]):
     config_cls = MMMUConfig
     name = "mmmu_val"
     prompt_version = "lmms-eval"
-
-    def __init__(self, cfg: MMMUConfig) -> None:
-        super().__init__(cfg)
-        if cfg.images is not None:
-            raise EvalDataError(f"{self.name}.images: not used (MMMU embeds its images), got {cfg.images!r}")
-        self.hf_split = cfg.split
 
     def release_files(self) -> list[str]:
         raise EvalDataError(f"{self.cfg.data}: expected MMMU's parquet files (a file, a snapshot or split folder) "
@@ -199,8 +193,8 @@ class MMMUTask(HFCopyTask[MMMUConfig]):
         path = Path(self.cfg.data)
         if not is_hf_copy(path):
             self.release_files()
-        built = [self.hf_sample(row, i, f"{path}: {self.cfg.split} row {i}")
-                 for i, row in enumerate(read_split(path, self.cfg.split))]
+        built = [self.hf_sample(row, i, f"{path}: {self.hf_split} row {i}")
+                 for i, row in enumerate(read_split(path, self.hf_split))]
         yield from sorted(built, key=lambda s: (s.type, int(s.id.rsplit("_", 1)[-1])))
 
     def parse(self, sample: EvalSample, text: str) -> Any:

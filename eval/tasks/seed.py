@@ -10,7 +10,9 @@ Files (``data``), either:
   ``image`` a list of embedded images (one for an image question).
 
 The image questions are those of dimensions 1-9 (the official ``eval.py``'s ``filter_questions(data,
-"image")``); the video dimensions 10-12 are left out. Samples keep the file's order.
+"image")``); the video dimensions 10-12 are left out. Samples keep the file's order. The release and the
+copy are read by one loop (not :class:`eval.tasks.hf_files.HFCopyTask`'s two hooks), as both skip the
+video rows before touching an image.
 
 Prompt (LLaVA-1.5's ``llava-seed-bench.jsonl``, lmms-eval's ``seedbench``): the question, "A. ..".."D. .."
 lines, then "Answer with the option's letter from the given choices directly."
@@ -42,7 +44,7 @@ from eval.tasks.base import (
     read_json,
 )
 from eval.tasks.hf_files import HFCopyTask, image_bytes, is_hf_copy, read_split
-from eval.tasks.hub_copies import lmms_eval_entry
+from eval.tasks.hub_copies import int_field, lmms_eval_entry
 from eval.tasks.scienceqa import SINGLE_PRED
 
 DIMENSIONS = {  # question_type_id -> name (SEED-Bench.json "question_type"; 10-12 are video)
@@ -76,32 +78,24 @@ class SEEDBenchTask(HFCopyTask[SEEDConfig]):
         return EvalSample(
             id=str(field_of(row, "question_id", (str, int), where)), image=image,
             question=f"{field_of(row, 'question', str, where)}\n{options_block(options)}", reference=answer,
-            type=DIMENSIONS[_dimension(row, where)],
+            type=DIMENSIONS[int_field(row, "question_type_id", where)],
         )
-
-    def release_samples(self) -> Iterator[EvalSample]:
-        path = Path(self.cfg.data)
-        questions = list_field(read_json(path), "questions", path)
-        folder = self.image_folder(path.parent / "SEED-Bench-image")
-        for i, row in enumerate(questions):
-            where = f"{path}: questions[{i}]"
-            if _dimension(row, where) in DIMENSIONS:
-                yield self._sample(row, where, image_file(folder, field_of(row, "data_id", str, where), where))
-
-    def hf_sample(self, row: dict[str, Any], index: int, where: str) -> EvalSample:
-        images = field_of(row, "image", (list, dict, bytes), where)
-        first = images[0] if isinstance(images, list) and images else images  # an image question has one
-        return self._sample(row, where, image_bytes(first, where))
 
     def samples(self) -> Iterator[EvalSample]:
         path = Path(self.cfg.data)
-        if not is_hf_copy(path):
-            yield from self.release_samples()
-            return
-        for i, row in enumerate(read_split(path, self.hf_split)):
-            where = f"{path}: {self.hf_split} row {i}"
-            if _dimension(row, where) in DIMENSIONS:
-                yield self.hf_sample(row, i, where)
+        copy = is_hf_copy(path)
+        rows = read_split(path, self.hf_split) if copy else list_field(read_json(path), "questions", path)
+        folder = None if copy else self.image_folder(path.parent / "SEED-Bench-image")
+        for i, row in enumerate(rows):
+            where = f"{path}: {self.hf_split} row {i}" if copy else f"{path}: questions[{i}]"
+            if int_field(row, "question_type_id", where) not in DIMENSIONS:
+                continue
+            if folder is not None:
+                image: Path | bytes = image_file(folder, field_of(row, "data_id", str, where), where)
+            else:
+                images = field_of(row, "image", (list, dict, bytes), where)
+                image = image_bytes(images[0] if isinstance(images, list) and images else images, where)
+            yield self._sample(row, where, image)
 
     def parse(self, sample: EvalSample, text: str) -> Any:
         return seed_choice(text)
@@ -118,10 +112,3 @@ class SEEDBenchTask(HFCopyTask[SEEDConfig]):
         return {"questions": "image (dimensions 1-9)", "answer_parsing": "first character (lmms-eval)",
                 "per_type": "dimension", "official_scoring": "likelihood ranking (not used: generation)"}
 
-
-def _dimension(row: Mapping[str, Any], where: str) -> int:
-    value = field_of(row, "question_type_id", (int, str), where)
-    try:
-        return int(value)
-    except ValueError:
-        raise EvalDataError(f"{where}: field 'question_type_id' should be an integer, got {value!r}") from None

@@ -80,7 +80,9 @@ def test_mmbench_release_and_hub_copies_agree(tmp_path: Path) -> None:
     snapshot = tmp_path / "lmms-lab-MMBench" / "en"
     write_parquet(_hub_rows(), snapshot, "dev")
     write_parquet([{**_hub_rows()[0], "index": "7"}], snapshot, "test")  # another split: not read
-    assert _view(EVAL_TASKS.build("mmbench_en_dev", {"data": str(snapshot)})) == expected
+    hub = EVAL_TASKS.build("mmbench_en_dev", {"data": str(snapshot)})
+    assert _view(hub) == expected
+    assert [r["file"] for r in hub.protocol()["dataset_revision"]] == ["dev-00000-of-00001.parquet"]
     saved = save_to_disk(_hub_rows(), tmp_path / "saved")
     assert _view(EVAL_TASKS.build("mmbench_en_dev", {"data": str(saved)})) == expected
 
@@ -97,6 +99,8 @@ def test_mmbench_circular_eval_end_to_end(tmp_path: Path, scripted: Any) -> None
 
 def test_mmbench_bad_rows(tmp_path: Path) -> None:
     path = _tsv(tmp_path / "MMBench_DEV_EN.tsv")
+    with pytest.raises(EvalDataError, match=r"mmbench_en_dev.images: not used \(the images are embedded"):
+        EVAL_TASKS.build("mmbench_en_dev", {"data": str(path), "images": "imgs"})
     path.write_text(path.read_text().replace("\t1\tsrc", "\t9\tsrc", 1))  # a copy naming an index that is not there
     with pytest.raises(EvalDataError, match=r"row 2 \(index 1000001\): image '9' is neither base64 data nor the index"):
         list(EVAL_TASKS.build("mmbench_en_dev", {"data": str(path)}).samples())
