@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bench_copies import RELEASES
 from PIL import Image
 
 from eval.tasks.shapesworld import ShapesWorldTask
@@ -205,6 +206,8 @@ def make_refcoco(root: Path) -> dict[str, Any]:
 # make_<task> per registered task that reads files (the others generate their data; refcoco+ and
 # refcocog read refcoco's format, see test_prompts.FIXTURE)
 BENCHMARKS = {name: globals()[f"make_{name}"] for name in EVAL_TASKS.names() if f"make_{name}" in globals()}
+# the VizWiz / ChartQA / DocVQA / OCRBench / AI2D release fixtures, shared with their own test files
+BENCHMARKS.update({name: write for name, write in RELEASES.items() if name in EVAL_TASKS.names()})
 
 
 @pytest.fixture

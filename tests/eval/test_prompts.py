@@ -29,6 +29,13 @@ SNAPSHOTS = {
 SNAPSHOTS["refcoco+"] = SNAPSHOTS["refcocog"] = SNAPSHOTS["refcoco"]
 SNAPSHOTS["arithmetic"] = "Compute 9 + 2 - 7"  # text only: no image marker
 SNAPSHOTS["compositional"] = "<image>\nHow many green objects are there? + 2"
+SNAPSHOTS["vizwiz_vqa_val"] = ("<image>\nWhat is this?\nWhen the provided information is insufficient, respond with "
+                              "'Unanswerable'." + SHORT)  # lmms-eval capitalises the question
+SNAPSHOTS["chartqa"] = "<image>\nHow many bars are there?\nAnswer the question with a single word."
+SNAPSHOTS["docvqa_val"] = "<image>\nWhat is the date?" + SHORT
+SNAPSHOTS["ocrbench"] = "<image>\nwhat is written in the image?"  # lmms-eval: the question alone
+SNAPSHOTS["ai2d"] = ("<image>\nWhich label shows the sun?\nA. moon\nB. sun\nC. earth\nD. mars\n"
+                     "Answer with the option's letter from the given choices directly.")
 GENERATED = {"arithmetic": {}, "compositional": {}}  # default generator configs
 FIXTURE = {"refcoco+": "refcoco", "refcocog": "refcoco"}
 
