@@ -315,8 +315,9 @@ def tokenizer_files(folder: Path) -> list[str]:
 
 
 def copy_side_files(src: Path, dst: Path, tokenizer_src: Path | None = None) -> list[str]:
-    """Copy ``src``'s non-weight files (config, generation config, tokenizer, an MLLM's ``llm/`` and
-    ``tokenizer/`` folders, ...) into ``dst``; weight files are skipped at every depth.
+    """Copy ``src``'s non-weight files (config, generation config, tokenizer, a transformers MLLM's processor
+    and chat-template files, our MLLM's ``llm/`` and ``tokenizer/`` folders, ...) into ``dst``; weight files
+    are skipped at every depth.
 
     With ``tokenizer_src`` the tokenizer files at its top level are copied instead of ``src``'s
     (those of ``src`` are left out, so the two tokenizers never mix).

@@ -43,6 +43,8 @@ FAMILIES: dict[str, tuple[str, str, str | None]] = {
 }
 SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
          "num_key_value_heads", "head_dim", "query_pre_attn_scalar", "sliding_window")
+VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
+IMAGE_ROWS = 4  # the plain LLMs' vocabulary is this much shorter than the MLLM's (whose image tokens come last)
 SIDE_FILES = ("config.json", "chat_template.jinja", "processor_config.json", "tokenizer.json", "tokenizer_config.json")
 
 
@@ -124,8 +126,10 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         return scale * depth * torch.randn(v[plain[p]].shape, generator=g)
 
     base = {p: v[n] - tau(p, 0.02) for p, n in plain.items()}
-    reasoner = {p: t + tau(p, 0.05 if p.startswith("model.layers.0.") else 0.01) for p, t in base.items()}
+    base = {p: t[:-IMAGE_ROWS] if p in VOCAB else t for p, t in base.items()}
+    reasoner = {p: t + tau(p, 0.05 if p.startswith("model.layers.0.") else 0.01)[:len(t)] for p, t in base.items()}
     text = dict(ModelReader(mllm).config.get("text_config") or ModelReader(mllm).config["llm_config"])
+    text["vocab_size"] -= IMAGE_ROWS
     folders = {"mllm": mllm, "base": save_plain(root / "base", name, text, base),
                "reasoner": save_plain(root / "reasoner", name, text, reasoner)}
     yaml_path = root / "frank.yaml"
