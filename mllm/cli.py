@@ -145,11 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "the file headers) and write nothing")
 
     probe = sub.add_parser("probe", help="per-layer attention mass on visual tokens (FRANK's prior)")
-    probe.add_argument("checkpoint", help="an mllm checkpoint folder (RUN/model)")
-    probe.add_argument("--data", default="shapesworld",
-                       help="'shapesworld' (the run's generator, val split) or a LLaVA JSON/JSONL file")
-    probe.add_argument("--images", default=None, help="image root of a LLaVA JSON file")
-    probe.add_argument("--limit", type=_positive, default=256, help="probe samples (FRANK used ~1k images)")
+    probe.add_argument("model", help="our checkpoint (RUN/model) or a transformers image-text-to-text folder")
+    probe.add_argument("--images", default=None,
+                       help="a folder of images, each probed with one --prompt (any model); with --data, the "
+                       "image root of a LLaVA JSON file")
+    probe.add_argument("--prompt", default=None,
+                       help="the one prompt of --images DIR (default: 'Describe this image in detail.'); "
+                       "the image goes first unless it holds <image>")
+    probe.add_argument("--data", default=None,
+                       help="conversations, for our checkpoints: 'shapesworld' (the run's generator, val split; "
+                       "the default without --images) or a LLaVA JSON/JSONL file")
+    probe.add_argument("--limit", type=_positive, default=256,
+                       help="the first N images / samples (FRANK used ~1k MSCOCO val images)")
     probe.add_argument("--batch-size", type=_positive, default=16)
     probe.add_argument("--out", required=True, help="folder for probe.json and probe.png")
     _add_placement(probe)
@@ -204,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             run_merge(args.config, args.out, overwrite=args.overwrite, progress=not args.dry_run,
                       threads=args.threads, dry_run=args.dry_run)
         elif args.command == "probe":
-            run.probe(Path(args.checkpoint), args.data, Path(args.out), images=args.images,
+            run.probe(Path(args.model), args.data, Path(args.out), images=args.images, prompt=args.prompt,
                       limit=args.limit, batch_size=args.batch_size, device=args.device, dtype=args.dtype)
         elif args.command == "convert":
             from mllm import hf

@@ -13,7 +13,10 @@ row's new tokens start at the same column and greedy decoding of a row does not 
 mates; only the new tokens are decoded.
 
 :func:`load_generator` picks by what a folder holds: ``mllm_config.yaml`` is ours
-(:meth:`mllm.model.MLLM.from_pretrained`), a transformers ``config.json`` is native.
+(:meth:`mllm.model.MLLM.from_pretrained`), a transformers ``config.json`` is native. For the visual
+attention probe (:mod:`mllm.merge.probe`) both kinds answer alike: :func:`image_prompt_batch` builds a
+forward batch of images with one prompt, and a :class:`NativeMLLM` exposes what the probe reads of
+ours: ``image_token_id``, ``llm`` and a forward (calling it on the batch).
 """
 
 from __future__ import annotations
@@ -117,6 +120,27 @@ class NativeMLLM(AnswersText):
         self.model.eval()
         return self
 
+    @property
+    def image_token_id(self) -> int:
+        """The id of the placeholder the processor repeats once per visual token (``config.image_token_id``,
+        or ``image_token_index`` in older configs); tokens wrapped around them (Gemma 3's
+        ``<start_of_image>``, Qwen-VL's ``<|vision_start|>``, ...) are not it."""
+        for key in ("image_token_id", "image_token_index"):
+            value = getattr(self.model.config, key, None)
+            if isinstance(value, int):
+                return value
+        raise ModelError(f"{type(self.model).__name__}: its config names no image token "
+                         "(image_token_id / image_token_index)")
+
+    @property
+    def llm(self) -> Any:
+        """The language model (the decoder stack, whose config is the text config), as ``llm`` of :class:`mllm.model.MLLM`."""
+        return self.model.get_decoder()
+
+    def __call__(self, **batch: Any) -> Any:
+        """The transformers model's forward on a processor batch (:meth:`inputs`) and its keywords."""
+        return self.model(**batch)
+
     def build_prompts(self, prompts: Sequence[str]) -> list[str]:
         """Each prompt as the chat template renders a user turn of it, ready for the answer."""
         if self.processor.chat_template is None and self.tokenizer.chat_template is None:
@@ -172,6 +196,33 @@ def load_generator(
         return NativeMLLM.from_pretrained(root, device=device, dtype=dtype)
     what = "folder not found" if not root.is_dir() else f"neither {CONFIG_FILE} (ours) nor {HF_CONFIG} (transformers)"
     raise ModelError(f"{root}: not a model folder ({what})")
+
+
+def one_image_prompt(prompt: str) -> str:
+    """``prompt`` when it places at most one image (:data:`IMAGE_MARKER`; none: the image goes first);
+    refused in one line otherwise."""
+    if prompt.count(IMAGE_MARKER) > 1:
+        raise ModelError(f"prompt: one image per prompt; {prompt!r} holds {prompt.count(IMAGE_MARKER)} {IMAGE_MARKER}")
+    return prompt
+
+
+def image_prompt_batch(model: Any, images: Sequence[Image.Image], prompt: str) -> Any:
+    """The forward batch of ``images``, each with the one ``prompt``, on the device of ``model`` (from
+    :func:`load_generator`), built as its ``generate`` builds its prompts: the image goes where the
+    prompt's :data:`IMAGE_MARKER` is, first when it has none (LLaVA's ``"<image>\\n" + question``; ours
+    follows its ``image_first``), ours spliced into its template's image-token slots, a transformers
+    model's through :meth:`NativeMLLM.inputs`."""
+    one_image_prompt(prompt)
+    if isinstance(model, NativeMLLM):
+        question = prompt if IMAGE_MARKER in prompt else f"{IMAGE_MARKER}\n{prompt}"
+        return model.inputs(images, [question] * len(images))
+    from train.templates import encode_prompt
+
+    row = encode_prompt(model.tokenizer, prompt, model.template, model.cfg.image_token, model.num_image_tokens,
+                        model.cfg.image_first)
+    ids = torch.tensor([row] * len(images), device=model.device)  # one prompt, fixed image slots: no padding
+    pixels = torch.stack([model.preprocess(image) for image in images]).to(model.device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
 
 
 def read_image(path: str | os.PathLike[str]) -> Image.Image:

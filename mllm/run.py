@@ -404,21 +404,63 @@ def demo(recipe: str, out_dir: Path, overrides: list[str]) -> dict[str, Any]:
 
 
 def probe(
-    checkpoint: Path, data: str, out_dir: Path, images: str | None = None, limit: int = 256, batch_size: int = 16,
-    device: str | None = None, dtype: str | None = None,
+    checkpoint: Path, data: str | None, out_dir: Path, images: str | None = None, limit: int = 256,
+    batch_size: int = 16, device: str | None = None, dtype: str | None = None, prompt: str | None = None,
 ) -> dict[str, Any]:
-    """``mllm probe``: per-layer visual attention share of a checkpoint over a probe set (FRANK §1.7).
+    """``mllm probe``: per-layer visual attention share of a model over a probe set (FRANK, Wei & Chen 2025,
+    arXiv 2505.16151, §3.2.3 and Appendix A.9; :mod:`mllm.merge.probe`).
 
-    ``data`` is ``shapesworld`` (the val split of the run's own generator settings) or a LLaVA JSON file.
-    The model is loaded onto ``device`` in ``dtype`` (:meth:`MLLM.from_pretrained`'s defaults: CUDA when
-    available, the checkpoint's dtype); each batch is moved to it.
+    Image-only protocol (``images`` a folder and no ``data``), for our checkpoints and transformers'
+    image-text-to-text folders alike: the first ``limit`` image files of the folder by name, each with
+    the one ``prompt`` (default :data:`mllm.merge.probe.DEFAULT_PROMPT`; the paper probes ~1000 MSCOCO
+    val images and does not publish its prompt). Ours builds the prompt as its ``generate`` does (its
+    template, the image's token slots spliced as in training); a transformers model through its
+    processor's chat template, left-padded (:meth:`mllm.hf_native.NativeMLLM.inputs`).
+
+    Conversations (our checkpoints): ``data`` is ``shapesworld`` (the val split of the run's generator
+    settings; the default without ``images``) or a LLaVA JSON file whose image root is ``images``.
+
+    The model is loaded onto ``device`` in ``dtype`` (default: CUDA when available, the checkpoint's
+    dtype); ``probe.json`` records the model folder, its kind, the images or data, the prompt, the
+    device, the dtype and the batch size beside the shares.
     """
-    from mllm.merge.probe import run_probe
+    from mllm.hf_native import image_prompt_batch, load_generator, one_image_prompt, read_image
+    from mllm.merge.probe import DEFAULT_PROMPT, image_files, run_probe
+    from mllm.model import MLLM
+
+    if data is None and images is not None:
+        text = one_image_prompt(DEFAULT_PROMPT if prompt is None else prompt)
+        files = image_files(Path(images), limit)  # every image read before the model loads
+        model = load_generator(checkpoint, device=device, dtype=dtype)
+        batches: Any = (image_prompt_batch(model, [read_image(f) for f in files[i:i + batch_size]], text)
+                        for i in range(0, len(files), batch_size))
+        source = f"{images} ({len(files)} images)"
+        protocol: dict[str, Any] = {"images": {"dir": str(images), "count": len(files)}, "prompt": text}
+    else:
+        if prompt is not None:
+            raise ConfigError("--prompt: belongs to the image-only protocol (--images DIR without --data)")
+        model, batches, n = _conversation_batches(checkpoint, data or "shapesworld", images, limit, batch_size,
+                                                  device, dtype)
+        source = f"{data or 'shapesworld'} ({n} samples)"
+        protocol = {"data": data or "shapesworld", "image_root": images, "prompt": None}
+    kind = "ours" if isinstance(model, MLLM) else type(model.model).__name__
+    protocol = {"model": str(checkpoint), "kind": kind, **protocol, "device": str(model.device),
+                "dtype": str(model.llm.dtype).removeprefix("torch."), "batch_size": batch_size}
+    return run_probe(model, batches, out_dir, source=source, protocol=protocol)
+
+
+def _conversation_batches(
+    checkpoint: Path, data: str, images: str | None, limit: int, batch_size: int, device: str | None,
+    dtype: str | None,
+) -> tuple[Any, Any, int]:
+    """Our model in ``checkpoint``, its collated batches of the first ``limit`` samples of ``data``
+    (``shapesworld`` or a LLaVA JSON file with image root ``images``) on its device, and their count."""
     from mllm.model import MLLM
     from train.data.collate import Collator
 
     if not (checkpoint / "mllm_config.yaml").is_file():
-        raise ConfigError(f"{checkpoint}: not a checkpoint folder (no mllm_config.yaml); pass RUN/model")
+        raise ConfigError(f"{checkpoint}: not our checkpoint folder (no mllm_config.yaml; pass RUN/model): "
+                          "conversation data probes ours; a transformers folder is probed with --images DIR")
     if data == "shapesworld":
         run_cfg = checkpoint.parent / "config.yaml"
         if not run_cfg.is_file():
@@ -437,4 +479,4 @@ def probe(
     batches = ({k: v.to(model.device) if hasattr(v, "to") else v
                 for k, v in collate([samples[i] for i in range(start, min(start + batch_size, n))]).items()}
                for start in range(0, n, batch_size))
-    return run_probe(model, batches, out_dir, source=f"{data} ({n} samples)")
+    return model, batches, n

@@ -1,20 +1,32 @@
 """Per-layer visual attention share of an MLLM: the data behind FRANK's prior.
 
-FRANK (Wei & Chen, 2025, arXiv 2505.16151, §3.2.3 and Appendix A.9). For each decoder layer l, over
-a probe set of image + text rows:
+FRANK (Wei & Chen, 2025, arXiv 2505.16151, §3.2.3 and Appendix A.9). For each decoder layer l of the
+language model, over a probe set of image + text rows:
 
     a_l = mean over rows x, heads h and text queries q of  A_vis(x,h,q) / (A_vis(x,h,q) + A_txt(x,h,q))
 
-A_vis = attention probability that query q puts on the image-token keys, A_txt = on the other
-attended (text) keys. The paper does not say which text queries; we take every attended text token
-after the first image token (tokens before it cannot see the image under causal attention) --
-inferred, recorded in the JSON as ``queries``. Attention probabilities need the eager kernel, so the
-LLM is switched to ``eager`` for the probe and back afterwards.
+A_vis = attention probability that query q puts on the visual keys, A_txt = on the other attended
+(text) keys. Visual keys are the tokens equal to the model's image-token id (``config.image_token_id``
+/ ``image_token_index`` of a transformers MLLM, the ``<image>`` slots of ours): where a processor wraps
+an image in further tokens -- Gemma 3's ``<start_of_image>`` / ``<end_of_image>``, Idefics3 / SmolVLM's
+``<fake_token_around_image>`` and ``<global-img>``, Qwen-VL's ``<|vision_start|>`` / ``<|vision_end|>``,
+InternVL's ``<img>`` / ``</img>`` -- those carry no pixels and count as text. The paper does not say
+which text queries; we take every attended text token after the first image token (tokens before it
+cannot see the image under causal attention) -- inferred, recorded in the JSON as ``queries``. Padded
+keys are masked out of the softmax, so left padding leaves every row's shares as they are alone.
+
+Attention probabilities need the eager kernel: the language model alone is switched to ``eager`` for
+the probe and back afterwards. A vision tower keeps its kernel: transformers may warn once that
+``sdpa`` returns no attentions -- those are the tower's, which the probe does not read.
+``outputs.attentions`` of transformers' MLLMs (5.x) holds the language model's layers only, one
+``[B, H, T, T]`` per decoder layer; the probe checks them against ``num_hidden_layers`` of the text config. All layers of a batch are held at
+once (L x B x H x T^2 values): ``--batch-size`` bounds the memory.
 
 :func:`run_probe` writes ``probe.json`` (``visual_share`` per layer -- what FRANK's ``prior`` reads --,
-the OLS decay fit a_l ~ C e^(-alpha l) of Eq. 40-44, and the resulting w_V under both normalisations)
-and ``probe.png``. This module takes a built model and ready batches (``input_ids``,
-``attention_mask``, ``pixel_values``, e.g. from ``train.data.collate.Collator``): merging never
+the OLS decay fit a_l ~ C e^(-alpha l) of Eq. 40-44, the resulting w_V under both normalisations, and
+the protocol its caller records) and ``probe.png``. This module takes a built model and ready batches
+(ours: ``input_ids``, ``attention_mask``, ``pixel_values``, e.g. from ``train.data.collate.Collator``;
+a transformers MLLM: its processor's batch, :meth:`mllm.hf_native.NativeMLLM.inputs`): merging never
 imports ``train/``; the ``mllm probe`` command assembles both.
 """
 
@@ -24,9 +36,10 @@ import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+from PIL import Image
 
 from common.atomic import atomic_write
 from common.errors import UserError
@@ -35,10 +48,48 @@ from mllm.merge.methods.frank import fit_decay, prior_weights
 PROBE_JSON = "probe.json"
 PROBE_PNG = "probe.png"
 QUERIES = "attended text tokens after the first image token"
+# The paper probes ~1000 MSCOCO val images but does not publish its prompt: a generic request.
+DEFAULT_PROMPT = "Describe this image in detail."
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 class ProbeError(UserError, ValueError):
     """The model or the probe batches cannot be probed; the message says what is expected."""
+
+
+def image_files(folder: Path, limit: int | None = None) -> list[Path]:
+    """The first ``limit`` image files of ``folder`` by name (suffixes :data:`IMAGE_SUFFIXES`, any case),
+    each decoded once here, so that an unreadable one is refused, named, before a model loads."""
+    if not folder.is_dir():
+        raise ProbeError(f"{folder}: --images: expected a folder of image files")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())[:limit]
+    if not files:
+        raise ProbeError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                img.load()
+        except (OSError, ValueError, SyntaxError) as err:  # PIL raises SyntaxError for some broken files
+            raise ProbeError(f"{path}: cannot read the image: {err}") from err
+    return files
+
+
+class AttentionModel(Protocol):
+    """What the probe reads of a model: ours (:class:`mllm.model.MLLM`) or a transformers MLLM
+    (:class:`mllm.hf_native.NativeMLLM`). Called on a batch's keys, it returns an output whose
+    ``attentions`` are the language model's."""
+
+    image_token_id: int
+
+    @property
+    def llm(self) -> Any:
+        """The language model (a transformers ``PreTrainedModel``), switched to eager while probing."""
+
+    def eval(self) -> Any: ...
+
+    def __call__(self, **batch: Any) -> Any: ...
 
 
 def layer_shares(attentions: Sequence[torch.Tensor], attention_mask: torch.Tensor,
@@ -55,11 +106,10 @@ def layer_shares(attentions: Sequence[torch.Tensor], attention_mask: torch.Tenso
     if (queries.sum(dim=1) == 0).any():
         row = int((queries.sum(dim=1) == 0).nonzero()[0])
         raise ProbeError(f"probe row {row} has no image token followed by text: nothing to measure")
+    keys = torch.stack([image_mask, text], dim=-1).float()[:, None]  # [B, 1, T, 2]
     out = []
     for probs in attentions:
-        p = probs.float()
-        vis = (p * image_mask[:, None, None, :]).sum(-1)  # [B, H, T]
-        txt = (p * text[:, None, None, :]).sum(-1)
+        vis, txt = (probs.float() @ keys).unbind(-1)  # [B, H, T] each: mass on image / text keys
         share = (vis / (vis + txt).clamp_min(1e-12)).mean(dim=1)  # [B, T], mean over heads
         out.append((share * queries).sum(dim=1) / queries.sum(dim=1))
     return torch.stack(out)
@@ -78,41 +128,58 @@ def eager_attention(llm: Any) -> Iterator[None]:
             llm.set_attn_implementation(before)
 
 
-@torch.no_grad()
-def visual_attention_share(model: Any, batches: Iterable[Mapping[str, torch.Tensor]]) -> tuple[list[float], int]:
-    """``(a_l for each decoder layer, rows probed)`` of an MLLM over ``batches``.
+def _checked(attentions: Sequence[torch.Tensor] | None, layers: int, ids: torch.Tensor) -> Sequence[torch.Tensor]:
+    """The per-layer attentions when there is one ``[B, H, T, T]`` per language-model layer."""
+    rows, width = ids.shape
+    shapes = [tuple(a.shape) for a in attentions or ()]
+    if len(shapes) != layers or any(len(s) != 4 or (s[0], s[2], s[3]) != (rows, width, width) for s in shapes):
+        raise ProbeError(f"the model returned attentions of shapes {shapes[:2]}... ({len(shapes)} in all); expected "
+                         f"one [{rows}, heads, {width}, {width}] per language-model layer ({layers})")
+    return attentions  # type: ignore[return-value]
 
-    ``model`` is an :class:`mllm.model.MLLM` (used through ``forward``, ``image_token_id``,
-    ``num_image_tokens`` and ``llm``) whose visual tokens are spliced into the sequence.
-    """
-    if getattr(model, "num_image_tokens", 0) == 0:
+
+@torch.no_grad()
+def visual_attention_share(model: AttentionModel,
+                           batches: Iterable[Mapping[str, torch.Tensor]]) -> tuple[list[float], int]:
+    """``(a_l for each decoder layer, rows probed)`` of an MLLM over ``batches`` (see the module
+    docstring); a model of ours must splice its visual tokens into the sequence."""
+    if getattr(model, "num_image_tokens", None) == 0:  # ours with ``model.splice: false``
         raise ProbeError("the model splices no visual tokens into the sequence (model.splice: false): "
                          "there is no attention on visual tokens to measure")
-    was_training = model.training
+    was_training = bool(getattr(model, "training", False))  # a NativeMLLM is always in eval mode
     model.eval()
+    layers = model.llm.config.get_text_config().num_hidden_layers
     total: torch.Tensor | None = None
     rows = 0
     try:
         with eager_attention(model.llm):
             for batch in batches:
                 ids, mask = batch["input_ids"], batch["attention_mask"]
-                out = model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
-                            output_attentions=True)
-                shares = layer_shares(out.attentions, mask.to(ids.device), ids == model.image_token_id)
+                # The probe reads attentions only: no labels (a conversation batch's), one logit column,
+                # no KV cache.
+                inputs = {key: value for key, value in batch.items() if key != "labels"}
+                out = model(**inputs, output_attentions=True, use_cache=False, logits_to_keep=1)
+                shares = layer_shares(_checked(out.attentions, layers, ids), mask.to(ids.device),
+                                      ids == model.image_token_id)
                 total = shares.sum(dim=1) if total is None else total + shares.sum(dim=1)
                 rows += ids.shape[0]
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
     if total is None:
         raise ProbeError("the probe set is empty")
     return (total / rows).tolist(), rows
 
 
-def run_probe(model: Any, batches: Iterable[Mapping[str, torch.Tensor]], out_dir: str | Path,
-              source: str = "") -> dict[str, Any]:
-    """Probe ``model`` over ``batches``; write ``probe.json`` and ``probe.png`` into ``out_dir``."""
+def run_probe(model: AttentionModel, batches: Iterable[Mapping[str, torch.Tensor]], out_dir: str | Path,
+              source: str = "", protocol: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Probe ``model`` over ``batches``; write ``probe.json`` and ``probe.png`` into ``out_dir``.
+
+    ``protocol`` (what the caller knows: model folder, images, prompt, device, dtype) is recorded
+    beside the shares and the image-token id that marked the visual keys."""
     share, rows = visual_attention_share(model, batches)
-    doc: dict[str, Any] = {"visual_share": share, "num_samples": rows, "queries": QUERIES, "source": source}
+    doc: dict[str, Any] = {"visual_share": share, "num_samples": rows, "queries": QUERIES, "source": source,
+                           "image_token_id": model.image_token_id, **(protocol or {})}
     try:
         alpha, c = fit_decay(share)
         doc["fit"] = {"alpha": alpha, "C": c}

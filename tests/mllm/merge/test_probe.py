@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,14 @@ def test_probe_needs_spliced_tokens(mllm: MLLM, monkeypatch) -> None:
     monkeypatch.setattr(mllm, "num_image_tokens", 0)
     with pytest.raises(ProbeError, match="splice"):
         visual_attention_share(mllm, [])
+
+
+def test_probe_needs_one_attention_map_per_llm_layer(mllm: MLLM, monkeypatch) -> None:
+    from mllm.merge import probe
+
+    monkeypatch.setattr(probe, "eager_attention", lambda llm: contextlib.nullcontext())  # sdpa returns none
+    with pytest.raises(ProbeError, match=rf"expected one \[2, heads, \d+, \d+\] per language-model layer \({LAYERS}\)"):
+        visual_attention_share(mllm, _batches(mllm, 1))
 
 
 def test_frank_on_mllm_checkpoints_with_the_probe_prior(tmp_path: Path, mllm: MLLM, ckpt) -> None:
