@@ -1,41 +1,21 @@
 """MathVista testmini: the release JSON + images and the AI4Math parquet copy give the same samples; the
-official normalization (float / int / list answers, precision, nearest option) and both scores by hand."""
+official normalization (float / int / list answers, precision, nearest option) and both scores by hand. The fixture files are
+written by tests/exam_copies.py."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hf_rows import hf_image, png, save_to_disk, write_parquet
+from exam_copies import mathvista_hf_rows, mathvista_release, view
+from hf_rows import save_to_disk, write_parquet
 
 from eval.runner import Dist, EvalConfig, run_task
 from eval.tasks.base import EvalDataError
 from eval.tasks.mathvista import edit_distance, extract_answer, normalize_extraction
 from mllm.registry import EVAL_TASKS
 
-
-def _problem(pid: str, question: str, answer: str, qtype: str, atype: str, task: str, skills: list[str],
-             choices: list[str] | None = None, precision: int | None = None, unit: str | None = None) -> dict[str, Any]:
-    return {"pid": pid, "question": question, "image": f"images/{pid}.jpg", "choices": choices, "unit": unit,
-            "precision": precision, "answer": answer, "question_type": qtype, "answer_type": atype,
-            "metadata": {"split": "testmini", "language": "english", "source": "src", "category": "math-targeted-vqa",
-                         "task": task, "context": "scientific figure", "grade": "college", "skills": skills}}
-
-
-PROBLEMS = [
-    _problem("10", "Which years are shown?", "[2014, 2016]", "free_form", "list", "figure question answering",
-             ["statistical reasoning"]),
-    _problem("1", "How far is the spring compressed?", "1.2", "free_form", "float", "textbook question answering",
-             ["scientific reasoning"], precision=1, unit="m"),
-    _problem("2", "What is the total volume of the cup?", "1000", "free_form", "integer", "visual question answering",
-             ["numeric commonsense", "arithmetic reasoning"], unit="g"),
-    _problem("3", "What fraction is shaded?", "8/11", "multi_choice", "text", "math word problem",
-             ["arithmetic reasoning"], choices=["3/11", "8/11", "6/11", "3/5"]),
-    _problem("4", "Is the line straight?", "No", "multi_choice", "text", "figure question answering",
-             ["logical reasoning"], choices=["Yes", "No"]),
-]
 # By hand, raw (the whole response) and extracted (rules):
 #   1 "... so the answer is 1.2": raw not a number (wrong); extracted 1.2 after "answer is" -> "1.2" right
 #   2 "1,000": raw float("1,000") fails (wrong); extracted "1000" right
@@ -45,23 +25,6 @@ PROBLEMS = [
 # accuracy 4/5, raw 1/5
 ANSWERS = {"spring": "The spring is compressed by 1.23 meters, so the answer is 1.2", "volume": "1,000",
            "shaded": "B", "straight": "Yes and no", "years": "The years are [2014, 2016]."}
-
-
-def _release(root: Path) -> Path:
-    (root / "images").mkdir(parents=True)
-    for k, p in enumerate(PROBLEMS):
-        (root / p["image"]).write_bytes(png((k, 10 * k, 7)))
-    (root / "testmini.json").write_text(json.dumps({p["pid"]: p for p in PROBLEMS}))
-    return root / "testmini.json"
-
-
-def _hub_rows() -> list[dict[str, Any]]:
-    return [{**p, "precision": float("nan") if p["precision"] is None else float(p["precision"]),
-             "decoded_image": hf_image(png((k, 10 * k, 7))), "query": "unused"} for k, p in enumerate(PROBLEMS)]
-
-
-def _view(task: Any) -> list[tuple[Any, ...]]:
-    return [(s.id, s.question, s.reference, s.type, s.meta, s.load_image().tobytes()) for s in task.samples()]
 
 
 def test_normalization_as_calculate_score() -> None:
@@ -91,8 +54,8 @@ def test_extraction_rules() -> None:
 
 
 def test_mathvista_release_and_hub_copies_agree(tmp_path: Path) -> None:
-    release = EVAL_TASKS.build("mathvista_testmini", {"data": str(_release(tmp_path / "MathVista" / "data"))})
-    expected = _view(release)
+    release = EVAL_TASKS.build("mathvista_testmini", {"data": str(mathvista_release(tmp_path / "MathVista" / "data"))})
+    expected = view(release)
     assert [e[0] for e in expected] == ["1", "2", "3", "4", "10"]
     prompts = [release.build_prompt(s) for s in release.samples()]
     assert prompts[0] == ("<image>\nHow far is the spring compressed? (Unit: m)\n"
@@ -101,15 +64,15 @@ def test_mathvista_release_and_hub_copies_agree(tmp_path: Path) -> None:
                           "Answer with the option's letter from the given choices directly.")
     assert prompts[4].endswith("\nAnswer the question using a Python list.")
     snapshot = tmp_path / "AI4Math-MathVista"
-    write_parquet(_hub_rows(), snapshot, "testmini")
-    write_parquet(_hub_rows()[:1], snapshot, "test")  # another split: not read
-    assert _view(EVAL_TASKS.build("mathvista_testmini", {"data": str(snapshot)})) == expected
-    saved = save_to_disk(_hub_rows(), tmp_path / "saved", image_columns=("decoded_image",))
-    assert _view(EVAL_TASKS.build("mathvista_testmini", {"data": str(saved)})) == expected
+    write_parquet(mathvista_hf_rows(), snapshot, "testmini")
+    write_parquet(mathvista_hf_rows()[:1], snapshot, "test")  # another split: not read
+    assert view(EVAL_TASKS.build("mathvista_testmini", {"data": str(snapshot)})) == expected
+    saved = save_to_disk(mathvista_hf_rows(), tmp_path / "saved", image_columns=("decoded_image",))
+    assert view(EVAL_TASKS.build("mathvista_testmini", {"data": str(saved)})) == expected
 
 
 def test_mathvista_scores_end_to_end(tmp_path: Path, scripted: Any) -> None:
-    task = EVAL_TASKS.build("mathvista_testmini", {"data": str(_release(tmp_path / "data"))})
+    task = EVAL_TASKS.build("mathvista_testmini", {"data": str(mathvista_release(tmp_path / "data"))})
     m = run_task(scripted(ANSWERS), task, EvalConfig(batch_size=2), tmp_path / "out", dist=Dist(), progress=False)
     assert m["accuracy"] == pytest.approx(0.8) and m["accuracy_raw"] == pytest.approx(0.2) and m["n"] == 5
     assert m["per_type"] == {"figure question answering": 0.5, "math word problem": 1.0,
@@ -119,11 +82,11 @@ def test_mathvista_scores_end_to_end(tmp_path: Path, scripted: Any) -> None:
 
 
 def test_mathvista_bad_files(tmp_path: Path) -> None:
-    path = _release(tmp_path / "data")
+    path = mathvista_release(tmp_path / "data")
     (path.parent / "images" / "3.jpg").unlink()
     with pytest.raises(EvalDataError, match=r"\['3'\]: image .*images/3.jpg not found"):
         list(EVAL_TASKS.build("mathvista_testmini", {"data": str(path)}).samples())
-    rows = _hub_rows()
+    rows = mathvista_hf_rows()
     rows[3]["answer"] = "9/11"
     with pytest.raises(EvalDataError, match=r"testmini row 3: a multi_choice answer must be one of the choices"):
         list(EVAL_TASKS.build("mathvista_testmini",

@@ -1,60 +1,25 @@
 """MMBench (en dev): the release .tsv and the lmms-lab parquet copy give the same samples; VLMEvalKit's
-answer matching and CircularEval, computed by hand."""
+answer matching and CircularEval, computed by hand. The fixture files are
+written by tests/exam_copies.py."""
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hf_rows import hf_image, png, save_to_disk, write_parquet
+from exam_copies import mmbench_hf_rows, mmbench_release, view
+from hf_rows import save_to_disk, write_parquet
 
 from eval.choice import can_infer
 from eval.runner import Dist, EvalConfig, run_task
 from eval.tasks.base import EvalDataError
 from mllm.registry import EVAL_TASKS
 
-RED, BLUE = png((200, 0, 0)), png((0, 0, 200))
-# index, hint, options, answer, category, l2, image (bytes, or the index whose image a rotated copy shares)
-ROWS: list[tuple[int, str | None, list[str], str, str, str, bytes | int]] = [
-    (1, None, ["blue", "red", "green"], "A", "attribute", "FP-S", RED),
-    (2, "Look closely.", ["cat", "dog"], "B", "recognition", "FP-C", BLUE),
-    (1000001, None, ["red", "green", "blue"], "C", "attribute", "FP-S", 1),
-    (1000002, "Look closely.", ["dog", "cat"], "A", "recognition", "FP-C", 2),
-    (2000001, None, ["green", "blue", "red"], "B", "attribute", "FP-S", 1),
-]
-QUESTIONS = {1: "What colour is the sky?", 2: "Which animal is shown?"}
 # By hand (VLMEvalKit can_infer): "A" -> A; "The answer is C." -> C (one letter among the last words);
 # "blue" -> the one option quoted, B; question 1 right in all three rotations.
 # Question 2: "B" right; "I'm not sure" matches nothing -> unmatched, wrong -> question 2 fails.
 ANSWERS = {"A. blue": "A", "A. red": "The answer is C.", "A. green": "blue", "A. cat": "B", "A. dog": "I'm not sure"}
-
-
-def _tsv(path: Path) -> Path:
-    header = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "source",
-              "l2-category", "comment", "split"]
-    lines = ["\t".join(header)]
-    for index, hint, options, answer, category, l2, image in ROWS:
-        cells = [str(index), QUESTIONS[index % 10**6], hint or "", *(options + [""] * (4 - len(options))), answer,
-                 category, image if isinstance(image, int) else base64.b64encode(image).decode(), "src", l2, "", "dev"]
-        lines.append("\t".join(str(c) for c in cells))
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def _hub_rows() -> list[dict[str, Any]]:
-    images = {index: image for index, *_, image in ROWS if isinstance(image, bytes)}
-    rows = [{"index": str(index), "question": QUESTIONS[index % 10**6], "hint": hint or "nan", "answer": answer,
-             **{k: (options[j] if j < len(options) else "nan") for j, k in enumerate("ABCD")},
-             "category": category, "image": hf_image(image if isinstance(image, bytes) else images[image]),
-             "source": "src", "L2-category": l2, "comment": "nan", "split": "dev"}
-            for index, hint, options, answer, category, l2, image in ROWS]
-    return rows[::-1]  # the copy's own order; samples come sorted by index
-
-
-def _view(task: Any) -> list[tuple[Any, ...]]:
-    return [(s.id, s.question, s.reference, s.type, s.meta, s.load_image().tobytes()) for s in task.samples()]
 
 
 def test_can_infer_vlmevalkit_rules() -> None:
@@ -70,25 +35,25 @@ def test_can_infer_vlmevalkit_rules() -> None:
 
 
 def test_mmbench_release_and_hub_copies_agree(tmp_path: Path) -> None:
-    release = EVAL_TASKS.build("mmbench_en_dev", {"data": str(_tsv(tmp_path / "MMBench_DEV_EN.tsv"))})
-    expected = _view(release)
+    release = EVAL_TASKS.build("mmbench_en_dev", {"data": str(mmbench_release(tmp_path / "MMBench_DEV_EN.tsv"))})
+    expected = view(release)
     assert [e[0] for e in expected] == ["1", "2", "1000001", "1000002", "2000001"]
     second = list(release.samples())[1]
     assert release.build_prompt(second) == ("<image>\nLook closely.\nWhich animal is shown?\nA. cat\nB. dog\n"
                                             "Answer with the option's letter from the given choices directly.")
     assert expected[2][4] == {"choices": {"A": "red", "B": "green", "C": "blue"}, "question": 1, "l2_category": "FP-S"}
     snapshot = tmp_path / "lmms-lab-MMBench" / "en"
-    write_parquet(_hub_rows(), snapshot, "dev")
-    write_parquet([{**_hub_rows()[0], "index": "7"}], snapshot, "test")  # another split: not read
+    write_parquet(mmbench_hf_rows(), snapshot, "dev")
+    write_parquet([{**mmbench_hf_rows()[0], "index": "7"}], snapshot, "test")  # another split: not read
     hub = EVAL_TASKS.build("mmbench_en_dev", {"data": str(snapshot)})
-    assert _view(hub) == expected
+    assert view(hub) == expected
     assert [r["file"] for r in hub.protocol()["dataset_revision"]] == ["dev-00000-of-00001.parquet"]
-    saved = save_to_disk(_hub_rows(), tmp_path / "saved")
-    assert _view(EVAL_TASKS.build("mmbench_en_dev", {"data": str(saved)})) == expected
+    saved = save_to_disk(mmbench_hf_rows(), tmp_path / "saved")
+    assert view(EVAL_TASKS.build("mmbench_en_dev", {"data": str(saved)})) == expected
 
 
 def test_mmbench_circular_eval_end_to_end(tmp_path: Path, scripted: Any) -> None:
-    task = EVAL_TASKS.build("mmbench_en_dev", {"data": str(_tsv(tmp_path / "MMBench_DEV_EN.tsv"))})
+    task = EVAL_TASKS.build("mmbench_en_dev", {"data": str(mmbench_release(tmp_path / "MMBench_DEV_EN.tsv"))})
     m = run_task(scripted(ANSWERS), task, EvalConfig(batch_size=2), tmp_path / "out", dist=Dist(), progress=False)
     assert m["accuracy"] == 0.5 and m["vanilla_accuracy"] == 1.0 and m["unmatched"] == 1
     assert m["n"] == 2 and m["n_rows"] == 5
@@ -98,13 +63,13 @@ def test_mmbench_circular_eval_end_to_end(tmp_path: Path, scripted: Any) -> None
 
 
 def test_mmbench_bad_rows(tmp_path: Path) -> None:
-    path = _tsv(tmp_path / "MMBench_DEV_EN.tsv")
+    path = mmbench_release(tmp_path / "MMBench_DEV_EN.tsv")
     with pytest.raises(EvalDataError, match=r"mmbench_en_dev.images: not used \(the images are embedded"):
         EVAL_TASKS.build("mmbench_en_dev", {"data": str(path), "images": "imgs"})
     path.write_text(path.read_text().replace("\t1\tsrc", "\t9\tsrc", 1))  # a copy naming an index that is not there
     with pytest.raises(EvalDataError, match=r"row 2 \(index 1000001\): image '9' is neither base64 data nor the index"):
         list(EVAL_TASKS.build("mmbench_en_dev", {"data": str(path)}).samples())
-    rows = _hub_rows()
+    rows = mmbench_hf_rows()
     rows[0]["answer"] = "D"  # only three options
     with pytest.raises(EvalDataError, match=r"dev row 0: answer 'D' is not one of the options ABC"):
         list(EVAL_TASKS.build("mmbench_en_dev", {"data": str(write_parquet(rows, tmp_path / "hub", "dev"))}).samples())

@@ -1,5 +1,6 @@
 """MME: the release folder and the lmms-lab parquet / save_to_disk copies give the same samples; the
-official tool's answer reading and acc / acc+ / summed scores, computed by hand."""
+official tool's answer reading and acc / acc+ / summed scores, computed by hand. The fixture files are
+written by tests/exam_copies.py."""
 
 from __future__ import annotations
 
@@ -7,27 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hf_rows import hf_image, png, save_to_disk, write_parquet
+from exam_copies import mme_hf_rows, mme_release, view
+from hf_rows import save_to_disk, write_parquet
 from PIL import Image
 
 from eval.runner import Dist, EvalConfig, run_task
 from eval.tasks.base import EvalDataError
-from eval.tasks.mme import SUBTASKS, mme_answer
+from eval.tasks.mme import mme_answer
 from mllm.registry import EVAL_TASKS
 
-# (subtask, image file, colour, [(question, answer), (question, answer)])
-IMAGES = [
-    ("existence", "a.jpg", (200, 0, 0), [("Is there a dog in the image? Please answer yes or no.", "Yes"),
-                                         ("Is there a cat in the image? Please answer yes or no.", "No")]),
-    ("existence", "b.jpg", (0, 200, 0), [("Is there a car in the image? Please answer yes or no.", "Yes"),
-                                         ("Is there a bus in the image? Please answer yes or no.", "No")]),
-    ("count", "c.jpg", (0, 0, 200), [("Are there two apples? Please answer yes or no.", "Yes"),
-                                     ("Are there three apples? Please answer yes or no.", "No")]),
-    ("artwork", "d.jpg", (9, 9, 9), [("Is this painted by Monet? Please answer yes or no.", "No"),
-                                     ("Is this painted by Manet? Please answer yes or no.", "Yes")]),
-    ("code_reasoning", "0020.png", (50, 60, 70), [("Is the output 3? Please answer yes or no.", "Yes"),
-                                                  ("Is the output 4? Please answer yes or no.", "No")]),
-]
 # Scored by hand with the official reading (first four characters):
 #   existence a: "Yes, there is" yes (right), "no" (right); b: "I think yes" other (wrong), "Not really" no (right)
 #     -> acc 3/4, acc+ 1/2 (only a) -> 100 (0.75 + 0.5) = 125
@@ -38,30 +27,6 @@ ANSWERS = {"dog": "Yes, there is", "cat": "no", "car": "I think yes", "bus": "No
            "three apples": "yes", "Monet": "No.", "Manet": "Yes", "output 3": "Yes.", "output 4": "No."}
 
 
-def _release(root: Path) -> Path:
-    for subtask in SUBTASKS:
-        (root / subtask).mkdir(parents=True)
-    for subtask, name, colour, qas in IMAGES:
-        boxed = subtask == "artwork"  # the five folders with images/ + questions_answers_YN/
-        image_dir = root / subtask / "images" if boxed else root / subtask
-        text_dir = root / subtask / "questions_answers_YN" if boxed else root / subtask
-        image_dir.mkdir(exist_ok=True)
-        text_dir.mkdir(exist_ok=True)
-        Image.new("RGB", (4, 4), colour).save(image_dir / name, format="PNG")  # lossless, whatever the name
-        (text_dir / f"{Path(name).stem}.txt").write_text("".join(f"{q}\t{a}\n" for q, a in qas))
-    return root
-
-
-def _hub_rows() -> list[dict[str, Any]]:
-    rows = [{"question_id": f"{s}/{name}", "image": hf_image(png(colour)), "question": q, "answer": a, "category": s}
-            for s, name, colour, qas in IMAGES for q, a in qas]
-    return rows[-2:] + rows[:-2]  # the copy's own order: the canonical one is restored on reading
-
-
-def _view(task: Any) -> list[tuple[Any, ...]]:
-    return [(s.id, s.question, s.reference, s.type, s.meta, s.load_image().tobytes()) for s in task.samples()]
-
-
 def test_mme_answer_reading() -> None:
     assert [mme_answer(t) for t in ("Yes", " no\n", "Yes, it is", "nope", "none", "Not sure, yes")] == \
            ["yes", "no", "yes", "no", "no", "no"]
@@ -70,22 +35,22 @@ def test_mme_answer_reading() -> None:
 
 
 def test_mme_release_and_hub_copies_agree(tmp_path: Path) -> None:
-    release = EVAL_TASKS.build("mme", {"data": str(_release(tmp_path / "MME_Benchmark_release_version"))})
-    expected = _view(release)
+    release = EVAL_TASKS.build("mme", {"data": str(mme_release(tmp_path / "MME_Benchmark_release_version"))})
+    expected = view(release)
     assert [e[0] for e in expected] == ["existence/a.jpg/0", "existence/a.jpg/1", "existence/b.jpg/0",
                                         "existence/b.jpg/1", "count/c.jpg/0", "count/c.jpg/1", "artwork/d.jpg/0",
                                         "artwork/d.jpg/1", "code_reasoning/0020.png/0", "code_reasoning/0020.png/1"]
     first = next(iter(release.samples()))
     assert release.build_prompt(first) == (
         "<image>\nIs there a dog in the image?\nAnswer the question using a single word or phrase.")
-    parquet = write_parquet(_hub_rows(), tmp_path / "lmms-lab-MME", "test", shards=2)
-    assert _view(EVAL_TASKS.build("mme", {"data": str(parquet)})) == expected
-    saved = save_to_disk(_hub_rows(), tmp_path / "saved")
-    assert _view(EVAL_TASKS.build("mme", {"data": str(saved)})) == expected
+    parquet = write_parquet(mme_hf_rows(), tmp_path / "lmms-lab-MME", "test", shards=2)
+    assert view(EVAL_TASKS.build("mme", {"data": str(parquet)})) == expected
+    saved = save_to_disk(mme_hf_rows(), tmp_path / "saved")
+    assert view(EVAL_TASKS.build("mme", {"data": str(saved)})) == expected
 
 
 def test_mme_scores_end_to_end(tmp_path: Path, scripted: Any) -> None:
-    task = EVAL_TASKS.build("mme", {"data": str(_release(tmp_path / "MME"))})
+    task = EVAL_TASKS.build("mme", {"data": str(mme_release(tmp_path / "MME"))})
     m = run_task(scripted(ANSWERS), task, EvalConfig(batch_size=3), tmp_path / "out", dist=Dist(), progress=False)
     assert m["perception"] == pytest.approx(375.0) and m["cognition"] == pytest.approx(200.0)
     assert m["per_subtask"]["existence"] == {"acc": 0.75, "acc_plus": 0.5, "score": 125.0, "n_images": 2}
@@ -98,7 +63,7 @@ def test_mme_scores_end_to_end(tmp_path: Path, scripted: Any) -> None:
 
 
 def test_mme_bad_files(tmp_path: Path) -> None:
-    root = _release(tmp_path / "MME")
+    root = mme_release(tmp_path / "MME")
     (root / "count" / "c.jpg").unlink()
     with pytest.raises(EvalDataError, match=r"count/c\.txt: image .*count/c\.jpg \(or \.png\) not found"):
         list(EVAL_TASKS.build("mme", {"data": str(root)}).samples())
@@ -110,7 +75,7 @@ def test_mme_bad_files(tmp_path: Path) -> None:
     (root / "count" / "c.txt").write_text("Is it red?\tMaybe\nIs it blue?\tNo\n")
     with pytest.raises(EvalDataError, match=r"c\.txt:1: answer should be Yes or No, got 'Maybe'"):
         list(EVAL_TASKS.build("mme", {"data": str(root)}).samples())
-    rows = _hub_rows()
+    rows = mme_hf_rows()
     rows[0]["image"] = {"bytes": None, "path": "code_reasoning/0020.png"}
     with pytest.raises(EvalDataError, match=r"row 0: the image is stored by path only"):
         list(EVAL_TASKS.build("mme", {"data": str(write_parquet(rows, tmp_path / "hub", "test"))}).samples())

@@ -1,15 +1,15 @@
 """MMMU validation: the MMMU/MMMU per-subject parquet files and the lmms-lab copy give the same samples;
-the official multiple-choice and open-answer parsing, computed by hand."""
+the official multiple-choice and open-answer parsing, computed by hand. The fixture files are
+written by tests/exam_copies.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from hf_rows import hf_image, png, save_to_disk, write_parquet
+from exam_copies import MMMU_ROWS, mmmu_release, view
+from hf_rows import save_to_disk, write_parquet
 
 from eval.choice import mmmu_choice
 from eval.runner import Dist, EvalConfig, run_task
@@ -17,39 +17,11 @@ from eval.tasks.base import EvalDataError
 from eval.tasks.mmmu import eval_open, normalize_answer, parse_open_response
 from mllm.registry import EVAL_TASKS
 
-
-def _row(sample_id: str, question: str, options: str, answer: str, kind: str, images: int = 1) -> dict[str, Any]:
-    row = {"id": sample_id, "question": question, "options": options, "explanation": "", "answer": answer,
-           "img_type": "['Diagrams']", "topic_difficulty": "Easy", "question_type": kind, "subfield": "x"}
-    return {**row, **{f"image_{k}": hf_image(png((k, 2 * k, 3))) if k <= images else None for k in range(1, 8)}}
-
-
-ROWS = [
-    _row("validation_Art_2", "Which colour is the sky in <image 1>?", "['red', 'blue', 'green']", "B",
-         "multiple-choice", images=2),
-    _row("validation_Art_10", "Which medium is used?", "['oil', 'watercolor']", "A", "multiple-choice"),
-    _row("validation_Math_1", "What is pi to two decimals?", "[]", "3.14", "open"),
-    _row("validation_Math_3", "What is 24/7?", "[]", "['24/7', '3.429']", "open"),
-    _row("validation_Math_2", "How many sides has a square?", "['1', '2', '3', '4']", "D", "multiple-choice"),
-]
 # By hand: "(B) blue" -> B right; Art_10's long answer quotes "watercolor" -> B, wrong; "The answer is
 # 3.14159" -> 3.14 right; "so D" -> D right; "x = 3.429" -> 3.43 equals the second answer 3.429 -> 3.43,
 # right. Accuracy 4/5; Art 1/2, Math 3/3.
 ANSWERS = {"sky": "(B) blue", "medium": "I would say the painting uses watercolor technique here",
            "pi to": "The answer is 3.14159", "sides": "Let me think: the value is 4, so D", "24/7": "x = 3.429"}
-
-
-def _release(root: Path) -> Path:
-    for subject in ("Art", "Math"):
-        (root / subject).mkdir(parents=True)
-        rows = [r for r in ROWS if f"_{subject}_" in r["id"]]
-        pq.write_table(pa.Table.from_pylist(rows), root / subject / "validation-00000-of-00001.parquet")
-        pq.write_table(pa.Table.from_pylist(rows[:1]), root / subject / "dev-00000-of-00001.parquet")
-    return root
-
-
-def _view(task: Any) -> list[tuple[Any, ...]]:
-    return [(s.id, s.question, s.reference, s.type, s.meta, s.load_image().tobytes()) for s in task.samples()]
 
 
 def test_mmmu_multiple_choice_parsing() -> None:
@@ -73,8 +45,8 @@ def test_mmmu_open_parsing() -> None:
 
 
 def test_mmmu_release_and_hub_copies_agree(tmp_path: Path) -> None:
-    release = EVAL_TASKS.build("mmmu_val", {"data": str(_release(tmp_path / "MMMU"))})
-    expected = _view(release)
+    release = EVAL_TASKS.build("mmmu_val", {"data": str(mmmu_release(tmp_path / "MMMU"))})
+    expected = view(release)
     assert [e[0] for e in expected] == ["validation_Art_2", "validation_Art_10", "validation_Math_1",
                                         "validation_Math_2", "validation_Math_3"]
     assert expected[0][4] == {"question_type": "multiple-choice", "n_images": 2,
@@ -86,15 +58,15 @@ def test_mmmu_release_and_hub_copies_agree(tmp_path: Path) -> None:
     assert release.build_prompt(list(release.samples())[2]) == (
         "<image>\nWhat is pi to two decimals?\n\nAnswer the question using a single word or phrase.")
     snapshot = tmp_path / "lmms-lab-MMMU"
-    write_parquet(ROWS[::-1], snapshot, "validation")
-    write_parquet(ROWS[:1], snapshot, "dev")
-    assert _view(EVAL_TASKS.build("mmmu_val", {"data": str(snapshot)})) == expected
-    saved = save_to_disk(ROWS, tmp_path / "saved", image_columns=("image_1", "image_2"))
-    assert _view(EVAL_TASKS.build("mmmu_val", {"data": str(saved)})) == expected
+    write_parquet(MMMU_ROWS[::-1], snapshot, "validation")
+    write_parquet(MMMU_ROWS[:1], snapshot, "dev")
+    assert view(EVAL_TASKS.build("mmmu_val", {"data": str(snapshot)})) == expected
+    saved = save_to_disk(MMMU_ROWS, tmp_path / "saved", image_columns=("image_1", "image_2"))
+    assert view(EVAL_TASKS.build("mmmu_val", {"data": str(saved)})) == expected
 
 
 def test_mmmu_accuracy_end_to_end(tmp_path: Path, scripted: Any) -> None:
-    task = EVAL_TASKS.build("mmmu_val", {"data": str(_release(tmp_path / "MMMU"))})
+    task = EVAL_TASKS.build("mmmu_val", {"data": str(mmmu_release(tmp_path / "MMMU"))})
     m = run_task(scripted(ANSWERS), task, EvalConfig(batch_size=2), tmp_path / "out", dist=Dist(), progress=False)
     assert m["accuracy"] == pytest.approx(0.8) and m["n"] == 5 and m["guessed"] == 0
     assert m["per_type"] == {"Art": 0.5, "Math": 1.0}
@@ -103,10 +75,10 @@ def test_mmmu_accuracy_end_to_end(tmp_path: Path, scripted: Any) -> None:
 
 
 def test_mmmu_bad_rows(tmp_path: Path) -> None:
-    bad = [{**ROWS[0], "options": "red, blue"}]
+    bad = [{**MMMU_ROWS[0], "options": "red, blue"}]
     with pytest.raises(EvalDataError, match=r"validation row 0: field 'options' should be a list of strings"):
         list(EVAL_TASKS.build("mmmu_val", {"data": str(write_parquet(bad, tmp_path / "a", "validation"))}).samples())
-    bad = [{**ROWS[1], "image_1": None}]
+    bad = [{**MMMU_ROWS[1], "image_1": None}]
     with pytest.raises(EvalDataError, match=r"row 0: field 'image_1' is empty"):
         list(EVAL_TASKS.build("mmmu_val", {"data": str(write_parquet(bad, tmp_path / "b", "validation"))}).samples())
     with pytest.raises(EvalDataError, match=r"expected MMMU's parquet files"):
