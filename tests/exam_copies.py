@@ -85,6 +85,7 @@ def mmbench_release(path: Path) -> Path:
         cells = [str(index), MMBENCH_QUESTIONS[index % 10**6], hint or "", *(options + [""] * (4 - len(options))), answer,
                  category, image if isinstance(image, int) else base64.b64encode(image).decode(), "src", l2, "", "dev"]
         lines.append("\t".join(str(c) for c in cells))
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
 
