@@ -6,7 +6,8 @@ Files (``data``), either:
 * the OpenCompass / VLMEvalKit release ``MMBench_DEV_EN.tsv`` (or the legacy ``mmbench_dev_20230712.tsv``):
   ``index``, ``question``, ``hint``, ``A``..``D``, ``answer``, ``category``, ``l2-category``, ``image``
   (base64; a copy's cell of at most 64 characters names the ``index`` whose image it shares), ...;
-* the lmms-lab/MMBench ``en`` copy (parquet file, shard folder — its ``dev-*`` shards — or
+* the lmms-lab/MMBench ``en`` copy (a parquet file, the snapshot's ``en/`` folder — its ``dev-*``
+  shards are read; not the snapshot root, whose ``cn/`` and ``cc/`` shards would join them — or a
   ``save_to_disk`` folder): the same columns with an embedded ``image`` and ``L2-category``.
 
 Every question appears with its options rotated: the copy of question ``i`` rotated ``k`` times has
