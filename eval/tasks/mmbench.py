@@ -24,8 +24,9 @@ Answer matching: VLMEvalKit's rules (:func:`eval.choice.can_infer`: a letter nam
 answer, else the one option whose text it quotes). The official evaluator then asks an LLM (ChatGPT) to
 match what the rules could not; we have no judge and, as VLMEvalKit's ``exact_matching`` mode does,
 count such an answer wrong (``unmatched`` counts them). CircularEval (``mcq_circular_eval``): a question
-is right only when every rotated copy of it is. ``accuracy`` is that, over questions; ``vanilla_accuracy``
-scores the unrotated copies alone.
+is right only when every rotated copy of it is. ``accuracy`` is that, over the ``n_questions`` questions
+(``per_type``: per category, ``n_per_type`` questions each); ``vanilla_accuracy`` scores the unrotated
+copies alone; ``n`` counts the rows (rotated copies included).
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ class MMBenchTask(SelfContainedTask[MMBenchConfig]):
             "per_type": {t: mean_score(hs) for t, hs in sorted(by_type.items())},
             "n_per_type": {t: len(hs) for t, hs in sorted(by_type.items())},
             "per_l2_category": {t: mean_score(hs) for t, hs in sorted(by_l2.items())},
-            "n": len(hits), "n_rows": len(records), "unmatched": sum(r["parsed"] is None for r in records),
+            "n": len(records), "n_questions": len(hits), "unmatched": sum(r["parsed"] is None for r in records),
             "lmms_eval": [lmms_eval_entry(self.name, "gpt_eval_score", None if accuracy is None else 100 * accuracy)],
         }
 

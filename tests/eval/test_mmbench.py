@@ -56,7 +56,7 @@ def test_mmbench_circular_eval_end_to_end(tmp_path: Path, scripted: Any) -> None
     task = EVAL_TASKS.build("mmbench_en_dev", {"data": str(mmbench_release(tmp_path / "MMBench_DEV_EN.tsv"))})
     m = run_task(scripted(ANSWERS), task, EvalConfig(batch_size=2), tmp_path / "out", dist=Dist(), progress=False)
     assert m["accuracy"] == 0.5 and m["vanilla_accuracy"] == 1.0 and m["unmatched"] == 1
-    assert m["n"] == 2 and m["n_rows"] == 5
+    assert m["n_questions"] == 2 and m["n"] == 5
     assert m["per_type"] == {"attribute": 1.0, "recognition": 0.0} and m["n_per_type"] == {"attribute": 1, "recognition": 1}
     assert m["per_l2_category"] == {"FP-C": 0.0, "FP-S": 1.0}
     assert m["lmms_eval"] == [{"task": "mmbench_en_dev", "metric": "gpt_eval_score", "value": 50.0}]
