@@ -131,8 +131,10 @@ def _check_blocks(plan: MergePlan, ref: ModelReader, reader: ModelReader) -> Non
     if not want:  # no blocks found in the reference: the method says so, naming layer_pattern and name_map
         return
     if len(have) != len(want):
+        why = "" if have else (" (no tensor name matches layer_pattern after name_map, which is found from the "
+                               "reference's weights only: set name_map, or make the MLLM the reference)")
         raise MergeError(f"{reader.path}: number of decoder blocks {len(have)}, the reference {ref.path} has "
-                         f"{len(want)}")
+                         f"{len(want)}{why}")
     for layer, tensors in sorted(want.items()):
         got = have.get(layer, {})
         for key, name in tensors.items():

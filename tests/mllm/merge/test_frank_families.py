@@ -247,3 +247,13 @@ def test_the_text_configs_layer_count_picks_the_prefix_and_a_tie_is_refused(tmp_
         detect_name_map(_two_prefixes(tmp_path / "two", 2))
     assert str(err.value) == (f"{tmp_path / 'two'}: the language model's decoder blocks could be under any of "
                               f"['a.', 'b.']; set name_map in the merge YAML")
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl"], indirect=True)
+def test_an_mllm_that_is_not_the_reference_is_refused_with_a_hint(family: dict[str, Any], tmp_path: Path) -> None:
+    cfg = tmp_path / "frank.yaml"  # the reasoner listed first: it is the reference, whose names need no map
+    cfg.write_text(json.dumps({"merge_method": "frank", "base_model": str(family["base"]),
+                               "models": [{"model": str(family["reasoner"])}, {"model": str(family["mllm"])}]}))
+    with pytest.raises(MergeError, match=f"^{family['mllm']}: number of decoder blocks 0, the reference "
+                                         f"{family['reasoner']} has 2 .*make the MLLM the reference"):
+        run_merge(cfg, tmp_path / "out")
