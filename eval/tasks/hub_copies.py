@@ -1,7 +1,8 @@
 """What the MME / MMBench / SEED-Bench / MMMU / MathVista tasks share about their local hub copies.
 
-* :func:`missing` — the empty cells of these tables: None, NaN, ``""`` and the string ``"nan"`` that
-  pandas exports (MMBench's absent options and hints).
+* :func:`missing` — the empty cells of these tables: None, NaN, ``""`` and the strings ``"nan"`` and
+  ``"none"`` (MMBench's absent options and hints as pandas exports them; LLaVA's ``is_none`` and pandas'
+  reading of the release .tsv both take "None" for an empty cell too).
 * :func:`int_field` — an integer column that some copies store as text (MMBench's ``index``).
 * :func:`lmms_eval_entry` — a task's number as lmms-eval reports it (its task and metric names, its
   scale), which each task's aggregate carries beside our fractions under ``"lmms_eval"``.
@@ -19,12 +20,12 @@ from eval.tasks.hf_files import HFCopyTask
 
 
 def missing(value: Any) -> bool:
-    """An empty cell: None, NaN, an empty or blank string, or the string "nan"."""
+    """An empty cell: None, NaN, an empty or blank string, or the string "nan" or "none" (any case)."""
     if value is None:
         return True
     if isinstance(value, float):
         return math.isnan(value)
-    return isinstance(value, str) and value.strip().lower() in ("", "nan")
+    return isinstance(value, str) and value.strip().lower() in ("", "nan", "none")
 
 
 def lmms_eval_entry(task: str, metric: str, value: float | None) -> dict[str, Any]:

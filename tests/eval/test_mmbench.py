@@ -14,6 +14,7 @@ from hf_rows import save_to_disk, write_parquet
 from eval.choice import can_infer
 from eval.runner import Dist, EvalConfig, run_task
 from eval.tasks.base import EvalDataError
+from eval.tasks.hub_copies import missing
 from mllm.registry import EVAL_TASKS
 
 # By hand (VLMEvalKit can_infer): "A" -> A; "The answer is C." -> C (one letter among the last words);
@@ -32,6 +33,12 @@ def test_can_infer_vlmevalkit_rules() -> None:
     assert can_infer("Sorry, I can't help with images of people yet.", abcd) == "Z"  # refusal: never right
     assert can_infer("a dog and a cat", abcd) is None  # two options quoted
     assert can_infer("it is a dog " * 9, abcd) is None  # 108 characters > 2 x 14 of option text
+
+
+def test_empty_cells() -> None:
+    # as LLaVA's is_none and pandas read the .tsv: NaN, "", "nan" and "None" are absent options and hints
+    cells = (None, float("nan"), "", " nan", "None", "0", "none of these")
+    assert [missing(v) for v in cells] == [True, True, True, True, True, False, False]
 
 
 def test_mmbench_release_and_hub_copies_agree(tmp_path: Path) -> None:
