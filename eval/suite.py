@@ -1,6 +1,6 @@
 """Several tasks, one model: each task through :func:`eval.runner.run_task` into its own folder, then a summary.
 
-``run_tasks(generator, {name: task}, cfg, out_dir)`` writes ``out_dir/NAME/`` per task (predictions,
+``run_tasks(generator, {name: (task, cfg)}, out_dir)`` writes ``out_dir/NAME/`` per task (predictions,
 protocol, metrics, table; each resumable as a single run) and, on rank 0, ``out_dir/results.json`` and
 ``out_dir/results.md``: per task its headline metric (the first its ``aggregate`` returns, recorded as
 ``main_metric``), the sample count and the reasoning chains counted. The generator is built once by the
@@ -23,22 +23,22 @@ SUMMARY_FIELDS = ("n", "n_chain", "n_unterminated")  # copied from each task's m
 
 
 def run_tasks(
-    generator: Generator, tasks: Mapping[str, Task], cfg: EvalConfig, out_dir: str | Path, resume: bool = False,
+    generator: Generator, tasks: Mapping[str, tuple[Task, EvalConfig]], out_dir: str | Path, resume: bool = False,
     dist: Dist | None = None, progress: bool = True,
-) -> dict[str, Any]:
-    """Evaluate ``generator`` on every task into ``out_dir/NAME``; returns the summary on rank 0 (``{}``
-    elsewhere), also written to ``results.json`` and ``results.md``."""
+) -> dict[str, dict[str, Any]]:
+    """Evaluate ``generator`` on every task, each with its runner settings, into ``out_dir/NAME``; write the
+    summary (``results.json``, ``results.md``). Returns ``{name: metrics}`` on rank 0 (``{}`` elsewhere)."""
     dist = dist if dist is not None else Dist.from_accelerate()
     out_dir = Path(out_dir)
     metrics = {name: run_task(generator, task, cfg, out_dir / name, resume=resume, dist=dist, progress=progress)
-               for name, task in tasks.items()}
+               for name, (task, cfg) in tasks.items()}
     if not dist.is_main:
         return {}
     summary = summarise(metrics)
     atomic_write(out_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
     atomic_write(out_dir / "results.md", summary_table(summary))
     print(summary_table(summary))
-    return summary
+    return metrics
 
 
 def summarise(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

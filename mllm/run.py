@@ -133,6 +133,7 @@ def train(
     """Train ``recipe`` into ``out_dir`` (config, tensorboard, checkpoints, final ``model/``)."""
     from accelerate.utils import set_seed
 
+    from mllm.evaluation import with_eval_tasks
     from train.trainer import Trainer
 
     cfg = load_config(recipe, overrides)  # validated before any I/O
@@ -146,7 +147,7 @@ def train(
     if cfg.train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     lengths = data.lengths(model.num_image_tokens) if cfg.train.group_by_length and hasattr(data, "lengths") else None
-    eval_fn = _periodic_eval(model, cfg, out_dir) if cfg.train.eval_every else None
+    eval_fn = with_eval_tasks(model, cfg, out_dir, _periodic_eval(model, cfg, out_dir) if cfg.train.eval_every else None)
     collator = make_collator(model, cfg)
     trainer = Trainer(model, data, collator, cfg.train, out_dir, eval_fn=eval_fn, lengths=lengths)
     # Written only now: a run that fails while its data, model or trainer are set up leaves no config
@@ -221,13 +222,16 @@ def evaluate_checkpoint(
 
     ``checkpoint`` is one of our folders or any transformers image-text-to-text folder
     (:func:`mllm.hf_native.load_generator` picks by what it holds). The task is built by
-    :func:`build_eval_task` from ``data``, ``images`` and ``options`` (``key=value``).
+    :func:`mllm.evaluation.build_eval_task` from ``data``, ``images`` and ``options`` (``key=value``).
     """
     from eval.runner import run_task
+    from mllm.config import apply_overrides
+    from mllm.evaluation import build_eval_task, checkpoint_scenes
     from mllm.hf_native import load_generator
 
     _check_model_folder(checkpoint)
-    built = build_eval_task(checkpoint, task, data, images, options or [])
+    built = build_eval_task(task, data, images, apply_overrides({}, options or []),
+                            lambda: checkpoint_scenes(checkpoint, task))
     cfg = _eval_config(batch_size, max_new_tokens, limit)
     model = load_generator(checkpoint, device=device, dtype=dtype)
     return run_task(model, _Placed(built, placement(model)), cfg, out_dir, resume=resume)
@@ -246,15 +250,17 @@ def evaluate_tasks(
     ``TASK.KEY=VALUE`` items. Every task is built, so every file checked, before the model loads.
     """
     from eval.suite import run_tasks
+    from mllm.evaluation import build_eval_task, checkpoint_scenes, per_task_inputs
     from mllm.hf_native import load_generator
 
     _check_model_folder(checkpoint)
-    inputs = _per_task_inputs(tasks, data or [], images or [], options or [])
-    built = {name: build_eval_task(checkpoint, name, *inputs[name]) for name in tasks}
+    inputs = per_task_inputs(tasks, data or [], images or [], options or [])
+    built = {name: build_eval_task(name, *inputs[name], lambda name=name: checkpoint_scenes(checkpoint, name))
+             for name in tasks}
     cfg = _eval_config(batch_size, max_new_tokens, limit)
     model = load_generator(checkpoint, device=device, dtype=dtype)
     where = placement(model)
-    return run_tasks(model, {name: _Placed(task, where) for name, task in built.items()}, cfg, out_dir, resume=resume)
+    return run_tasks(model, {name: (_Placed(task, where), cfg) for name, task in built.items()}, out_dir, resume=resume)
 
 
 def _check_model_folder(checkpoint: Path) -> None:
@@ -278,50 +284,6 @@ def _eval_config(batch_size: int | None, max_new_tokens: int | None, limit: int 
     }, where="eval")
 
 
-def build_eval_task(checkpoint: Path, task: str, data: str | None, images: str | None, options: list[str]) -> Any:
-    """One registered eval task, ready to run. A generated task (ShapesWorld, arithmetic, compositional)
-    builds its config from ``options`` (``key=value``) over the ShapesWorld settings of the run config
-    saved beside our checkpoint (see :func:`_generated_task_config`; a transformers folder has none, so
-    the task's defaults); every other task reads the benchmark's public files (``data``, ``images``)
-    plus ``options``."""
-    from mllm.config import apply_overrides
-    from mllm.registry import EVAL_TASKS
-
-    opts = apply_overrides({}, options)
-    if EVAL_TASKS.get(task).generated:
-        if data is not None or images is not None:
-            raise ConfigError(f"--data/--images: task {task!r} generates its samples; set them with --opt key=value")
-        split = opts.pop("split", "test")
-        return EVAL_TASKS.build(task, _generated_task_config(task, checkpoint, opts), split=split)
-    if data is None:
-        raise ConfigError(f"--data: task {task!r} needs the benchmark file (questions / annotations)")
-    return EVAL_TASKS.build(task, {"data": data, **({"images": images} if images else {}), **opts})
-
-
-def _per_task_inputs(
-    tasks: list[str], data: list[str], images: list[str], options: list[str]
-) -> dict[str, tuple[str | None, str | None, list[str]]]:
-    """``{task: (data, images, ["KEY=VALUE", ...])}`` from ``--data TASK=PATH``, ``--images TASK=PATH``
-    and ``--opt TASK.KEY=VALUE`` items; each must name one of ``tasks``, a path at most once per task."""
-    listed = ", ".join(tasks)
-    paths: dict[str, dict[str, str]] = {"--data": {}, "--images": {}}
-    for flag, items in (("--data", data), ("--images", images)):
-        for item in items:
-            name, sep, path = item.partition("=")
-            if not sep or not path or name not in tasks:
-                raise ConfigError(f"{flag} {item}: with --tasks, expected TASK=PATH with TASK one of {listed}")
-            if name in paths[flag]:
-                raise ConfigError(f"{flag} {item}: task {name!r} was given a path already")
-            paths[flag][name] = path
-    opts: dict[str, list[str]] = {name: [] for name in tasks}
-    for item in options:
-        name, dot, rest = item.partition(".")
-        if not dot or "=" not in rest or name not in tasks:
-            raise ConfigError(f"--opt {item}: with --tasks, expected TASK.KEY=VALUE with TASK one of {listed}")
-        opts[name].append(rest)
-    return {name: (paths["--data"].get(name), paths["--images"].get(name), opts[name]) for name in tasks}
-
-
 def placement(model: Any) -> dict[str, str]:
     """``{"device": "cuda" | "cpu" | ..., "dtype": "bfloat16" | ...}`` of a loaded model (the LLM's dtype for
     ours, whose encoder may be kept in another)."""
@@ -341,30 +303,6 @@ class _Placed:
 
     def protocol(self) -> dict[str, Any]:
         return {**self._task.protocol(), **self._where}
-
-
-def _generated_task_config(task: str, checkpoint: Path, opts: dict[str, Any]) -> dict[str, Any]:
-    """A generated task's config mapping: ``opts`` over the ShapesWorld settings the run trained on
-    (``RUN/config.yaml``) where the task reads ShapesWorld — the whole config of ``shapesworld``, the
-    ``data`` field of ``compositional``; the text-only ``arithmetic`` takes ``opts`` alone."""
-    import dataclasses
-
-    from mllm.config import ConfigError, to_dict
-    from mllm.hf_native import is_native
-    from mllm.registry import EVAL_TASKS
-    from train.data.shapesworld import ShapesWorldConfig
-
-    cfg_cls = EVAL_TASKS.config_cls(task)
-    reads_scenes = cfg_cls is ShapesWorldConfig or "data" in {f.name for f in dataclasses.fields(cfg_cls)}
-    if not reads_scenes or is_native(checkpoint):  # a transformers folder was trained on no scenes of ours
-        return opts
-    run_cfg = checkpoint.parent / "config.yaml"
-    if not run_cfg.is_file():
-        raise ConfigError(f"{run_cfg}: {task} needs the run config saved next to the checkpoint (its ShapesWorld settings)")
-    scenes = to_dict(load_config(str(run_cfg)).data)
-    if cfg_cls is ShapesWorldConfig:
-        return {**scenes, **opts}
-    return {**opts, "data": {**scenes, **opts.get("data", {})}}
 
 
 def chat(checkpoint: Path, image: Path, question: str, max_new_tokens: int = 64, device: str | None = None,

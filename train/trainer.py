@@ -43,6 +43,24 @@ class TrainingError(UserError, RuntimeError):
 
 
 @dataclass
+class EvalTaskSpec:
+    """One task evaluated during training (``train.eval_tasks``); the roof builds it, as ``mllm eval`` does."""
+
+    task: str  # a registered eval task name, e.g. pope
+    data: str | None = None  # its benchmark file; none for a generated task (shapesworld, arithmetic, ...)
+    images: str | None = None  # its image folder; None = the task's default
+    limit: int | None = None  # the first N samples only (None = all)
+    max_new_tokens: int | None = None  # None = eval.max_new_tokens; a reasoning chain needs more
+    options: dict[str, Any] = field(default_factory=dict)  # the task's own config keys, as `mllm eval --opt`
+
+    def __post_init__(self) -> None:
+        for name in ("limit", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}: expected >= 1 or null, got {value}")
+
+
+@dataclass
 class TrainConfig:
     steps: int = 3000  # optimizer steps
     batch_size: int = 64  # global batch (samples per optimizer step, all processes)
@@ -56,6 +74,9 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 25
     eval_every: int = 0  # 0 = evaluate only at the end
+    # Tasks evaluated at every eval point (and at the end), each logged as eval/TASK/METRIC and written to
+    # RUN/eval_tasks/step-N/TASK, e.g. [{task: pope, data: coco_pope_random.json, images: val2014, limit: 500}]
+    eval_tasks: list[EvalTaskSpec] = field(default_factory=list)
     save_every: int = 0  # 0 = checkpoint only at the end
     keep_last: int = 2  # complete checkpoints kept; the newest complete one is never deleted
     num_workers: int = 0
@@ -88,6 +109,10 @@ class TrainConfig:
         bad_lr = [k for k, v in self.lr_groups.items() if not v > 0]
         if bad_lr:
             raise ValueError(f"lr_groups.{bad_lr[0]}: expected a positive learning rate")
+        names = [spec.task for spec in self.eval_tasks]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"eval_tasks: task {repeated[0]!r} listed twice (each task writes one folder per step)")
         self.groups()  # a contradictory stage / trainable / lora plan fails here, before any I/O
         check_trackers(self.log_with)
 

@@ -1,9 +1,11 @@
 """``mllm eval --tasks a,b,c``: one model load, one folder per task identical to a ``--task`` run, a summary;
-``--max-new-tokens`` reaching ``generate`` (eval and chat) and the protocol; per-task flag errors."""
+``--max-new-tokens`` reaching ``generate`` (eval and chat) and the protocol; per-task flag errors; and
+``train.eval_tasks``: the listed tasks evaluated during training, logged and summarised."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +13,9 @@ import pytest
 from PIL import Image
 
 import mllm.hf_native
+from common.errors import UserError
 from mllm import cli, run
-from mllm.config import load_config, save_config
+from mllm.config import ConfigError, load_config, save_config
 
 SMALL = [
     "model.encoder.image_size=32", "model.encoder.embed_dim=32", "model.encoder.depth=1", "model.encoder.num_heads=2",
@@ -148,3 +151,86 @@ def test_file_tasks_need_their_data_and_one_task_takes_one_file(
         assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "not allowed with argument" in err and "distinct task names" in err and "unknown eval task 'nope'" in err
+
+
+# --- train.eval_tasks: any list of tasks evaluated during training ---------------------------------------
+def _pope(root: Path) -> tuple[str, str]:
+    """A two-question POPE file in the release format and its image folder."""
+    (root / "val2014").mkdir(parents=True)
+    Image.new("RGB", (16, 16), (0, 90, 0)).save(root / "val2014" / "a.jpg")
+    rows = [{"question_id": 1, "image": "a.jpg", "text": "Is there a dog in the image?", "label": "yes"},
+            {"question_id": 2, "image": "a.jpg", "text": "Is there a cat in the image?", "label": "no"}]
+    (root / "coco_pope_random.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(root / "coco_pope_random.json"), str(root / "val2014")
+
+
+TRAIN = [*SMALL, "train.steps=2", "train.batch_size=4", "train.micro_batch_size=4", "train.log_with=[]",
+         "data.train_images=8", "eval.batch_size=2", "eval.limit=4"]
+
+
+def test_training_evaluates_the_listed_tasks_logs_and_summarises_them(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from accelerate import Accelerator
+
+    logged: list[tuple[int, dict[str, Any]]] = []
+    real_log = Accelerator.log
+
+    def log(self: Accelerator, values: dict[str, Any], step: int | None = None, **kw: Any) -> None:
+        logged.append((step, dict(values)))
+        real_log(self, values, step=step, **kw)
+
+    monkeypatch.setattr(Accelerator, "log", log)
+    data, images = _pope(tmp_path / "pope")
+    tasks = (f"[{{task: arithmetic, limit: 2, options: {{test_size: 4}}}}, "
+             f"{{task: pope, data: '{data}', images: '{images}', max_new_tokens: 2}}]")
+    out = tmp_path / "run"
+    run.train("tiny", out, [*TRAIN, "train.eval_every=1", f"train.eval_tasks={tasks}"], evaluate=False)
+
+    history = _json(out / "train_summary.json")["history"]
+    evals = [row for row in history if any(k.startswith("eval/") for k in row)]
+    assert [row["step"] for row in evals] == [1, 2]  # every train.eval_every steps, then at the end
+    for row in evals:
+        folder = out / "eval_tasks" / f"step-{row['step']:07d}"
+        arithmetic, pope = _json(folder / "arithmetic" / "metrics.json"), _json(folder / "pope" / "metrics.json")
+        assert row["eval/arithmetic/accuracy"] == arithmetic["accuracy"] and row["eval/arithmetic/n"] == 2  # the limit
+        assert row["eval/pope/f1"] == pope["f1"] and row["eval/pope/n_unterminated"] == 0 and row["eval/pope/n"] == 2
+        assert "eval/vqa_accuracy" in row  # the run's own ShapesWorld val evaluation still runs beside them
+        assert list(_json(folder / "results.json")["tasks"]) == ["arithmetic", "pope"]
+        # each logged to the tracker as it is written to the summary
+        assert {k: v for k, v in row.items() if k != "step"} in [values for step, values in logged if step == row["step"]]
+    assert pope["protocol"]["generation_kwargs"] == {"max_new_tokens": 2}  # the entry's own budget
+    assert arithmetic["protocol"]["generation_kwargs"] == {"max_new_tokens": 24}  # eval.max_new_tokens
+    assert arithmetic["protocol"]["batch_size"] == 2
+
+
+def test_training_eval_tasks_without_eval_every_run_once_at_the_end(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run.train("tiny", out, [*TRAIN, "train.eval_tasks=[{task: arithmetic, limit: 3}]"], evaluate=False)
+    evals = [row for row in _json(out / "train_summary.json")["history"] if "eval/arithmetic/accuracy" in row]
+    assert [row["step"] for row in evals] == [2] and evals[0]["eval/arithmetic/n"] == 3
+    assert "eval/vqa_accuracy" not in evals[0]  # no periodic ShapesWorld evaluation was asked for
+    assert sorted(p.name for p in (out / "eval_tasks").iterdir()) == ["step-0000002"]
+
+
+@pytest.mark.parametrize(("entries", "message"), [
+    ("[{task: nope}]", "train.eval_tasks[0].task: unknown eval task 'nope'"),
+    ("[{task: arithmetic}, {task: pope}]", "train.eval_tasks[1].data: task 'pope' needs the benchmark file"),
+    ("[{task: arithmetic, data: q.json}]", "train.eval_tasks[0].data/images: task 'arithmetic' generates its samples; "
+                                           "set them with train.eval_tasks[0].options"),
+    ("[{task: arithmetic, options: {test_problems: 3}}]", "unknown key"),
+])
+def test_training_eval_task_errors_name_the_entry(entries: str, message: str) -> None:
+    from mllm.evaluation import training_tasks
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        training_tasks(load_config("tiny", [*TRAIN, f"train.eval_tasks={entries}"]))
+
+
+@pytest.mark.parametrize(("entries", "message"), [
+    ("[{task: arithmetic}, {task: arithmetic}]", "train.eval_tasks: task 'arithmetic' listed twice"),
+    ("[{task: arithmetic, limit: 0}]", "train.eval_tasks[0].limit: expected >= 1 or null, got 0"),
+    ("[{task: arithmetic, limt: 3}]", "train.eval_tasks[0].limt: unknown key"),
+])
+def test_eval_tasks_config_is_checked_when_loaded(entries: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("tiny", [*TRAIN, f"train.eval_tasks={entries}"])
