@@ -44,6 +44,30 @@ def test_normalization_as_calculate_score() -> None:
     assert edit_distance("kitten", "sitting") == 3
 
 
+# (question_type, answer_type, precision, choices, extraction, prediction) as the official scorer wrote them
+# into the MathVista repository's results/bard/output_bard.json (pids 705, 821, 256, 538) and
+# results/chatgpt/output_chatgpt_2shot_solution.json (pids 247, 818, 1, 981, 225, 506)
+OFFICIAL = [
+    ("multi_choice", "text", None, ["Yes", "No"], "N/A", "No"),
+    ("multi_choice", "text", None, ["Yes", "No"], "Sorry, I can't answer this question.", "Yes"),
+    ("multi_choice", "text", None, ["3", "4", "5", "6"], "N/A", "3"),
+    ("multi_choice", "text", None, ["9π", "6π", "3π", "π"], "(B)", "6π"),
+    ("free_form", "float", 2, None, "4.01e18", "4.01e+18"),
+    ("free_form", "float", 2, None, "2.00", "2.0"),
+    ("free_form", "float", 1, None, "0.0115", "0.0"),
+    ("free_form", "float", 1, None, "6009", "6009.0"),
+    ("free_form", "list", None, None, "N/A", "N/A"),
+    ("free_form", "list", None, None, "[]", "[]"),
+]
+
+
+@pytest.mark.parametrize(("qtype", "atype", "precision", "choices", "extraction", "prediction"), OFFICIAL)
+def test_normalization_matches_official_outputs(qtype: str, atype: str, precision: int | None,
+                                                choices: list[str] | None, extraction: str, prediction: str) -> None:
+    problem = {"question_type": qtype, "answer_type": atype, "choices": choices or [], "precision": precision or 0}
+    assert normalize_extraction(extraction, problem) == prediction
+
+
 def test_extraction_rules() -> None:
     integer = {"question_type": "free_form", "answer_type": "integer", "choices": [], "precision": 0}
     assert extract_answer('The answer is "7".', integer) == "7"  # the official quick pattern
