@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mllm.merge.families import text_config
 from mllm.merge.hub import parse_ref
 from mllm.merge.tensors import TOKENIZER_FILES, MergeError, ModelReader
 from mllm.merge.tokenizer import TokenizerSpec, TokenSource
@@ -71,11 +72,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 VOCAB_TENSOR = re.compile(r"(^|\.)(embed_tokens|lm_head|embed_out|wte)\.weight$")
-
-
-def _text_config(cfg: Mapping[str, Any]) -> Mapping[str, Any]:
-    text = cfg.get("text_config")
-    return text if isinstance(text, Mapping) else cfg
 
 
 def _load_tokenizer(folder: Path) -> Any:
@@ -367,7 +363,7 @@ def build_vocab(plan: MergePlan, readers: Mapping[str, ModelReader]) -> Vocab | 
             toks[mid] = _load_tokenizer(tok_dir)
     for mid in entries:
         tok = toks.get(mid, toks[base.id])
-        size = _text_config(readers[mid].config).get("vocab_size")
+        size = text_config(readers[mid].config).get("vocab_size")
         sizes[mid] = int(size) if isinstance(size, int) else len(tok.get_vocab())
     base_tok = toks[base.id] = _stripped(toks[base.id], sizes[base.id], base.path)
     if spec.source == "union":

@@ -4,7 +4,8 @@ Wei & Chen, 2025, "Training-Free Reasoning and Reflection in MLLMs", arXiv 2505.
 numbers are v1's.
 
 Models, in this order: V = the MLLM (its language-model tensors found through the plan's
-``name_map``), R = the reasoning LLM; ``base_model`` = theta_0, their common ancestor. For decoder block
+``name_map``, detected from its config and weights when the YAML sets none: ``mllm/merge/families.py``),
+R = the reasoning LLM; ``base_model`` = theta_0, their common ancestor. For decoder block
 l, with all of its parameters (every tensor under ``model.layers.{l}.`` after name mapping) flattened
 into one vector and the task vectors tau = theta - theta_0 taken in fp32 (Eq. 3):
 
