@@ -48,7 +48,7 @@ def can_infer_option(answer: str, choices: Mapping[str, str]) -> str | None:
     named = [c for c in choices if c in words]
     if len(named) == 1 and words.index(named[0]) > len(words) - 5:
         return named[0]
-    if not named and words.count(REFUSED) == 1:
+    if not named and REFUSED in words:  # the answer names the pseudo-option "Z" and no real one
         return REFUSED
     verbose = _VERBOSE.search(answer)
     if verbose and verbose.group(1).upper() in choices:

@@ -31,6 +31,7 @@ def test_can_infer_vlmevalkit_rules() -> None:
     assert can_infer("A cat is sitting on the mat", abcd) == "B"
     assert can_infer("B or C", abcd) is None  # two letters, no option text
     assert can_infer("Sorry, I can't help with images of people yet.", abcd) == "Z"  # refusal: never right
+    assert can_infer("Z, or Z", abcd) == "Z"  # the pseudo-option named (however often) and no real one
     assert can_infer("a dog and a cat", abcd) is None  # two options quoted
     assert can_infer("it is a dog " * 9, abcd) is None  # 108 characters > 2 x 14 of option text
 
