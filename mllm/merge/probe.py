@@ -16,11 +16,12 @@ cannot see the image under causal attention) -- inferred, recorded in the JSON a
 keys are masked out of the softmax, so left padding leaves every row's shares as they are alone.
 
 Attention probabilities need the eager kernel: the language model alone is switched to ``eager`` for
-the probe and back afterwards. A vision tower keeps its kernel: transformers may warn once that
-``sdpa`` returns no attentions -- those are the tower's, which the probe does not read.
-``outputs.attentions`` of transformers' MLLMs (5.x) holds the language model's layers only, one
-``[B, H, T, T]`` per decoder layer; the probe checks them against ``num_hidden_layers`` of the text config. All layers of a batch are held at
-once (L x B x H x T^2 values): ``--batch-size`` bounds the memory.
+the probe and back afterwards (a vision tower keeps its kernel). Each decoder layer's probabilities
+``[B, H, T, T]`` are read where transformers records them for ``outputs.attentions`` -- the second
+output of the attention modules its ``_can_record_outputs`` names, one per layer in the language model
+only -- by a forward hook that reduces them to the layer's per-row shares and drops them, so one
+layer's probabilities are alive at a time instead of all L layers' (``output_attentions=True`` would
+hold L x B x H x T^2 values: tens of GB for the thousands of visual tokens of tiled images).
 
 :func:`run_probe` writes ``probe.json`` (``visual_share`` per layer -- what FRANK's ``prior`` reads --,
 the OLS decay fit a_l ~ C e^(-alpha l) of Eq. 40-44, the resulting w_V under both normalisations, and
@@ -78,8 +79,7 @@ def image_files(folder: Path, limit: int | None = None) -> list[Path]:
 
 class AttentionModel(Protocol):
     """What the probe reads of a model: ours (:class:`mllm.model.MLLM`) or a transformers MLLM
-    (:class:`mllm.hf_native.NativeMLLM`). Called on a batch's keys, it returns an output whose
-    ``attentions`` are the language model's."""
+    (:class:`mllm.hf_native.NativeMLLM`). Called on a batch's keys, it runs its forward."""
 
     image_token_id: int
 
@@ -128,14 +128,53 @@ def eager_attention(llm: Any) -> Iterator[None]:
             llm.set_attn_implementation(before)
 
 
-def _checked(attentions: Sequence[torch.Tensor] | None, layers: int, ids: torch.Tensor) -> Sequence[torch.Tensor]:
-    """The per-layer attentions when there is one ``[B, H, T, T]`` per language-model layer."""
-    rows, width = ids.shape
-    shapes = [tuple(a.shape) for a in attentions or ()]
-    if len(shapes) != layers or any(len(s) != 4 or (s[0], s[2], s[3]) != (rows, width, width) for s in shapes):
-        raise ProbeError(f"the model returned attentions of shapes {shapes[:2]}... ({len(shapes)} in all); expected "
-                         f"one [{rows}, heads, {width}, {width}] per language-model layer ({layers})")
-    return attentions  # type: ignore[return-value]
+class _LayerShares:
+    """Forward hooks on the language model's attention modules (in layer order): each call's probabilities
+    become ``[B]`` shares (:func:`layer_shares`) of the current batch and leave the module's output."""
+
+    def __init__(self, llm: Any) -> None:
+        spec = (getattr(llm, "_can_record_outputs", None) or {}).get("attentions")
+        if not isinstance(spec, type):  # a recorder keyed by name or index: not met in the families tested
+            raise ProbeError(f"{type(llm).__name__}: its attention modules are not named by a class "
+                             f"({spec!r}); the probe cannot find them")
+        self.modules = [m for m in llm.modules() if isinstance(m, spec)]
+        self.layers = llm.config.get_text_config().num_hidden_layers
+        if len(self.modules) != self.layers:
+            raise ProbeError(f"{type(llm).__name__}: {len(self.modules)} {spec.__name__} modules for "
+                             f"{self.layers} decoder layers; expected one per layer")
+        self.masks: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.shares: list[torch.Tensor] = []
+
+    @contextmanager
+    def hooked(self) -> Iterator[_LayerShares]:
+        # prepend: ahead of transformers' own recording hook, which then sees no probabilities to keep
+        handles = [m.register_forward_hook(self._hook, prepend=True) for m in self.modules]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def batch(self, attention_mask: torch.Tensor, image_mask: torch.Tensor) -> None:
+        """The masks of the batch the next forward runs; its shares are collected afresh."""
+        self.masks, self.shares = (attention_mask, image_mask), []
+
+    def result(self) -> torch.Tensor:
+        """``[L, B]``: the shares of the batch's forward, one row per decoder layer."""
+        if len(self.shares) != self.layers:
+            raise ProbeError(f"the forward ran {len(self.shares)} of the {self.layers} attention layers")
+        return torch.stack(self.shares)
+
+    def _hook(self, module: torch.nn.Module, args: Any, output: Any) -> Any:
+        probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        assert self.masks is not None, "batch() sets the masks before each forward"
+        mask, image = self.masks
+        if probs is None or tuple(probs.shape[-2:]) != (mask.shape[1], mask.shape[1]):
+            got = "none" if probs is None else list(probs.shape)
+            raise ProbeError(f"{type(module).__name__} of layer {len(self.shares)} gave attention probabilities "
+                             f"{got}, expected [{mask.shape[0]}, heads, {mask.shape[1]}, {mask.shape[1]}] under eager")
+        self.shares.append(layer_shares([probs], mask, image)[0])
+        return (output[0], None, *output[2:])
 
 
 @torch.no_grad()
@@ -148,20 +187,19 @@ def visual_attention_share(model: AttentionModel,
                          "there is no attention on visual tokens to measure")
     was_training = bool(getattr(model, "training", False))  # a NativeMLLM is always in eval mode
     model.eval()
-    layers = model.llm.config.get_text_config().num_hidden_layers
+    reader = _LayerShares(model.llm)
     total: torch.Tensor | None = None
     rows = 0
     try:
-        with eager_attention(model.llm):
+        with eager_attention(model.llm), reader.hooked():
             for batch in batches:
-                ids, mask = batch["input_ids"], batch["attention_mask"]
-                # The probe reads attentions only: no labels (a conversation batch's), one logit column,
-                # no KV cache.
-                inputs = {key: value for key, value in batch.items() if key != "labels"}
-                out = model(**inputs, output_attentions=True, use_cache=False, logits_to_keep=1)
-                shares = layer_shares(_checked(out.attentions, layers, ids), mask.to(ids.device),
-                                      ids == model.image_token_id)
-                total = shares.sum(dim=1) if total is None else total + shares.sum(dim=1)
+                ids = batch["input_ids"]
+                reader.batch(batch["attention_mask"].to(ids.device), ids == model.image_token_id)
+                # The hooks read the attentions: no labels (a conversation batch's), one logit column, no cache.
+                model(**{key: value for key, value in batch.items() if key != "labels"}, use_cache=False,
+                      logits_to_keep=1)
+                shares = reader.result().sum(dim=1)
+                total = shares if total is None else total + shares
                 rows += ids.shape[0]
     finally:
         if was_training:
