@@ -94,35 +94,40 @@ def test_open_gates_carry_the_image_and_generate_uses_the_cache(kit: Any, word_t
     kit.assert_batch_equals_one_by_one(model)
 
 
-def _ln2(v: list[float]) -> list[float]:
-    """LayerNorm of a 2-vector (unit weight, zero bias): ``+-h / sqrt(h^2 + eps)`` with ``h = (a - b) / 2``."""
-    h = (v[0] - v[1]) / 2.0
-    return [h / math.sqrt(h * h + 1e-5), -h / math.sqrt(h * h + 1e-5)]
+def _ln(v: list[float]) -> list[float]:
+    """LayerNorm (unit weight, zero bias, eps 1e-5) of one vector."""
+    mean = sum(v) / len(v)
+    var = sum((x - mean) ** 2 for x in v) / len(v)
+    return [(x - mean) / math.sqrt(var + 1e-5) for x in v]
+
+
+def _matvec(m: list[list[float]], v: list[float]) -> list[float]:
+    return [sum(a * b for a, b in zip(row, v, strict=True)) for row in m]
 
 
 def test_resampler_hand_computed() -> None:
-    resampler = PerceiverResampler(dim=2, cfg=ResamplerConfig(latents=1, depth=1, heads=1, dim_head=2, ff_mult=1))
+    resampler = PerceiverResampler(dim=3, cfg=ResamplerConfig(latents=1, depth=1, heads=1, dim_head=3, ff_mult=1))
     layer = resampler.layers[0]
-    w_v = [[1.0, 2.0], [3.0, 4.0]]
+    w_v = [[1.0, 0.0, 2.0], [0.0, 3.0, 1.0], [2.0, 1.0, 0.0]]
+    w_2 = [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 2.0]]
     with torch.no_grad():
-        for lin in (layer.to_q, layer.to_out, layer.ff[1], layer.ff[3]):
-            lin.weight.copy_(torch.eye(2))
-        layer.to_kv.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], *w_v]))  # W_k = I, then W_v
-        resampler.latents.copy_(torch.tensor([[0.0, 3.0]]))
-        resampler.time.copy_(torch.tensor([1.0, 0.0]))
-    media = [[1.0, 0.0], [0.0, 2.0]]
-    latent = [0.0, 3.0]
-    # keys/values read [LN(media + t) ; LN(latent)]; the query is LN(latent)
-    inputs = [_ln2([m[0] + 1.0, m[1]]) for m in media] + [_ln2(latent)]
-    q = _ln2(latent)
-    scores = [(q[0] * k[0] + q[1] * k[1]) / math.sqrt(2.0) for k in inputs]
+        for lin in (layer.to_q, layer.to_out, layer.ff[1]):
+            lin.weight.copy_(torch.eye(3))
+        layer.ff[3].weight.copy_(torch.tensor(w_2))
+        layer.to_kv.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], *w_v]))  # W_k = I; W_v
+        resampler.latents.copy_(torch.tensor([[0.0, 0.0, 3.0]]))
+        resampler.time.copy_(torch.tensor([0.0, 0.0, 1.0]))
+    media = [[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]
+    latent = [0.0, 0.0, 3.0]
+    # keys/values read [LN(media + t) ; LN(latent)]; the query is LN(latent), the scale 1 / sqrt(3)
+    inputs = [_ln([m[0], m[1], m[2] + 1.0]) for m in media] + [_ln(latent)]
+    scores = [sum(a * b for a, b in zip(_ln(latent), k, strict=True)) / math.sqrt(3.0) for k in inputs]
     weights = [math.exp(s) / sum(math.exp(t) for t in scores) for s in scores]
-    values = [[w_v[r][0] * n[0] + w_v[r][1] * n[1] for r in range(2)] for n in inputs]
-    z1 = [latent[c] + sum(w * v[c] for w, v in zip(weights, values, strict=True)) for c in range(2)]
-    gelu = [x * 0.5 * (1.0 + math.erf(x / math.sqrt(2.0))) for x in _ln2(z1)]
-    z2 = [z1[c] + gelu[c] for c in range(2)]
-    expected = torch.tensor([[_ln2(z2)]])
-    torch.testing.assert_close(resampler(torch.tensor([media])), expected)
+    values = [_matvec(w_v, n) for n in inputs]
+    z1 = [latent[c] + sum(w * v[c] for w, v in zip(weights, values, strict=True)) for c in range(3)]
+    gelu = [x * 0.5 * (1.0 + math.erf(x / math.sqrt(2.0))) for x in _ln(z1)]
+    z2 = [a + b for a, b in zip(z1, _matvec(w_2, gelu), strict=True)]
+    torch.testing.assert_close(resampler(torch.tensor([media])), torch.tensor([[_ln(z2)]]))
     # the media count is free; the output is always R latents
     assert PerceiverResampler(8, ResamplerConfig(latents=3, depth=2, heads=2, dim_head=4))(
         torch.randn(2, 7, 8)).shape == (2, 3, 8)
