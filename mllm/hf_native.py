@@ -134,7 +134,8 @@ class NativeMLLM(AnswersText):
 
     @property
     def llm(self) -> Any:
-        """The language model (the decoder stack, whose config is the text config), as ``llm`` of :class:`mllm.model.MLLM`."""
+        """The language model (the decoder stack, whose config is the text config), as ``llm`` of
+        :class:`mllm.model.MLLM`."""
         return self.model.get_decoder()
 
     def __call__(self, **batch: Any) -> Any:

@@ -51,8 +51,6 @@ PROBE_PNG = "probe.png"
 QUERIES = "attended text tokens after the first image token"
 # The paper probes ~1000 MSCOCO val images but does not publish its prompt: a generic request.
 DEFAULT_PROMPT = "Describe this image in detail."
-
-
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
