@@ -124,6 +124,11 @@ class RunConfig:
         if self.eval.task not in fits:
             raise ValueError(f"eval.task: expected a task generated from `data` ({', '.join(fits)}), "
                              f"got {self.eval.task!r}")
+        for i, spec in enumerate(self.train.eval_tasks):  # refused before any model is built
+            if spec.task not in EVAL_TASKS:
+                raise ValueError(f"train.eval_tasks[{i}].task: unknown eval task {spec.task!r}"
+                                 f"{suggest(spec.task, EVAL_TASKS.names())} (expected one of: "
+                                 f"{', '.join(EVAL_TASKS.names())})")
 
 
 # --- files -------------------------------------------------------------------------------------

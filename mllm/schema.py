@@ -167,12 +167,12 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
             raise ConfigError(f"{_join(where, name)}: required key is missing", _join(where, name))
     try:
         return cls(**kwargs)
-    except ValueError as err:  # __post_init__ checks; a message that starts with a field's name is about it
+    except ValueError as err:  # __post_init__ checks; a message that starts with a field's (dotted) key is about it
         msg = str(err)
-        field_name = re.match(r"\w+", msg)
-        if field_name and field_name.group() in fields and msg[field_name.end():].startswith(":"):
-            key = _join(where, field_name.group())
-            raise ConfigError(f"{key}{msg[field_name.end():]}", key) from err
+        path = re.match(r"(\w+)[\w.\[\]]*", msg)
+        if path and path.group(1) in fields and msg[path.end():].startswith(":"):
+            key = _join(where, path.group())
+            raise ConfigError(f"{key}{msg[path.end():]}", key) from err
         raise ConfigError(f"{where or cls.__name__}: {msg}", where or None) from err
 
 

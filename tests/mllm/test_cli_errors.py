@@ -53,6 +53,18 @@ def test_mistyped_set_key_is_blamed_on_the_set_and_leaves_no_run(
     assert not out.exists()
 
 
+def test_unknown_task_in_train_eval_tasks_is_refused_before_any_build(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    assert cli.main(["train", "tiny", "--out", str(out), "--set", "train.eval_tasks=[{task: popee}]"]) == 2
+    assert _last_line(capsys.readouterr().err).startswith(
+        "mllm train: error: --set train.eval_tasks=[{task: popee}]: train.eval_tasks[0].task: unknown eval task "
+        "'popee'; did you mean 'pope'? (expected one of: "
+    )
+    assert not out.exists()
+
+
 def test_a_run_failing_before_training_leaves_no_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     out.mkdir()
