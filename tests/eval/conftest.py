@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from bench_copies import RELEASES
+from exam_copies import RELEASES as EXAM_RELEASES
 from PIL import Image
 
 from eval.tasks.shapesworld import ShapesWorldTask
@@ -208,6 +209,7 @@ def make_refcoco(root: Path) -> dict[str, Any]:
 BENCHMARKS = {name: globals()[f"make_{name}"] for name in EVAL_TASKS.names() if f"make_{name}" in globals()}
 # the VizWiz / ChartQA / DocVQA / OCRBench / AI2D release fixtures, shared with their own test files
 BENCHMARKS.update({name: write for name, write in RELEASES.items() if name in EVAL_TASKS.names()})
+BENCHMARKS.update({name: write for name, write in EXAM_RELEASES.items() if name in EVAL_TASKS.names()})
 
 
 @pytest.fixture

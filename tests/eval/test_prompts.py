@@ -36,6 +36,13 @@ SNAPSHOTS["docvqa_val"] = "<image>\nWhat is the date?" + SHORT
 SNAPSHOTS["ocrbench"] = "<image>\nwhat is written in the image?"  # lmms-eval: the question alone
 SNAPSHOTS["ai2d"] = ("<image>\nWhich label shows the sun?\nA. moon\nB. sun\nC. earth\nD. mars\n"
                      "Answer with the option's letter from the given choices directly.")
+MC = "\nAnswer with the option's letter from the given choices directly."
+SNAPSHOTS["mme"] = "<image>\nIs there a dog in the image?" + SHORT  # " Please answer yes or no." replaced
+SNAPSHOTS["mmbench_en_dev"] = "<image>\nWhat colour is the sky?\nA. blue\nB. red\nC. green" + MC
+SNAPSHOTS["seedbench"] = "<image>\nWhere is this photo taken?\nA. beach\nB. forest\nC. city\nD. desert" + MC
+SNAPSHOTS["mmmu_val"] = "<image>\nWhich colour is the sky in <image 1>?\nA. red\nB. blue\nC. green\n" + MC
+SNAPSHOTS["mathvista_testmini"] = ("<image>\nHow far is the spring compressed? (Unit: m)\n"
+                                   "Answer the question using a single floating-point number with one decimal place.")
 GENERATED = {"arithmetic": {}, "compositional": {}}  # default generator configs
 FIXTURE = {"refcoco+": "refcoco", "refcocog": "refcoco"}
 
