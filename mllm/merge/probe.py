@@ -24,7 +24,7 @@ layer's probabilities are alive at a time instead of all L layers' (``output_att
 hold L x B x H x T^2 values: tens of GB for the thousands of visual tokens of tiled images).
 
 :func:`run_probe` writes ``probe.json`` (``visual_share`` per layer -- what FRANK's ``prior`` reads --,
-the OLS decay fit a_l ~ C e^(-alpha l) of Eq. 40-44, the resulting w_V under both normalisations, and
+the OLS decay fit a_l ~ C e^(-alpha l) of Eq. 40-44, the resulting w_V under each ``prior_norm`` (sum, max, share), and
 the protocol its caller records) and ``probe.png``. This module takes a built model and ready batches
 (ours: ``input_ids``, ``attention_mask``, ``pixel_values``, e.g. from ``train.data.collate.Collator``;
 a transformers MLLM: its processor's batch, :meth:`mllm.hf_native.NativeMLLM.inputs`): merging never
@@ -219,7 +219,7 @@ def run_probe(model: AttentionModel, batches: Iterable[Mapping[str, torch.Tensor
     try:
         alpha, c = fit_decay(share)
         doc["fit"] = {"alpha": alpha, "C": c}
-        doc["w_V"] = {norm: prior_weights(alpha, len(share), norm) for norm in ("sum", "max")}
+        doc["w_V"] = {norm: prior_weights(alpha, len(share), norm, c) for norm in ("sum", "max", "share")}
     except ValueError as err:  # a zero share cannot be log-fitted; the shares are still reported
         doc["fit"] = {"error": str(err)}
     out = Path(out_dir)

@@ -10,6 +10,7 @@ text. The probe's shares over a left-padded batch of 4 equal the mean of those o
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,8 @@ def probe_doc(folder: Path, image_dir: Path, out: Path, *flags: str) -> dict[str
     assert doc["model"] == str(folder) and doc["queries"] == QUERIES
     assert (doc["device"], doc["dtype"], doc["batch_size"]) == ("cpu", "float32", 16)
     assert "alpha" in doc["fit"] and len(doc["w_V"]["max"]) == LAYERS
+    alpha, c = doc["fit"]["alpha"], doc["fit"]["C"]  # share: the fitted curve itself, clipped to [0, 1]
+    assert doc["w_V"]["share"] == pytest.approx([min(1.0, c * math.exp(-alpha * k)) for k in range(1, LAYERS + 1)])
     return doc
 
 
