@@ -74,6 +74,9 @@ def _add_placement(p: argparse.ArgumentParser) -> None:
                    help="where the model runs, e.g. cuda, cuda:1, cpu (default: CUDA when available, else CPU)")
     p.add_argument("--dtype", type=_dtype, default=None,
                    help=f"weights dtype: {' | '.join(FLOAT_DTYPES)} | auto (default: the checkpoint's)")
+    p.add_argument("--device-map", choices=["auto"], default=None,
+                   help="auto: spread a model larger than one GPU over the GPUs, then the CPU (accelerate's "
+                        "big-model loading; instead of --device)")
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -175,7 +178,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     from mllm import run
 
     shared = {"options": args.options, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
-              "limit": args.limit, "resume": args.resume, "device": args.device, "dtype": args.dtype}
+              "limit": args.limit, "resume": args.resume, "device": args.device, "dtype": args.dtype,
+              "device_map": args.device_map}
     if args.tasks:
         run.evaluate_tasks(Path(args.checkpoint), args.tasks, Path(args.out), data=args.data, images=args.images,
                            **shared)
@@ -204,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             _evaluate(args)
         elif args.command == "chat":
             print(run.chat(Path(args.model), Path(args.image), args.question, max_new_tokens=args.max_new_tokens,
-                           device=args.device, dtype=args.dtype))
+                           device=args.device, dtype=args.dtype, device_map=args.device_map))
         elif args.command == "merge":
             from mllm.merge import run_merge
 
@@ -212,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                       threads=args.threads, dry_run=args.dry_run)
         elif args.command == "probe":
             run.probe(Path(args.model), args.data, Path(args.out), images=args.images, prompt=args.prompt,
-                      limit=args.limit, batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+                      limit=args.limit, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                      device_map=args.device_map)
         elif args.command == "convert":
             from mllm import hf
 

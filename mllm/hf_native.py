@@ -29,28 +29,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from mllm.model import CONFIG_FILE, AnswersText, ModelError
+from mllm.model import CONFIG_FILE, AnswersText, ModelError, resolve_device, resolve_dtype
+from mllm.placement import DEVICE_MAPS
 
 IMAGE_MARKER = "<image>"  # where the image goes in an eval prompt (eval.tasks.base.IMAGE_MARKER)
 HF_CONFIG = "config.json"
-
-
-def default_device() -> torch.device:
-    """CUDA when available, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
-    """``None`` keeps the checkpoint's dtype (transformers' ``"auto"``); a name such as ``bfloat16`` is
-    looked up on torch and refused in one line when it is not a floating dtype."""
-    if dtype is None or dtype == "auto":
-        return "auto"
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype), None)
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise ModelError(f"dtype: expected a torch floating dtype name (float32, bfloat16, float16), got {dtype!r}")
-    return value
 
 
 def chat_content(prompt: str) -> list[dict[str, str]]:
@@ -84,21 +67,29 @@ class NativeMLLM(AnswersText):
     @classmethod
     def from_pretrained(
         cls, folder: str | os.PathLike[str], device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None, trust_remote_code: bool = False,
+        dtype: str | torch.dtype | None = None, trust_remote_code: bool = False, device_map: str | None = None,
     ) -> NativeMLLM:
         """Load ``folder`` with ``AutoModelForImageTextToText`` and ``AutoProcessor`` (local files only)
-        onto ``device`` (default :func:`default_device`) in ``dtype`` (default: the checkpoint's)."""
+        onto ``device`` (default: CUDA when available, else CPU) in ``dtype`` (default: the checkpoint's), or
+        spread over the GPUs and the CPU with ``device_map="auto"`` (transformers' big-model loading)."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         root = Path(folder)
         if not (root / HF_CONFIG).is_file():
             raise ModelError(f"{root / HF_CONFIG}: not found (expected a transformers model folder)")
-        torch_dtype = _dtype(dtype)
+        if device_map is not None and device is not None:
+            raise ModelError("device and device_map: give one (device_map spreads the model over several)")
+        if device_map not in (None, *DEVICE_MAPS):
+            raise ModelError(f"device_map: expected one of {list(DEVICE_MAPS)}, got {device_map!r}")
+        torch_dtype = resolve_dtype(dtype) or "auto"
+        # transformers reads every tensor straight to its device: the whole model to one, or spread by "auto"
+        where = device_map if device_map is not None else resolve_device(device)
         try:
             processor = AutoProcessor.from_pretrained(str(root), local_files_only=True,
                                                       trust_remote_code=trust_remote_code)
             model = AutoModelForImageTextToText.from_pretrained(
-                str(root), local_files_only=True, dtype=torch_dtype, trust_remote_code=trust_remote_code
+                str(root), local_files_only=True, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                device_map=where,
             )
         except (ValueError, KeyError) as err:  # transformers: unknown model type / no processor class for it
             raise ModelError(f"{root}: transformers cannot load it as an image-text-to-text model: {err}") from err
@@ -106,7 +97,7 @@ class NativeMLLM(AnswersText):
             raise ModelError(f"{root}: its processor needs a package that is not installed: {err}") from err
         if not hasattr(processor, "tokenizer") or not hasattr(processor, "apply_chat_template"):
             raise ModelError(f"{root}: AutoProcessor gives a {type(processor).__name__}, not a multimodal processor")
-        return cls(model.to(device if device is not None else default_device()), processor)
+        return cls(model, processor)
 
     @property
     def device(self) -> torch.device:
@@ -183,18 +174,19 @@ def is_native(folder: str | os.PathLike[str]) -> bool:
 
 
 def load_generator(
-    folder: str | os.PathLike[str], device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+    folder: str | os.PathLike[str], device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+    device_map: str | None = None,
 ) -> Any:
     """The model in ``folder``, in eval mode, for ``generate``: ours when it holds ``mllm_config.yaml``,
     a :class:`NativeMLLM` when it holds a transformers ``config.json``; anything else is refused
-    naming the folder."""
+    naming the folder. ``device_map="auto"`` spreads it over the devices instead of ``device``."""
     root = Path(folder)
     if (root / CONFIG_FILE).is_file():
         from mllm.model import MLLM
 
-        return MLLM.from_pretrained(root, device=device, dtype=dtype).eval()
+        return MLLM.from_pretrained(root, device=device, dtype=dtype, device_map=device_map).eval()
     if (root / HF_CONFIG).is_file():
-        return NativeMLLM.from_pretrained(root, device=device, dtype=dtype)
+        return NativeMLLM.from_pretrained(root, device=device, dtype=dtype, device_map=device_map)
     what = "folder not found" if not root.is_dir() else f"neither {CONFIG_FILE} (ours) nor {HF_CONFIG} (transformers)"
     raise ModelError(f"{root}: not a model folder ({what})")
 

@@ -213,12 +213,14 @@ def evaluate_checkpoint(
     checkpoint: Path, task: str, out_dir: Path, *, data: str | None = None, images: str | None = None,
     options: list[str] | None = None, batch_size: int | None = None, max_new_tokens: int | None = None,
     limit: int | None = None, resume: bool = False, device: str | None = None, dtype: str | None = None,
+    device_map: str | None = None,
 ) -> dict[str, Any]:
     """``mllm eval --task NAME``: a saved checkpoint on one registered task, resumable, written to ``out_dir``.
 
     The model is loaded onto ``device`` in ``dtype`` (defaults: CUDA when available, else CPU; the
-    checkpoint's dtype); the device type and dtype used are recorded in ``protocol.json`` and the
-    metrics' ``protocol`` (see :class:`_Placed`), so a resumed run must use the same.
+    checkpoint's dtype), or spread over devices with ``device_map="auto"``; the device type and dtype used
+    are recorded in ``protocol.json`` and the metrics' ``protocol`` (see :class:`_Placed`), so a resumed run
+    must use the same.
 
     ``checkpoint`` is one of our folders or any transformers image-text-to-text folder
     (:func:`mllm.hf_native.load_generator` picks by what it holds). The task is built by
@@ -233,7 +235,7 @@ def evaluate_checkpoint(
     built = build_eval_task(task, data, images, apply_overrides({}, options or []),
                             lambda: checkpoint_scenes(checkpoint, task))
     cfg = _eval_config(batch_size, max_new_tokens, limit)
-    model = load_generator(checkpoint, device=device, dtype=dtype)
+    model = load_generator(checkpoint, device=device, dtype=dtype, device_map=device_map)
     return run_task(model, _Placed(built, placement(model)), cfg, out_dir, resume=resume)
 
 
@@ -241,7 +243,7 @@ def evaluate_tasks(
     checkpoint: Path, tasks: list[str], out_dir: Path, *, data: list[str] | None = None,
     images: list[str] | None = None, options: list[str] | None = None, batch_size: int | None = None,
     max_new_tokens: int | None = None, limit: int | None = None, resume: bool = False, device: str | None = None,
-    dtype: str | None = None,
+    dtype: str | None = None, device_map: str | None = None,
 ) -> dict[str, Any]:
     """``mllm eval --tasks a,b``: every task with one model load, each into ``out_dir/NAME`` (resumable as
     :func:`evaluate_checkpoint`), then ``out_dir/results.json`` and ``results.md`` (:mod:`eval.suite`).
@@ -258,7 +260,7 @@ def evaluate_tasks(
     built = {name: build_eval_task(name, *inputs[name], lambda name=name: checkpoint_scenes(checkpoint, name))
              for name in tasks}
     cfg = _eval_config(batch_size, max_new_tokens, limit)
-    model = load_generator(checkpoint, device=device, dtype=dtype)
+    model = load_generator(checkpoint, device=device, dtype=dtype, device_map=device_map)
     where = placement(model)
     return run_tasks(model, {name: (_Placed(task, where), cfg) for name, task in built.items()}, out_dir, resume=resume)
 
@@ -306,14 +308,14 @@ class _Placed:
 
 
 def chat(checkpoint: Path, image: Path, question: str, max_new_tokens: int = 64, device: str | None = None,
-         dtype: str | None = None) -> str:
+         dtype: str | None = None, device_map: str | None = None) -> str:
     """``mllm chat``: one greedy answer of the model in ``checkpoint`` (ours or a transformers folder)
     to ``question`` about ``image``. The image is read before the model loads, so a missing or corrupt
     file costs no load time."""
     from mllm.hf_native import IMAGE_MARKER, load_generator, read_image
 
     picture = read_image(image)
-    model = load_generator(checkpoint, device=device, dtype=dtype)
+    model = load_generator(checkpoint, device=device, dtype=dtype, device_map=device_map)
     return model.generate([picture], [f"{IMAGE_MARKER}\n{question}"], max_new_tokens=max_new_tokens)[0]
 
 
@@ -344,6 +346,7 @@ def demo(recipe: str, out_dir: Path, overrides: list[str]) -> dict[str, Any]:
 def probe(
     checkpoint: Path, data: str | None, out_dir: Path, images: str | None = None, limit: int = 256,
     batch_size: int = 16, device: str | None = None, dtype: str | None = None, prompt: str | None = None,
+    device_map: str | None = None,
 ) -> dict[str, Any]:
     """``mllm probe``: per-layer visual attention share of a model over a probe set (FRANK, Wei & Chen 2025,
     arXiv 2505.16151, §3.2.3 and Appendix A.9; :mod:`mllm.merge.probe`).
@@ -369,7 +372,7 @@ def probe(
     if data is None and images is not None:
         text = one_image_prompt(DEFAULT_PROMPT if prompt is None else prompt)
         files = image_files(Path(images), limit)  # every image read before the model loads
-        model = load_generator(checkpoint, device=device, dtype=dtype)
+        model = load_generator(checkpoint, device=device, dtype=dtype, device_map=device_map)
         batches: Any = (image_prompt_batch(model, [read_image(f) for f in files[i:i + batch_size]], text)
                         for i in range(0, len(files), batch_size))
         source = f"{images} ({len(files)} images)"
@@ -378,7 +381,7 @@ def probe(
         if prompt is not None:
             raise ConfigError("--prompt: belongs to the image-only protocol (--images DIR without --data)")
         model, batches, n = _conversation_batches(checkpoint, data or "shapesworld", images, limit, batch_size,
-                                                  device, dtype)
+                                                  device, dtype, device_map)
         source = f"{data or 'shapesworld'} ({n} samples)"
         protocol = {"data": data or "shapesworld", "image_root": images, "prompt": None}
     kind = "ours" if isinstance(model, MLLM) else type(model.model).__name__
@@ -389,7 +392,7 @@ def probe(
 
 def _conversation_batches(
     checkpoint: Path, data: str, images: str | None, limit: int, batch_size: int, device: str | None,
-    dtype: str | None,
+    dtype: str | None, device_map: str | None = None,
 ) -> tuple[Any, Any, int]:
     """Our model in ``checkpoint``, its collated batches of the first ``limit`` samples of ``data``
     (``shapesworld`` or a LLaVA JSON file with image root ``images``) on its device, and their count."""
@@ -410,7 +413,7 @@ def _conversation_batches(
         from train.data.llava import LlavaDataConfig, load_llava
 
         samples = load_llava(LlavaDataConfig(path=data, image_root=images, limit=limit))
-    model = MLLM.from_pretrained(checkpoint, device=device, dtype=dtype).eval()
+    model = MLLM.from_pretrained(checkpoint, device=device, dtype=dtype, device_map=device_map).eval()
     collate = Collator(model.tokenizer, model.template, model.cfg.image_token, model.num_image_tokens,
                        model.preprocess, model.cfg.max_length)
     n = min(limit, len(samples))

@@ -55,9 +55,9 @@ def test_eval_loads_as_asked_and_records_it(checkpoint: Path, tmp_path: Path,
     asked = []
     load = MLLM.from_pretrained.__func__
 
-    def spy(cls: type, path: object, device: object = None, dtype: object = None) -> MLLM:
+    def spy(cls: type, path: object, device: object = None, dtype: object = None, device_map: object = None) -> MLLM:
         asked.append((device, dtype))
-        return load(cls, path, device=device, dtype=dtype)
+        return load(cls, path, device=device, dtype=dtype, device_map=device_map)
 
     monkeypatch.setattr(MLLM, "from_pretrained", classmethod(spy))
     out = tmp_path / "e"

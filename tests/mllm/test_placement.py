@@ -8,6 +8,7 @@ loaded whole.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,33 @@ def test_spread_model_generates_what_the_whole_model_does(checkpoint: Path) -> N
     prompts = [f"<image>\n{q}" for q in QUESTIONS[:4]]
     want = whole.generate(IMAGES[:4], prompts, max_new_tokens=5)
     assert spread.generate(IMAGES[:4], prompts, max_new_tokens=5) == want
+
+
+def test_device_map_auto_through_the_commands(checkpoint: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """``--device-map auto`` on chat and eval, for our checkpoint and a transformers folder (transformers'
+    own big-model loading): on a machine without GPUs everything lands on the CPU and answers as a plain
+    load does; with ``--device`` as well it is refused in one line."""
+    from hf_families import save_family
+
+    from mllm import cli
+    from mllm.hf_native import NativeMLLM, load_generator
+
+    image = tmp_path / "a.png"
+    IMAGES[0].save(image)
+    native = save_family("llava", tmp_path / "llava")
+    for folder in (checkpoint, native):
+        assert cli.main(["chat", str(folder), "--image", str(image), QUESTIONS[0], "--max-new-tokens", "4",
+                         "--device-map", "auto"]) == 0
+        spread = capsys.readouterr().out
+        assert cli.main(["chat", str(folder), "--image", str(image), QUESTIONS[0], "--max-new-tokens", "4",
+                         "--device", "cpu"]) == 0
+        assert capsys.readouterr().out == spread
+        assert cli.main(["chat", str(folder), "--image", str(image), "what?", "--device", "cpu",
+                         "--device-map", "auto"]) == 2
+        assert "give one" in capsys.readouterr().err
+    spread_native = load_generator(native, device_map="auto")
+    assert isinstance(spread_native, NativeMLLM) and spread_native.device.type == "cpu"
+    assert cli.main(["eval", str(native), "--task", "arithmetic", "--opt", "test_size=2", "--max-new-tokens", "2",
+                     "--device-map", "auto", "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev" / "protocol.json").read_text())["device"] == "cpu"
