@@ -124,7 +124,8 @@ class FFNEmbedInjector(Injector):
         with torch.no_grad():  # step 3: uniform soft selection, or the depth prior for top-k
             for i, lin in self.select.items():
                 lin.weight.zero_()
-                lin.bias.copy_(depth_prior(int(i), spec.num_layers, spec.encoder_layers) * bool(cfg.top_k))
+                prior = depth_prior(int(i), spec.num_layers, spec.encoder_layers)
+                lin.bias.copy_(prior if cfg.top_k else torch.zeros_like(prior))
         self.pos_k = nn.Parameter(torch.randn(spec.num_visual_tokens, spec.hidden_size) * cfg.pos_init_std)
         self.pos_v = nn.Parameter(torch.zeros(spec.num_visual_tokens, spec.hidden_size))
 
