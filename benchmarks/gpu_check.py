@@ -17,8 +17,8 @@ embeddings, vocabulary 151936). The tokenizer is the recipe's word-level one, it
 JSON line ``{"figure": ..., "card": torch.cuda.get_device_name(), ...}``, after an ``environment`` line:
 
 * ``train`` (once with ``attn_implementation`` sdpa, once with flash_attention_2 when ``import flash_attn``
-  works, else a line saying why not): warm-up, then timed steps of forward + backward + AdamW (the trainer's
-  :func:`train.trainer.build_optimizer`) training encoder, projector and LLM on 8 rows of 1024 tokens (<s>,
+  works, else a line saying why not): warm-up, then timed steps of forward + backward + AdamW step (the trainer's
+  :func:`train.trainer.build_optimizer`; no clipping, no schedule) training encoder, projector and LLM on 8 rows of 1024 tokens (<s>,
   196 image tokens, random words, every word labelled) under ``torch.autocast`` bf16 with fp32 weights, as
   ``train.mixed_precision: bf16`` runs. Median step time, tokens/s, peak memory, and MFU = model FLOPs per
   second over the card's dense bf16 peak (:func:`train.throughput.peak_flops`; unknown card or CPU: null),
@@ -31,12 +31,12 @@ JSON line ``{"figure": ..., "card": torch.cuda.get_device_name(), ...}``, after 
 * ``eval``: :func:`eval.runner.run_task` on ShapesWorld's first samples with batch size 32 and 1, same
   model in float32 with TF32 off: a random model's top logits are nearly tied, so any rounding difference
   between batch shapes would flip a token, and the check is about the runner (padding, positions, cache).
-  Samples/s of both, their ratio, and whether every prediction is identical.
+  Samples/s of both, their ratio (batched over one-by-one), and whether every prediction is identical.
 * ``load``: benchmarks/bench_load.py's ~1B Llama checkpoint (bf16), loaded onto the device by
   ``MLLM.from_pretrained`` and by transformers' ``AutoModelForCausalLM.from_pretrained`` of the same LLM,
   alternately in this process (the first round also warms the page cache); median wall times, ratio.
 
-A figure the budget has no room left for (its ``needs`` below, rough upper bounds from the FLOP counts and
+A figure the budget has no room left for (its ``needs`` in the sizes below, rough upper bounds from the FLOP counts and
 file sizes, not measurements) is skipped with a line saying so; each line carries the figure's own
 ``wall_s`` to set them better. A figure that fails prints a line with its error (traceback on stderr) and the
 others still run; the exit status is then 1.
@@ -100,9 +100,11 @@ class Sizes:
     needs: dict[str, float]  # seconds a figure may take, for the budget
 
 
+# Qwen2-0.5B's shape (Yang et al. 2024, "Qwen2 Technical Report", arXiv 2407.10671, Table 1; its config's
+# vocabulary of 151936 rows is set through the tokenizer); Qwen2Config's defaults otherwise.
 QWEN2_05B = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
              "num_key_value_heads": 2, "tie_word_embeddings": True}
-GPU = Sizes(
+GPU = Sizes(  # ViT-B/16 at 224 px: 196 patch tokens
     encoder={"name": "timm_vit", "model_name": "vit_base_patch16_224", "image_size": 224, "layers": [-1]},
     llm=QWEN2_05B, vocab=151936, batch=8, seq_len=1024, warmup=3, steps=20, eval_samples=64, eval_batch=32,
     load_params=1e9, load_repeats=3, needs={"train": 60.0, "eval": 120.0, "load": 150.0},
@@ -126,16 +128,13 @@ class Fillers:
     count: int
 
     def vocabulary_texts(self) -> list[str]:
-        words = []
-        for i in range(self.count):
-            word = ""
-            while True:
-                word = chr(ord("a") + i % 26) + word
-                i //= 26
-                if not i:
-                    break
-            words.append("λ" + word)
-        return [" ".join(words)] if words else []
+        return [" ".join("λ" + _letters(i) for i in range(self.count))] if self.count else []
+
+
+def _letters(n: int) -> str:
+    """``n`` in base 26 with digits a..z: 0 -> "a", 25 -> "z", 26 -> "ba" (distinct for distinct ``n``)."""
+    rest, digit = divmod(n, 26)
+    return (_letters(rest) if rest else "") + chr(ord("a") + digit)
 
 
 def build_tokenizer(recipe: RunConfig, vocab: int) -> Any:
@@ -271,25 +270,27 @@ def load_figure(sizes: Sizes, device: torch.device) -> dict[str, Any]:
     }
     walls: dict[str, list[float]] = {name: [] for name in loaders}
     params: dict[str, int] = {}
+    peaks: dict[str, float | None] = {}
     with tempfile.TemporaryDirectory(prefix="gpu_check-load-") as tmp:
         paths = dict(zip(loaders, build_load_checkpoints(Path(tmp) / "ckpt", sizes.load_params, "bfloat16"), strict=True))
         ckpt_bytes = sum(p.stat().st_size for p in paths["ours"].glob("*.safetensors"))
         for _ in range(sizes.load_repeats):
             for name, load in loaders.items():
                 free(device)
+                reset_peak(device)
                 start = time.perf_counter()
                 model = load(paths[name])
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 walls[name].append(time.perf_counter() - start)
-                params[name] = sum(p.numel() for p in model.parameters())
+                params[name], peaks[name] = sum(p.numel() for p in model.parameters()), peak_gib(device)
                 del model
     median = {name: statistics.median(w) for name, w in walls.items()}
     return {
         "dtype": "bfloat16", "device": str(device), "params": params, "checkpoint_gib": round(ckpt_bytes / GIB, 3),
         "repeats": sizes.load_repeats, "ours_s": sig(median["ours"]),
         "transformers_s": sig(median["transformers"]), "ratio": sig(median["ours"] / median["transformers"], 3),
-        "walls": {name: [sig(w) for w in ws] for name, ws in walls.items()},
+        "walls": {name: [sig(w) for w in ws] for name, ws in walls.items()}, "peak_memory_gib": peaks,
     }
 
 
