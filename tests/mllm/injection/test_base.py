@@ -95,7 +95,11 @@ def test_trainable_groups(kit: Any, word_tokenizer: Any) -> None:
     assert not any(p.requires_grad for p in model.llm.parameters())
 
 
-@pytest.mark.parametrize("injectors, splice", [([XATTN, DPN], True), ([DEHVF], False)])
+@pytest.mark.parametrize("injectors, splice", [
+    ([XATTN, DPN], True), ([DEHVF], False),
+    ([{**XATTN, "resampler": {"latents": 3, "depth": 1, "heads": 2, "dim_head": 8}}], False),
+    ([{**DEHVF, "top_k": 1}], False),
+])
 def test_save_load_round_trip(kit: Any, word_tokenizer: Any, tmp_path: Path, injectors: list[Any], splice: bool) -> None:
     model = kit.build(word_tokenizer, "qwen2", injectors, splice=splice, layers=[0, 1])
     batch = kit.prompt_batch(model, kit.images(1)[0], "how many?", [7])
