@@ -39,6 +39,7 @@ from eval.tasks.base import (
     str_list,
 )
 from eval.tasks.hf_files import HFCopyTask, image_bytes
+from eval.tasks.hub_copies import lmms_eval_entry
 
 MCQ_SUFFIX = "Answer with the option's letter from the given choices directly."
 LETTERS = string.ascii_uppercase
@@ -97,6 +98,10 @@ class AI2DTask(HFCopyTask[AI2DConfig]):
 
     def score(self, sample: EvalSample, parsed: Any) -> float:
         return lmms_exact_match(parsed, sample.reference)
+
+    def aggregate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        table = super().aggregate(records)
+        return {**table, "lmms_eval": [lmms_eval_entry(self.name, "exact_match", table["accuracy"])]}
 
     def protocol_extra(self) -> dict[str, Any]:
         return {"answer_extraction": "lmms-eval MultiChoiceRegexFilter, exact match ignoring case and punctuation"}

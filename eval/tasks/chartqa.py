@@ -36,6 +36,7 @@ from eval.tasks.base import (
     read_json,
 )
 from eval.tasks.hf_files import HFCopyTask, image_bytes
+from eval.tasks.hub_copies import lmms_eval_entry
 
 SPLITS = ("human_test", "augmented_test")  # lmms-lab's ``type`` values, in release order
 RELEASE_FILES = ("test_human.json", "test_augmented.json")
@@ -86,9 +87,13 @@ class ChartQATask(HFCopyTask[ChartQAConfig]):
     def aggregate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         table = per_type(records)
         splits = [v for v in table["per_type"].values() if v is not None]
+        overall, per_split = mean_score(records), table["per_type"]
         return {
-            "accuracy": sum(splits) / len(splits) if splits else None, "relaxed_overall": mean_score(records),
+            "accuracy": sum(splits) / len(splits) if splits else None, "relaxed_overall": overall,
             **table, "n": len(records),
+            "lmms_eval": [lmms_eval_entry(self.name, "relaxed_overall", overall),
+                          lmms_eval_entry(self.name, "relaxed_human_split", per_split.get("human_test")),
+                          lmms_eval_entry(self.name, "relaxed_augmented_split", per_split.get("augmented_test"))],
         }
 
     def protocol_extra(self) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from eval.tasks.base import (
     str_list,
 )
 from eval.tasks.hf_files import HFCopyTask, image_bytes
+from eval.tasks.hub_copies import lmms_eval_entry
 
 
 def _sample(row: dict[str, Any], image: Path | bytes, where: str) -> EvalSample:
@@ -71,9 +72,10 @@ class DocVQATask(HFCopyTask[FileTaskConfig]):
         for r in records:
             for t in r["meta"]["question_types"]:
                 by_type.setdefault(t, []).append(r)
+        score = mean_score(records)
         return {
-            "anls": mean_score(records), "per_question_type": {t: mean_score(by_type[t]) for t in sorted(by_type)},
-            "n": len(records),
+            "anls": score, "per_question_type": {t: mean_score(by_type[t]) for t in sorted(by_type)},
+            "n": len(records), "lmms_eval": [lmms_eval_entry(self.name, "anls", score)],
         }
 
     def protocol_extra(self) -> dict[str, Any]:

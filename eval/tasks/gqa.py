@@ -44,6 +44,7 @@ from eval.tasks.base import (
     read_json_object,
     str_list,
 )
+from eval.tasks.hub_copies import lmms_eval_entry
 
 # metric name -> the choices file's list it checks the prediction against (eval.py)
 CHOICE_SCORES = {"validity": "valid", "plausibility": "plausible"}
@@ -112,13 +113,15 @@ class GQATask(FileTask[GQAConfig]):
         # Records written before the flag was stored (a resumed run) are all balanced questions.
         scored = [r for r in records if r["meta"].get("balanced", True)]
         by_answer_type = group_by(scored, lambda r: gqa_answer_type(r["type"]))
+        table = super().aggregate(scored)
         return {
-            **super().aggregate(scored),
+            **table,
             "per_semantic_type": per_meta(scored, "semantic"),
             **{f"{t}_accuracy": mean_score(by_answer_type.get(t, [])) for t in ("binary", "open")},
             **self._choice_scores(scored),
             **_consistency(records, scored),
             **_distribution(scored),
+            "lmms_eval": [lmms_eval_entry(self.name, "exact_match", table["accuracy"])],
         }
 
     def _choice_scores(self, scored: list[dict[str, Any]]) -> dict[str, float | None]:

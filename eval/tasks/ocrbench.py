@@ -39,6 +39,7 @@ from eval.tasks.base import (
     str_list,
 )
 from eval.tasks.hf_files import HFCopyTask, image_bytes
+from eval.tasks.hub_copies import lmms_eval_entry
 
 
 @dataclass
@@ -85,9 +86,12 @@ class OCRBenchTask(HFCopyTask[OCRBenchConfig]):
 
     def aggregate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         hits = {t: sum(float(r["score"]) for r in rs) for t, rs in sorted(group_by(records, lambda r: r["type"]).items())}
+        score = sum(hits.values())
         return {
-            "score": sum(hits.values()), "text_recognition": sum(hits.get(t, 0.0) for t in OCRBENCH_RECOGNITION),
+            "score": score, "text_recognition": sum(hits.get(t, 0.0) for t in OCRBENCH_RECOGNITION),
             "per_category": hits, "accuracy": mean_score(records), **per_type(records), "n": len(records),
+            # lmms-eval's ocrbench_accuracy is the score over 1000 (the full set's size), whatever n is.
+            "lmms_eval": [lmms_eval_entry(self.name, "ocrbench_accuracy", score / 1000)],
         }
 
     def protocol_extra(self) -> dict[str, Any]:

@@ -25,8 +25,10 @@ from eval.tasks.base import (
     image_file,
     read_jsonl,
 )
+from eval.tasks.hub_copies import lmms_eval_entry
 
 LABELS = {"yes": True, "no": False}
+LMMS_SPLITS = {"adversarial": "pope_adv", "popular": "pope_pop", "random": "pope_random"}  # split -> lmms-eval task
 
 
 def _split_of(path: Path) -> str:
@@ -84,7 +86,24 @@ class POPETask(FileTask[FileTaskConfig]):
         return {
             **means, "per_split": per_split, "per_type": {s: m["f1"] for s, m in per_split.items()},
             "n_per_type": {s: len(rs) for s, rs in sorted(splits.items())}, "n": len(records),
+            "lmms_eval": _lmms_eval(records, per_split),
         }
 
     def protocol_extra(self) -> dict[str, Any]:
         return {"answer_parsing": "LLaVA eval_pope.py", "positive_class": "yes", "per_type": "f1 per split"}
+
+
+def _lmms_eval(records: list[dict[str, Any]], per_split: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """Accuracy and F1 as lmms-eval names them: per split (``pope_adv``, ``pope_pop``, ``pope_random``) and,
+    when all three are here, ``pope`` (its 9000 questions pooled: one confusion matrix, not a mean of
+    splits)."""
+    entries = []
+    if set(per_split) == set(LMMS_SPLITS):
+        pooled = pope_metrics([r["parsed"] for r in records], [r["reference"] for r in records])
+        entries += [lmms_eval_entry("pope", "pope_accuracy", pooled["accuracy"]),
+                    lmms_eval_entry("pope", "pope_f1_score", pooled["f1"])]
+    for split, metrics in per_split.items():
+        if split in LMMS_SPLITS:
+            entries += [lmms_eval_entry(LMMS_SPLITS[split], "pope_accuracy", metrics["accuracy"]),
+                        lmms_eval_entry(LMMS_SPLITS[split], "pope_f1_score", metrics["f1"])]
+    return entries

@@ -37,6 +37,7 @@ from eval.tasks.base import (
     read_json,
     read_jsonl,
 )
+from eval.tasks.hub_copies import lmms_eval_entry
 
 REC_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: {question}"
 
@@ -137,9 +138,13 @@ class RefCOCOTask(FileTask[RefCOCOConfig]):
 
     def aggregate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         ious = [box_iou(r["parsed"], r["reference"]) if r["parsed"] else 0.0 for r in records]
+        accuracy, mean_iou = mean_score(records), sum(ious) / len(ious)
+        # lmms-eval's REC tasks are one per split (refcoco_bbox_rec_val, ...); all splits at once have no match.
+        task = f"{self.name}_bbox_rec_{self.cfg.split}"
+        entries = [lmms_eval_entry(task, "refcoco_ACC@0.5", accuracy), lmms_eval_entry(task, "refcoco_IoU", mean_iou)]
         return {
-            "accuracy": mean_score(records), "mean_iou": sum(ious) / len(ious), **per_type(records),
-            "n": len(records),
+            "accuracy": accuracy, "mean_iou": mean_iou, **per_type(records), "n": len(records),
+            "lmms_eval": entries if self.cfg.split is not None else [],
         }
 
     def protocol_extra(self) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from eval.tasks.base import (
     read_json,
     read_json_object,
 )
+from eval.tasks.hub_copies import lmms_eval_entry
 
 SINGLE_PRED = "Answer with the option's letter from the given choices directly."
 
@@ -88,6 +89,12 @@ class ScienceQAImgTask(FileTask[ScienceQAConfig]):
 
     def score(self, sample: EvalSample, parsed: Any) -> float:
         return float(parsed == sample.reference)
+
+    def aggregate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """lmms-eval's ``scienceqa_img`` is the test split: other splits have no lmms-eval number."""
+        table = super().aggregate(records)
+        test = self.cfg.split == "test"
+        return {**table, "lmms_eval": [lmms_eval_entry(self.name, "exact_match", table["accuracy"])] if test else []}
 
     def protocol_extra(self) -> dict[str, Any]:
         return {"split": self.cfg.split, "answer_extraction": "LLaVA eval_science_qa.py", "per_type": "subject"}

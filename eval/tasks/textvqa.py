@@ -28,6 +28,7 @@ from eval.tasks.base import (
     read_json,
     str_list,
 )
+from eval.tasks.hub_copies import lmms_eval_entry
 
 
 @dataclass
@@ -85,6 +86,10 @@ class TextVQATask(FileTask[TextVQAConfig]):
 
     def score(self, sample: EvalSample, parsed: Any) -> float:
         return textvqa_accuracy(parsed, sample.reference)
+
+    def aggregate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        table = super().aggregate(records)
+        return {**table, "lmms_eval": [lmms_eval_entry("textvqa_val", "exact_match", table["accuracy"])]}
 
     def protocol_extra(self) -> dict[str, Any]:
         return {"ocr_tokens_in_prompt": bool(self.cfg.ocr), "answer_processing": "m4c EvalAIAnswerProcessor"}

@@ -37,6 +37,7 @@ from eval.tasks.base import (
     str_list,
 )
 from eval.tasks.hf_files import HFCopyTask, image_bytes
+from eval.tasks.hub_copies import lmms_eval_entry
 
 UNANSWERABLE_HINT = "When the provided information is insufficient, respond with 'Unanswerable'."
 
@@ -89,6 +90,10 @@ class VizWizTask(HFCopyTask[VizWizConfig]):
 
     def score(self, sample: EvalSample, parsed: Any) -> float:
         return vizwiz_accuracy(parsed, sample.reference)
+
+    def aggregate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        table = super().aggregate(records)
+        return {**table, "lmms_eval": [lmms_eval_entry(self.name, "exact_match", table["accuracy"])]}
 
     def protocol_extra(self) -> dict[str, Any]:
         return {

@@ -29,6 +29,7 @@ from eval.tasks.base import (
     per_meta,
     read_json,
 )
+from eval.tasks.hub_copies import lmms_eval_entry
 
 
 @dataclass
@@ -87,7 +88,9 @@ class VQAv2Task(FileTask[VQAv2Config]):
 
     def aggregate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         # accuracy, per_type = per answer type, n
-        return {**super().aggregate(records), "per_question_type": per_meta(records, "question_type")}
+        table = super().aggregate(records)
+        return {**table, "per_question_type": per_meta(records, "question_type"),
+                "lmms_eval": [lmms_eval_entry("vqav2_val", "exact_match", table["accuracy"])]}
 
     def protocol_extra(self) -> dict[str, Any]:
         return {"answer_processing": "EvalAIAnswerProcessor, then vqaEval.py", "per_type": "answer_type"}
