@@ -25,7 +25,7 @@ PROBE_QUESTION = "How many objects are there?"
 class FrankToyConfig:
     seed: int = 0
     llm: dict[str, Any] = field(default_factory=lambda: {
-        "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 8, "num_attention_heads": 4,
         "num_key_value_heads": 4, "max_position_embeddings": 192, "tie_word_embeddings": True})
     # theta_V's vision side is the `tiny` recipe's (conv stem, object heads): its LLM is theta_0's copy
     encoder: dict[str, Any] = field(default_factory=lambda: {
@@ -33,18 +33,24 @@ class FrankToyConfig:
         "embed_dim": 128, "depth": 4, "num_heads": 4, "layers": [-1], "stem": "conv", "stem_width": 32})
     mllm_model: dict[str, Any] = field(default_factory=lambda: {  # theta_V's other model keys (mllm.config)
         "aux_heads": [{"name": "object_heads", "weight": 1.0}], "loss_reduction": "sample"})
-    mllm_data: dict[str, Any] = field(default_factory=lambda: {  # theta_V's training data (ShapesWorldConfig)
-        "questions_per_image": 1, "grounding_fraction": 0.25})
-    base_steps: int = 1500
-    base_lr: float = 2e-3
+    # theta_V's training data (ShapesWorldConfig): the `tiny` recipe's mix -- question before the image (every
+    # visual token reads the question), half the turns grounding, relative position 6x
+    mllm_data: dict[str, Any] = field(default_factory=lambda: {
+        "questions_per_image": 1, "grounding_fraction": 0.5, "question_mix": {"relpos": 6}, "image_first": False})
+    # theta_0 is pre-trained until its loss flattens (the report shows the curve): FRANK's strong common ancestor
+    base_steps: int = 4000
+    base_lr: float = 1e-3
     base_scenes: int = 2000  # ShapesWorld scenes whose Q/A become pre-training text
     base_arithmetic: int = 6000  # one-step facts, and as many direct-answer problems
-    reasoner_steps: int = 600
-    reasoner_lr: float = 1e-3
-    mllm_steps: int = 3000
+    reasoner_steps: int = 1200  # theta_R: a small move at a low rate
+    reasoner_lr: float = 3e-4
+    # theta_V LLaVA-style (Liu et al., 2023, arXiv 2304.08485, §4.2): first the vision side alone with the LLM
+    # frozen (align), then everything with the LLM at a low rate (tune), so tau_V stays a small move
+    mllm_align_steps: int = 1000
+    mllm_steps: int = 2000  # the tune phase
     mllm_lr: float = 5e-4
     mllm_batch_size: int = 64
-    mllm_llm_lr: float | None = None  # the LLM's learning rate in theta_V's training (None: mllm_lr)
+    mllm_llm_lr: float | None = 1e-4  # the LLM's learning rate in the tune phase (None: mllm_lr)
     train_images: int = 500000  # generated on demand: every theta_V training sample is a fresh scene
     batch_size: int = 32
     max_length: int = 192
@@ -70,7 +76,8 @@ def fast_config() -> FrankToyConfig:
              "num_key_value_heads": 2, "max_position_embeddings": 192, "tie_word_embeddings": True},
         encoder={"name": "timm_vit", "model_name": "vit_tiny_patch16_224", "image_size": 64, "patch_size": 16,
                  "embed_dim": 32, "depth": 1, "num_heads": 2, "layers": [-1]},
-        base_steps=6, base_scenes=16, base_arithmetic=64, reasoner_steps=4, mllm_steps=4, train_images=64,
+        base_steps=6, base_scenes=16, base_arithmetic=64, reasoner_steps=4, mllm_align_steps=2, mllm_steps=4,
+        train_images=64,
         batch_size=8, mllm_batch_size=8, eval_scenes=3, eval_arithmetic=4, eval_batch_size=16, probe_images=4,
         ta_lambdas=[0.5, 1.0], threads=1,
     )
@@ -88,16 +95,18 @@ def train_config(cfg: FrankToyConfig, steps: int, lr: float, batch_size: int | N
             "warmup_steps": max(1, steps // 20), "seed": cfg.seed, "log_every": max(1, steps // 10)}
 
 
-def mllm_run_config(cfg: FrankToyConfig, base: Path) -> RunConfig:
-    return from_dict(RunConfig, {
-        "model": {"encoder": cfg.encoder, "projector": {"name": "mlp"}, "tokenizer": str(base),
-                  "llm": {"path": str(base), "attn_implementation": "sdpa"}, "template": "plain",
-                  "max_length": cfg.max_length, **cfg.mllm_model},
-        "data": {**dataclasses.asdict(data_config(cfg)), **cfg.mllm_data},
-        "train": {**train_config(cfg, cfg.mllm_steps, cfg.mllm_lr, cfg.mllm_batch_size),
-                  "trainable": ["encoder", "projector", "llm"],
-                  "lr_groups": {} if cfg.mllm_llm_lr is None else {"llm": cfg.mllm_llm_lr}},
-    }, where="frank_toy.mllm")
+def mllm_run_configs(cfg: FrankToyConfig, base: Path) -> list[RunConfig]:
+    """theta_V's phases in order: align (LLM frozen; skipped at 0 steps), then tune (LLM at ``mllm_llm_lr``)."""
+    model = {"encoder": cfg.encoder, "projector": {"name": "mlp"}, "tokenizer": str(base),
+             "llm": {"path": str(base), "attn_implementation": "sdpa"}, "template": "plain",
+             "max_length": cfg.max_length, **cfg.mllm_model}
+    data = {**dataclasses.asdict(data_config(cfg)), **cfg.mllm_data}
+    phases = [("align", cfg.mllm_align_steps, ["encoder", "projector"], {}),
+              ("tune", cfg.mllm_steps, ["encoder", "projector", "llm"],
+               {} if cfg.mllm_llm_lr is None else {"llm": cfg.mllm_llm_lr})]
+    return [from_dict(RunConfig, {"model": model, "data": data, "train": {
+        **train_config(cfg, steps, cfg.mllm_lr, cfg.mllm_batch_size), "trainable": groups, "lr_groups": lr_groups}},
+        where=f"frank_toy.mllm.{name}") for name, steps, groups, lr_groups in phases if steps > 0]
 
 
 def base_corpus(cfg: FrankToyConfig) -> list[str]:

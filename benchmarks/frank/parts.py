@@ -5,7 +5,7 @@
   arithmetic facts, arithmetic questions with direct answers).
 * :func:`finetune_reasoner` -- theta_R: theta_0 fine-tuned on arithmetic chains (answer tokens only).
 * :func:`train_mllm` -- theta_V: vision encoder + projector + a copy of theta_0, trained on ShapesWorld
-  with the LLM's decoder blocks updated.
+  in phases (LLaVA-style: the vision side alone, then with the LLM's decoder blocks at a low rate).
   Both fine-tunes keep theta_0's (tied) embeddings and final norm frozen, so every task vector lives
   in the decoder blocks, the only tensors FRANK (arXiv 2505.16151) defines a rule for; the merges then
   differ only where the methods differ.
@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -70,11 +71,14 @@ class TextCollator:
         return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, IGNORE_INDEX)}
 
 
+HISTORY = "history.json"  # in a training run's folder: the trainer's logged points (loss per log_every steps)
+
+
 def _fit(model: nn.Module, data: Any, collate: Any, train_cfg: Any, run_dir: Path) -> nn.Module:
     from train.trainer import Trainer
 
     trainer = Trainer(model, data, collate, train_cfg, run_dir)
-    trainer.fit()
+    (run_dir / HISTORY).write_text(json.dumps(trainer.fit(), indent=1))
     return trainer.unwrapped()
 
 
@@ -113,21 +117,22 @@ def _no_image(image: Image.Image) -> torch.Tensor:
     raise AssertionError("text-only data holds no image")
 
 
-def train_mllm(cfg: RunConfig, out: Path) -> None:
-    """theta_V: ``cfg.model.llm.path`` = theta_0; encoder, projector and LLM blocks train on ShapesWorld."""
+def train_mllm(phases: Sequence[RunConfig], out: Path) -> None:
+    """theta_V: ``model.llm.path`` = theta_0; each phase trains its groups on ShapesWorld with a fresh
+    optimizer, from where the previous one left the model (run folders ``{out}-0``, ``{out}-1``, ...)."""
     from accelerate.utils import set_seed
 
     from mllm import run
     from train.data.shapesworld import ShapesWorld
 
-    set_seed(cfg.train.seed)
-    tokenizer = run.build_tokenizer_for(cfg)
-    model = run.build_model(cfg, tokenizer)
-    run.freeze(model, cfg)
-    freeze_shared(model.llm)
-    trained = _fit(model, ShapesWorld(cfg.data).split("train"), run.make_collator(model, cfg), cfg.train,
-                   out.parent / f"{out.name}-run")
-    trained.save_pretrained(out)
+    set_seed(phases[0].train.seed)
+    model = run.build_model(phases[0], run.build_tokenizer_for(phases[0]))
+    for i, cfg in enumerate(phases):
+        run.freeze(model, cfg)
+        freeze_shared(model.llm)
+        model = _fit(model, ShapesWorld(cfg.data).split("train"), run.make_collator(model, cfg), cfg.train,
+                     out.parent / f"{out.name}-{i}")
+    model.save_pretrained(out)
 
 
 class TextGenerator:
@@ -152,10 +157,12 @@ class TextGenerator:
 
 def probe_batches(model: Any, images: Sequence[Image.Image], question: str,
                   batch_size: int = 16) -> Iterator[dict[str, torch.Tensor]]:
-    """Probe batches for :func:`mllm.merge.probe.run_probe`: every image with the same question."""
+    """Probe batches for :func:`mllm.merge.probe.run_probe`: every image with the same question, laid out
+    as the model's ``generate`` does (the image before or after the question, as it was trained)."""
     from train.templates import encode_prompt
 
-    row = encode_prompt(model.tokenizer, question, model.template, model.cfg.image_token, model.num_image_tokens)
+    row = encode_prompt(model.tokenizer, question, model.template, model.cfg.image_token, model.num_image_tokens,
+                        model.cfg.image_first)
     for start in range(0, len(images), batch_size):
         chunk = list(images[start:start + batch_size])
         ids = torch.tensor([row] * len(chunk))

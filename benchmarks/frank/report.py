@@ -21,10 +21,11 @@ from common.atomic import atomic_write
 from mllm.config import to_dict
 
 from .config import data_config
-from .parts import TextGenerator
+from .parts import HISTORY, TextGenerator
 
-FRANK_VARIANTS = ("frank", "frank_max", "frank_noprior")
+FRANK_VARIANTS = ("frank", "frank_max", "frank_share", "frank_linear", "frank_noprior")
 TEXT_ONLY = ("reasoner",)
+PROPERTIES = "properties.json"
 
 
 def _tasks(cfg: Any) -> dict[str, Any]:
@@ -89,31 +90,69 @@ def evaluate(cfg: Any, stages: Any, models: dict[str, tuple[Path, str]]) -> dict
 
 
 # --- analysis ---------------------------------------------------------------------------------------
-def _layer_deltas(path: Path, prefix: str, base: dict[str, torch.Tensor], num_layers: int) -> list[torch.Tensor]:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
+def _block_vectors(tensors: dict[str, torch.Tensor], prefix: str, base: dict[str, torch.Tensor],
+                   num_layers: int, minus_base: bool = True) -> list[torch.Tensor]:
+    """Per decoder block, all of its tensors flattened into one vector (minus theta_0's: the task vector)."""
     flat: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
     for name, b in sorted(base.items()):
         if name.startswith("model.layers."):
-            layer = int(name.split(".")[2])
-            flat[layer].append((tensors[prefix + name].float() - b.float()).reshape(-1))
+            t = tensors[prefix + name].double()
+            flat[int(name.split(".")[2])].append((t - b.double() if minus_base else t).reshape(-1))
     return [torch.cat(parts) for parts in flat]
 
 
 def task_vector_layers(base: Path, mllm: Path, reasoner: Path, num_layers: int) -> list[dict[str, float]]:
-    """Per decoder block: ||tau_V||^2, ||tau_R||^2 and cos(tau_V, tau_R) (all block tensors flattened)."""
+    """Per decoder block: ||tau_V||^2, ||tau_R||^2, each relative to ||theta_0||^2 of the block (how small
+    a move each fine-tune is), and cos(tau_V, tau_R) (all block tensors flattened)."""
     from safetensors.torch import load_file
 
     b = load_file(str(base / "model.safetensors"))
-    tv = _layer_deltas(mllm / "model.safetensors", "llm.", b, num_layers)
-    tr = _layer_deltas(reasoner / "model.safetensors", "", b, num_layers)
+    t0 = _block_vectors(b, "", b, num_layers, minus_base=False)
+    tv = _block_vectors(load_file(str(mllm / "model.safetensors")), "llm.", b, num_layers)
+    tr = _block_vectors(load_file(str(reasoner / "model.safetensors")), "", b, num_layers)
     rows = []
-    for layer, (v, r) in enumerate(zip(tv, tr, strict=True)):
-        nv, nr = float(v.double().square().sum()), float(r.double().square().sum())
-        cos = float(v.double() @ r.double()) / math.sqrt(nv * nr) if nv and nr else 0.0
-        rows.append({"layer": layer, "norm_sq_V": nv, "norm_sq_R": nr, "cosine": cos})
+    for layer, (w, v, r) in enumerate(zip(t0, tv, tr, strict=True)):
+        nv, nr, n0 = float(v.square().sum()), float(r.square().sum()), float(w.square().sum())
+        cos = float(v @ r) / math.sqrt(nv * nr) if nv and nr else 0.0
+        rows.append({"layer": layer, "norm_sq_V": nv, "norm_sq_R": nr, "norm_sq_0": n0, "rel_sq_V": nv / n0,
+                     "rel_sq_R": nr / n0, "cosine": cos})
     return rows
+
+
+def loss_curve(run_dir: Path) -> dict[str, Any]:
+    """The trainer's logged loss of a run: first, at 50% / 80% of the steps, last, and the relative drop
+    over the last 20% of the steps (near 0: the loss has flattened)."""
+    points = [(row["step"], row["loss"]) for row in json.loads((run_dir / HISTORY).read_text()) if "loss" in row]
+    steps = points[-1][0]
+
+    def at(frac: float) -> float:
+        return min(points, key=lambda p: abs(p[0] - frac * steps))[1]
+
+    return {"steps": steps, "first": points[0][1], "at_50pct": at(0.5), "at_80pct": at(0.8), "last": points[-1][1],
+            "drop_last_20pct": 1.0 - points[-1][1] / at(0.8)}
+
+
+def properties(cfg: Any, out: Path, models: dict[str, tuple[Path, str]], scores: dict[str, dict[str, Any]]
+               ) -> dict[str, Any]:
+    """What FRANK assumes, measured on the parents before any merge: theta_0 trained until its loss flattens,
+    tau_V and tau_R small (||tau||^2 / ||theta_0||^2 per block) and near-orthogonal, theta_V's visual
+    attention share decaying with depth (image-only probe: every image with one prompt), and theta_V /
+    theta_R good at their tasks. Written to ``properties.json`` in ``out``."""
+    layers = task_vector_layers(out / "base" / "model", models["mllm"][0], models["reasoner"][0], cfg.num_layers)
+    probe = json.loads((out / "probe" / "probe.json").read_text())
+    for row, share in zip(layers, probe["visual_share"], strict=True):
+        row["visual_share"] = share
+    v, r = scores["mllm"], scores["reasoner"]
+    doc = {"base_loss": loss_curve(out / "base" / "model-run"), "layers": layers, "probe_fit": probe.get("fit"),
+           "parents": {"mllm": v, "reasoner": r},
+           "checks": {"mllm_vqa_at_least_0.85": (v["shapesworld_vqa"] or 0.0) >= 0.85,
+                      "mllm_grounding_at_least_0.5": (v["grounding"] or 0.0) >= 0.5,
+                      "max_rel_sq_V": max(row["rel_sq_V"] for row in layers),
+                      "max_rel_sq_R": max(row["rel_sq_R"] for row in layers),
+                      "max_abs_cosine": max(abs(row["cosine"]) for row in layers),
+                      "share_first_over_last": layers[0]["visual_share"] / max(layers[-1]["visual_share"], 1e-12)}}
+    atomic_write(out / PROPERTIES, json.dumps(doc, indent=2))
+    return doc
 
 
 def _mean(row: dict[str, Any]) -> float:
@@ -122,21 +161,25 @@ def _mean(row: dict[str, Any]) -> float:
 
 
 def _goals(models: dict[str, dict[str, Any]], best: str) -> dict[str, Any]:
-    f, v, r, ta = models["frank"], models["mllm"], models["reasoner"], models[best]
+    """Per FRANK variant: the share of theta_V's VQA / grounding and of theta_R's arithmetic it keeps (goal
+    >= 0.9 each) and whether its compositional score beats both parents and the best task arithmetic."""
+    v, r, ta = models["mllm"], models["reasoner"], models[best]
 
     def ratio(a: float | None, b: float | None) -> float | None:
         return None if a is None or not b else a / b
 
-    goals = {
-        "shapesworld_vqa_kept": ratio(f["shapesworld_vqa"], v["shapesworld_vqa"]),
-        "grounding_kept": ratio(f["grounding"], v["grounding"]),
-        "arithmetic_kept": ratio(f["arithmetic"], r["arithmetic"]),
-    }
-    comp = f["compositional"] or 0.0
-    goals["compositional_beats_parents_and_best_ta"] = comp > max(v["compositional"] or 0.0, r["compositional"] or 0.0,
-                                                                   ta["compositional"] or 0.0)
-    goals["met"] = all(x is not None and x >= 0.9 for k, x in goals.items() if k.endswith("_kept")) and \
-        goals["compositional_beats_parents_and_best_ta"]
+    goals: dict[str, Any] = {}
+    for variant in FRANK_VARIANTS:
+        f = models[variant]
+        g: dict[str, Any] = {"shapesworld_vqa_kept": ratio(f["shapesworld_vqa"], v["shapesworld_vqa"]),
+                             "grounding_kept": ratio(f["grounding"], v["grounding"]),
+                             "arithmetic_kept": ratio(f["arithmetic"], r["arithmetic"])}
+        g["compositional_beats_parents_and_best_ta"] = (f["compositional"] or 0.0) > max(
+            v["compositional"] or 0.0, r["compositional"] or 0.0, ta["compositional"] or 0.0)
+        g["met"] = all(x is not None and x >= 0.9 for k, x in g.items() if k.endswith("_kept")) and \
+            g["compositional_beats_parents_and_best_ta"]
+        goals[variant] = g
+    goals["met_by"] = [variant for variant in FRANK_VARIANTS if goals[variant]["met"]]
     return goals
 
 
@@ -145,20 +188,18 @@ def report(cfg: Any, out: Path, models: dict[str, tuple[Path, str]], scores: dic
     """Write frank_toy.json / .md (and plots) into ``out``, copied into ``results`` when given."""
     ta = [n for n in scores if n.startswith("task_arithmetic_")]
     best = max(ta, key=lambda n: _mean(scores[n]))
-    layers = task_vector_layers(out / "base" / "model", models["mllm"][0], models["reasoner"][0], cfg.num_layers)
-    probe = json.loads((out / "probe" / "probe.json").read_text())
+    props = properties(cfg, out, models, scores)
+    layers, probe = props["layers"], json.loads((out / "probe" / "probe.json").read_text())
     frank = {}
     for variant in FRANK_VARIANTS:
         coef = json.loads((models[variant][0] / "frank_coefficients.json").read_text())
         frank[variant] = coef
         for row, c in zip(layers, coef["layers"], strict=True):
             row[f"lambda_V_{variant}"] = c["lambda_V"]
-    for row, share in zip(layers, probe["visual_share"], strict=True):
-        row["visual_share"] = share
     table = {**scores, "task_arithmetic_best": dict(scores[best])}
     doc = {
         "models": table, "task_arithmetic_best": {"model": best, "rule": "highest mean of the four metrics (test set)"},
-        "goals": _goals(table, best), "layers": layers, "probe": probe, "frank": frank,
+        "goals": _goals(table, best), "properties": {k: v for k, v in props.items() if k != "layers"}, "layers": layers, "probe": probe, "frank": frank,
         "stage_seconds": seconds, "wall_seconds": wall,
         "settings": {**to_dict(cfg), "torch_threads": torch.get_num_threads(),
                      "notes": ["theta_V and theta_R keep theta_0's tied embeddings and final norm frozen; merges "
@@ -190,12 +231,15 @@ def markdown(doc: dict[str, Any]) -> str:
                      f"| {_f(r['compositional'])} | {_f(r['compositional_count'])} |")
     lines += ["", f"task_arithmetic_best = {doc['task_arithmetic_best']['model']} "
               f"({doc['task_arithmetic_best']['rule']}); goals: `{json.dumps(doc['goals'])}`", "",
-              "| layer | ‖τ_V‖² | ‖τ_R‖² | cos(τ_V, τ_R) | visual share | λ_V frank | λ_V frank_max | λ_V frank_noprior |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| layer | ‖τ_V‖² / ‖θ0‖² | ‖τ_R‖² / ‖θ0‖² | cos(τ_V, τ_R) | visual share | "
+              + " | ".join(f"λ_V {v}" for v in FRANK_VARIANTS) + " |", "|---" * (5 + len(FRANK_VARIANTS)) + "|"]
     for r in doc["layers"]:
-        lines.append(f"| {r['layer']} | {r['norm_sq_V']:.4g} | {r['norm_sq_R']:.4g} | {r['cosine']:.3f} "
-                     f"| {r['visual_share']:.3f} | {r['lambda_V_frank']:.3f} | {r['lambda_V_frank_max']:.3f} "
-                     f"| {r['lambda_V_frank_noprior']:.3f} |")
+        lines.append(f"| {r['layer']} | {r['rel_sq_V']:.3g} | {r['rel_sq_R']:.3g} | {r['cosine']:.3f} "
+                     f"| {r['visual_share']:.3f} | " + " | ".join(f"{r[f'lambda_V_{v}']:.3f}" for v in FRANK_VARIANTS)
+                     + " |")
+    props = doc["properties"]
+    lines += ["", f"θ0 loss (trainer log): `{json.dumps(props['base_loss'])}`; probe fit: "
+              f"`{json.dumps(props['probe_fit'])}`; checks on the parents: `{json.dumps(props['checks'])}`"]
     lines += ["", "| stage | seconds | cached |", "|---|---|---|"]
     lines += [f"| {k} | {v['seconds']:.1f} | {v['cached']} |" for k, v in doc["stage_seconds"].items()]
     lines += ["", f"Total wall time of this invocation: {doc['wall_seconds']:.0f} s", ""]

@@ -43,11 +43,11 @@ from .config import (
     base_corpus,
     data_config,
     fast_config,
-    mllm_run_config,
+    mllm_run_configs,
     train_config,
 )
 from .parts import finetune_reasoner, pretrain_base, probe_batches, train_mllm
-from .report import evaluate, report
+from .report import evaluate, properties, report
 
 log = logging.getLogger("frank_toy")
 STAGE_FILE = "stage.json"
@@ -92,6 +92,9 @@ def merge_specs(cfg: FrankToyConfig, base: Path, mllm: Path, reasoner: Path, pro
                   "parameters": {"prior": str(probe), "prior_norm": "sum"}},
         "frank_max": {"merge_method": "frank", "base_model": b, "models": [v, r],
                       "parameters": {"prior": str(probe), "prior_norm": "max"}},
+        "frank_share": {"merge_method": "frank", "base_model": b, "models": [v, r],
+                        "parameters": {"prior": str(probe), "prior_norm": "share"}},
+        "frank_linear": {"merge_method": "frank", "base_model": b, "models": [v, r], "parameters": {"prior": "linear"}},
         "frank_noprior": {"merge_method": "frank", "base_model": b, "models": [v, r]},
     }
     for lam in cfg.ta_lambdas:
@@ -164,6 +167,7 @@ def run(cfg: FrankToyConfig, out: Path, results: Path | None = None) -> dict[str
                               lambda f: build_reasoner(cfg, base, f))
     reasoner = reasoner / "model"
     mllm, hv = stages.run("mllm", {"base": hb, "encoder": cfg.encoder, "steps": cfg.mllm_steps, "lr": cfg.mllm_lr,
+                                   "align_steps": cfg.mllm_align_steps,
                                    "llm_lr": cfg.mllm_llm_lr, "images": cfg.train_images, "model": cfg.mllm_model,
                                    "data": cfg.mllm_data, "batch": cfg.mllm_batch_size},
                           lambda f: train_mllm_stage(cfg, base, f))
@@ -171,6 +175,9 @@ def run(cfg: FrankToyConfig, out: Path, results: Path | None = None) -> dict[str
     probe, hp = stages.run("probe", {"mllm": hv, "images": cfg.probe_images, "q": PROBE_QUESTION},
                            lambda f: build_probe(cfg, mllm, f))
     models: dict[str, tuple[Path, str]] = {"mllm": (mllm, hv), "reasoner": (reasoner, hr)}
+    # FRANK's assumptions, measured on the parents before anything is merged
+    props = properties(cfg, out, models, evaluate(cfg, stages, models))
+    log.info("properties of theta_0 / theta_V / theta_R: %s", json.dumps(props["checks"]))
     for name, spec in merge_specs(cfg, base, mllm, reasoner, probe / "probe.json").items():
         folder, h = stages.run(f"merges/{name}", {"spec": spec, "inputs": [hb, hv, hr, hp]},
                                lambda f, s=spec: build_merge(s, mllm, f))
@@ -181,7 +188,7 @@ def run(cfg: FrankToyConfig, out: Path, results: Path | None = None) -> dict[str
 
 
 def train_mllm_stage(cfg: FrankToyConfig, base: Path, folder: Path) -> None:
-    train_mllm(mllm_run_config(cfg, base), folder / "model")
+    train_mllm(mllm_run_configs(cfg, base), folder / "model")
 
 
 def main(argv: list[str] | None = None) -> int:

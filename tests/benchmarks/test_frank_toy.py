@@ -21,7 +21,7 @@ from frank.config import METRICS, fast_config  # benchmarks/frank/ (tests/benchm
 from frank.study import merge_specs, run
 from safetensors.torch import load_file
 
-VARIANTS = ("frank", "frank_max", "frank_noprior")
+VARIANTS = ("frank", "frank_max", "frank_share", "frank_linear", "frank_noprior")
 PACKAGE = Path(__file__).resolve().parents[2] / "benchmarks" / "frank"
 
 
@@ -69,12 +69,18 @@ def test_every_model_is_evaluated_on_its_tasks(toy: tuple[Path, dict]) -> None:
         assert (out / "results" / png).stat().st_size > 1000
 
 
-def _closed_form(share: list[float], norm: str, n_v: list[float], n_r: list[float]) -> list[float]:
-    """lambda_V of FRANK's Eq. 15 with its fitted prior (Eq. 40-45, arXiv 2505.16151), computed independently of mllm.merge."""
+def _prior(share: list[float], norm: str) -> np.ndarray:
+    """w_V(l) of FRANK's fitted prior (Eq. 40-45, arXiv 2505.16151), computed independently of mllm.merge."""
     layers = np.arange(1, len(share) + 1)
-    slope = np.polyfit(layers, np.log(share), 1)[0]  # ln a_l = ln C - alpha l
+    slope, intercept = np.polyfit(layers, np.log(share), 1)  # ln a_l = ln C - alpha l
+    if norm == "share":
+        return np.clip(np.exp(intercept + slope * layers), 0.0, 1.0)  # C e^{-alpha l}
     raw = np.exp(slope * (layers - 1))  # e^{-alpha (l - 1)}
-    w_v = raw / (raw.sum() if norm == "sum" else raw.max())
+    return raw / (raw.sum() if norm == "sum" else raw.max())
+
+
+def _closed_form(w_v: np.ndarray, n_v: list[float], n_r: list[float]) -> list[float]:
+    """lambda_V of Eq. 15."""
     return [float(w * a / (w * a + (1 - w) * b)) for w, a, b in zip(w_v, n_v, n_r, strict=True)]
 
 
@@ -86,9 +92,11 @@ def test_frank_coefficients_are_the_closed_form(toy: tuple[Path, dict], variant:
     n_v, n_r = [r["norm_sq_V"] for r in rows], [r["norm_sq_R"] for r in rows]
     if variant == "frank_noprior":
         expected = [a / (a + b) for a, b in zip(n_v, n_r, strict=True)]  # Eq. 13
+    elif variant == "frank_linear":  # 1 in the first block down to 0 in the last
+        expected = _closed_form(np.linspace(1.0, 0.0, len(rows)), n_v, n_r)
     else:
         share = json.loads((out / "probe" / "probe.json").read_text())["visual_share"]
-        expected = _closed_form(share, "max" if variant == "frank_max" else "sum", n_v, n_r)
+        expected = _closed_form(_prior(share, {"frank": "sum"}.get(variant, variant.removeprefix("frank_"))), n_v, n_r)
     assert [r["lambda_V"] for r in rows] == pytest.approx(expected, rel=1e-6)
     assert [r["lambda_V"] + r["lambda_R"] for r in rows] == pytest.approx([1.0] * len(rows))
     # the saved norms are the checkpoints' per-block ||tau||^2 (computed by the report from the files)
@@ -112,6 +120,36 @@ def test_frank_coefficients_are_the_closed_form(toy: tuple[Path, dict], variant:
     assert torch.equal(v["llm.lm_head.weight"], base["model.embed_tokens.weight"])
     assert torch.equal(v["llm.model.norm.weight"], base["model.norm.weight"])
     assert torch.equal(r["model.norm.weight"], base["model.norm.weight"])
+
+
+def test_the_properties_are_measured_from_the_checkpoints(toy: tuple[Path, dict]) -> None:
+    out, doc = toy
+    cfg = fast_config()
+    props = json.loads((out / "properties.json").read_text())
+    base = load_file(str(out / "base" / "model" / "model.safetensors"))
+    for layer, row in enumerate(props["layers"]):
+        block = [t.double() for n, t in base.items() if n.startswith(f"model.layers.{layer}.")]
+        norm_0 = sum(float(t.square().sum()) for t in block)
+        assert row["rel_sq_V"] == pytest.approx(row["norm_sq_V"] / norm_0, rel=1e-9)
+        assert row["rel_sq_R"] == pytest.approx(row["norm_sq_R"] / norm_0, rel=1e-9)
+    # theta_0's loss curve is the trainer's log: its last point is the last step
+    history = json.loads((out / "base" / "model-run" / "history.json").read_text())
+    losses = [r["loss"] for r in history if "loss" in r]
+    assert props["base_loss"]["steps"] == cfg.base_steps and props["base_loss"]["last"] == losses[-1]
+    assert props["base_loss"]["drop_last_20pct"] == pytest.approx(1 - losses[-1] / props["base_loss"]["at_80pct"])
+    # theta_V trained in two phases (align, then tune), each with its own trainer log
+    for i, steps in enumerate((cfg.mllm_align_steps, cfg.mllm_steps)):
+        rows = json.loads((out / "mllm" / f"model-{i}" / "history.json").read_text())
+        assert rows[-1]["step"] == steps
+    # the align phase left the LLM's blocks at theta_0 (its end checkpoint); the tune phase moved them
+    (aligned,) = (out / "mllm" / "model-0" / "checkpoints").glob("step-*/model.safetensors")
+    aligned_t, final = load_file(str(aligned)), load_file(str(out / "mllm" / "model" / "model.safetensors"))
+    blocks = [n for n in base if n.startswith("model.layers.")]
+    assert all(torch.equal(aligned_t["llm." + n], base[n]) for n in blocks)
+    assert all(not torch.equal(final["llm." + n], base[n]) for n in blocks if n.endswith("proj.weight"))
+    v = doc["models"]["mllm"]
+    assert props["checks"]["mllm_vqa_at_least_0.85"] == (v["shapesworld_vqa"] >= 0.85)
+    assert props["parents"]["mllm"]["grounding"] == v["grounding"]
 
 
 def test_rerun_reuses_every_stage(toy: tuple[Path, dict]) -> None:
