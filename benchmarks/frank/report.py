@@ -3,8 +3,11 @@
 The JSON holds ``{"models": {NAME: {"shapesworld_vqa", "grounding", "arithmetic", "compositional",
 "compositional_count"}}, "task_arithmetic_best": {...}, "layers": [...], "frank": {...}, "goals": {...},
 "stage_seconds": {...}, "settings": {...}}``; a metric a model is not evaluated on (the reasoner has
-no vision) is null. ``layers`` gives, per decoder block, ||tau_V||^2, ||tau_R||^2, their cosine, the
-probe's visual share and each FRANK variant's lambda_V -- the numbers that explain the table.
+no vision) is null. ``layers`` gives, per decoder block, ||tau_V||^2, ||tau_R||^2 (absolute and relative
+to theta_0's ||theta_0||^2), their cosine, the probe's visual share and each FRANK variant's lambda_V -- the
+numbers that explain the table; ``properties`` (also ``properties.json``, written before any merge) checks
+FRANK's assumptions on the parents: theta_0's loss curve, the largest relative move, the visual-share decay
+and the parents' scores.
 """
 
 from __future__ import annotations

@@ -6,8 +6,10 @@ hashes of the stages it reads) matches the one recorded in its ``stage.json``:
 1. ``base``      theta_0 pre-trained from scratch on text of both domains (parts.pretrain_base);
                  its tokenizer is built from both generators' vocabulary texts.
 2. ``reasoner``  theta_R = theta_0 fine-tuned on arithmetic chains.
-3. ``mllm``      theta_V = ViT + projector + copy of theta_0, trained on ShapesWorld.
-4. ``probe``     per-layer visual attention share of theta_V (FRANK's prior, Wei & Chen 2025, arXiv 2505.16151, §3.2.3), JSON + plot.
+3. ``mllm``      theta_V = ViT + projector + copy of theta_0, trained on ShapesWorld: align (LLM frozen),
+                 then tune (LLM at a low rate).
+4. ``probe``     per-layer visual attention share of theta_V (FRANK's prior, Wei & Chen 2025, arXiv 2505.16151, §3.2.3), JSON + plot;
+                 then the parents are evaluated and FRANK's assumptions measured (``properties.json``).
 5. ``merges/*``  theta_V's LLM blocks with theta_R over theta_0 through ``mllm merge`` YAML; vision
                  tower, projector, embeddings and final norm from theta_V (frozen = theta_0's in both
                  fine-tunes): FRANK (fitted prior, sum / max normalisation), FRANK without prior
