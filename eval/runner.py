@@ -9,8 +9,14 @@
 * ``protocol.json`` — prompt version and template, generation kwargs, coordinate convention, ...;
   resuming under a different protocol is refused;
 * ``metrics.json`` (atomic) — the task's metrics, ``main_metric`` (the name of the first, its headline),
-  the reasoning chains counted (``n_chain``, ``n_unterminated``: see ``eval/reasoning.py``) and
-  ``"protocol"``; ``results.md`` — the table.
+  the reasoning chains counted (``n_chain``, ``n_unterminated``: see ``eval/reasoning.py``), ``skipped``
+  and ``"protocol"``; ``results.md`` — the table;
+* ``skipped.jsonl`` — with ``skip_bad``, one ``{"id", "index", "reason"}`` per sample whose image is missing
+  or unreadable: not generated, not scored, counted as ``skipped``. Without it the first such image stops
+  the run with one error naming the file and the sample; the batches before it stay for resume.
+
+Images are read when their batch runs (a stored image of a local HF copy is a reference into its data
+file: :class:`eval.tasks.hf_files.ImageRef`), so planning holds no image in memory.
 
 Under ``accelerate launch`` each process takes a strided shard of the unfinished samples and appends
 to its own ``predictions.rank{r}.jsonl``; rank 0 then gathers all files (shared file system),
@@ -29,6 +35,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,9 +46,12 @@ from tqdm.auto import tqdm
 from common.atomic import atomic_write
 from common.errors import UserError
 from eval.reasoning import EXTRACTION, chain_counts, split_reasoning
-from eval.tasks.base import EvalSample, Task
+from eval.tasks.base import EvalDataError, EvalSample, Task, missing_images_deferred
+from eval.tasks.hf_files import ImageRef, read_images
 
 PREDICTIONS = "predictions.jsonl"
+SKIPPED = "skipped.jsonl"
+RESUMABLE = ("skip_bad",)  # recorded in protocol.json, yet a resumed run may change them (skip what stopped it)
 SYNC_EVERY_S = 10.0  # fsync the predictions at most this often (and at the end); flushed every batch
 SCHEDULE = "by type, longest prompt first"  # the batch order of :func:`schedule`, recorded with the metrics
 
@@ -104,10 +114,12 @@ class Shard:
     samples: list[tuple[int, EvalSample]]  # (position in the task's order, sample)
     path: Path
     n_total: int  # samples in the evaluation (after ``limit``), all processes together
+    skipped_path: Path  # where this process records the samples it skips (``skip_bad``)
 
 
-def predictions_path(out_dir: Path, dist: Dist) -> Path:
-    return out_dir / (PREDICTIONS if dist.world == 1 else f"predictions.rank{dist.rank}.jsonl")
+def predictions_path(out_dir: Path, dist: Dist, name: str = PREDICTIONS) -> Path:
+    """``out_dir/name``, or its ``.rank{r}`` twin when several processes append."""
+    return out_dir / (name if dist.world == 1 else name.replace(".jsonl", f".rank{dist.rank}.jsonl"))
 
 
 def run_protocol(task: Task, cfg: EvalConfig) -> dict[str, Any]:
@@ -154,14 +166,15 @@ def existing_predictions(out_dir: Path) -> list[Path]:
 
 
 def _check_protocol(out_dir: Path, protocol: dict[str, Any], resume: bool) -> None:
-    """Refuse to overwrite finished predictions, or to resume them under another protocol."""
+    """Refuse to overwrite finished predictions, or to resume them under another protocol (the
+    :data:`RESUMABLE` settings aside)."""
     found = existing_predictions(out_dir)
     if found and not resume:
         raise EvalError(f"{found[0]}: predictions exist; resume them (--resume) or choose another output dir")
     path = out_dir / "protocol.json"
     if found and path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
-        changed = sorted(k for k in {*old, *protocol} if old.get(k) != protocol.get(k))
+        changed = sorted(k for k in {*old, *protocol} if old.get(k) != protocol.get(k) and k not in RESUMABLE)
         if changed:
             raise EvalError(
                 f"{path}: cannot resume under a different protocol; changed: "
@@ -171,25 +184,28 @@ def _check_protocol(out_dir: Path, protocol: dict[str, Any], resume: bool) -> No
 
 
 # --- the three steps ----------------------------------------------------------------------------
-def plan_shard(task: Task, cfg: EvalConfig, out_dir: Path, dist: Dist) -> Shard:
+def plan_shard(task: Task, cfg: EvalConfig, out_dir: Path, dist: Dist, skip_bad: bool = False) -> Shard:
     """This process's unfinished samples: skip ids recorded in any predictions file, take every
-    ``world``-th of the rest. Every process must plan before any process writes (see run_task)."""
+    ``world``-th of the rest. Every process must plan before any process writes (see run_task). With
+    ``skip_bad`` a missing image is left for its batch to skip (:func:`missing_images_deferred`)."""
     done = {r["id"] for p in existing_predictions(out_dir) for r in read_records(p)}
     todo: list[tuple[int, EvalSample]] = []
     seen: set[str] = set()
     n_total = 0
-    for index, sample in enumerate(task.samples()):
-        if cfg.limit is not None and index >= cfg.limit:
-            break
-        if sample.id in seen:
-            raise EvalError(f"task {task.name}: duplicate sample id {sample.id!r}")
-        seen.add(sample.id)
-        n_total += 1
-        if sample.id not in done:
-            todo.append((index, sample))
+    with missing_images_deferred() if skip_bad else nullcontext():
+        for index, sample in enumerate(task.samples()):
+            if cfg.limit is not None and index >= cfg.limit:
+                break
+            if sample.id in seen:
+                raise EvalError(f"task {task.name}: duplicate sample id {sample.id!r}")
+            seen.add(sample.id)
+            n_total += 1
+            if sample.id not in done:
+                todo.append((index, sample))
     if n_total == 0:
         raise EvalError(f"task {task.name}: no samples to evaluate (empty data file or split?)")
-    return Shard(todo[dist.rank :: dist.world], predictions_path(out_dir, dist), n_total)
+    return Shard(todo[dist.rank :: dist.world], predictions_path(out_dir, dist), n_total,
+                 predictions_path(out_dir, dist, SKIPPED))
 
 
 Batch = list[tuple[int, EvalSample, str]]  # (position in the task's order, sample, prompt)
@@ -220,10 +236,11 @@ def schedule(task: Task, samples: list[tuple[int, EvalSample]], batch_size: int)
 
 
 def generate_shard(
-    generator: Generator, task: Task, cfg: EvalConfig, shard: Shard, progress: bool = True
+    generator: Generator, task: Task, cfg: EvalConfig, shard: Shard, progress: bool = True, skip_bad: bool = False
 ) -> int:
     """Generate, parse and score the shard batch by batch (:func:`schedule`), appending each batch to
-    ``shard.path``. Returns the number of ``generate`` calls made.
+    ``shard.path``; with ``skip_bad`` a sample whose image cannot be read goes to ``shard.skipped_path``
+    instead. Returns the number of ``generate`` calls made.
     """
     kwargs = generation_kwargs(task, cfg)
     _drop_torn_tail(shard.path)
@@ -232,9 +249,14 @@ def generate_shard(
     with bar, shard.path.open("a", encoding="utf-8") as f:  # the bar closes before an error leaves: it is the last line
         synced = time.monotonic()
         try:
-            for batch in schedule(task, shard.samples, cfg.batch_size):
-                prompts = [prompt for _, _, prompt in batch]
-                outputs = generator.generate([s.load_image() for _, s, _ in batch], prompts, **kwargs)
+            for scheduled in schedule(task, shard.samples, cfg.batch_size):
+                batch, images, skips = batch_images(scheduled, skip_bad)
+                if skips:
+                    _append(shard.skipped_path, skips)
+                    bar.update(len(skips))
+                if not batch:
+                    continue
+                outputs = generator.generate(images, [prompt for _, _, prompt in batch], **kwargs)
                 calls += 1
                 if len(outputs) != len(batch):
                     raise EvalError(f"generate returned {len(outputs)} texts for a batch of {len(batch)}")
@@ -253,6 +275,34 @@ def generate_shard(
     return calls
 
 
+def batch_images(batch: Batch, skip_bad: bool) -> tuple[Batch, list[Image.Image], list[dict[str, Any]]]:
+    """The batch's images, its stored ones read together (:func:`eval.tasks.hf_files.read_images`): the
+    samples kept, their images, and with ``skip_bad`` a ``{"id", "index", "reason"}`` per sample whose image
+    is missing or unreadable (without it that sample's error is raised)."""
+    stored = read_images(s.image for _, s, _ in batch if isinstance(s.image, ImageRef))
+    kept: Batch = []
+    images: list[Image.Image] = []
+    skips: list[dict[str, Any]] = []
+    for item in batch:
+        index, sample, _ = item
+        try:
+            got = stored.get(sample.image) if isinstance(sample.image, ImageRef) else None
+            if isinstance(got, EvalDataError):
+                raise EvalDataError(f"{got} (sample {sample.id!r})")
+            images.append(sample.load_image(got))
+            kept.append(item)
+        except EvalDataError as err:
+            if not skip_bad:
+                raise
+            skips.append({"id": sample.id, "index": index, "reason": str(err)})
+    return kept, images, skips
+
+
+def _append(path: Path, records: list[dict[str, Any]]) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
 def _record(task: Task, index: int, sample: EvalSample, prompt: str, text: str) -> dict[str, Any]:
     """The sample's record: the raw ``prediction``, the ``answer`` the task parses (the text after any
     reasoning chain, :func:`eval.reasoning.split_reasoning`) and the ``chain`` status."""
@@ -265,30 +315,44 @@ def _record(task: Task, index: int, sample: EvalSample, prompt: str, text: str) 
     }
 
 
-def gather(task: Task, cfg: EvalConfig, out_dir: Path, n_total: int, processes: int = 1) -> dict[str, Any]:
-    """Merge every predictions file (first record of an id wins), write ``predictions.jsonl`` in task
-    order, compute the metrics (with the number of ``processes`` that generated them), write
-    ``metrics.json`` and ``results.md``. Rank 0 only."""
-    files = existing_predictions(out_dir)
+def _merge(files: list[Path], target: Path, drop: set[str] = frozenset()) -> list[dict[str, Any]]:
+    """The records of ``files`` (first of an id wins, ids in ``drop`` left out) in task order, written to
+    ``target``, the other files removed."""
     by_id: dict[str, dict[str, Any]] = {}
     for path in files:
         for r in read_records(path):
             by_id.setdefault(r["id"], r)
-    merged = sorted(by_id.values(), key=lambda r: r["index"])
-    # Records past a smaller ``limit`` stay in the file (never lose a finished sample) but not in the metrics.
-    records = [r for r in merged if cfg.limit is None or r["index"] < cfg.limit]
-    if len(records) != n_total:
-        raise EvalError(f"{out_dir}: {len(records)} predictions for {n_total} samples; rerun with resume")
-    target = out_dir / PREDICTIONS
+    merged = sorted((r for r in by_id.values() if r["id"] not in drop), key=lambda r: r["index"])
     atomic_write(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged))
     for path in files:
         if path != target:
             path.unlink()
+    return merged
+
+
+def gather(
+    task: Task, cfg: EvalConfig, out_dir: Path, n_total: int, processes: int = 1, skip_bad: bool = False
+) -> dict[str, Any]:
+    """Merge every predictions file, and every skipped file less the samples predicted since, each in task
+    order; compute the metrics (with the number of ``processes`` that generated them), write
+    ``metrics.json`` and ``results.md``. Rank 0 only."""
+    merged = _merge(existing_predictions(out_dir), out_dir / PREDICTIONS)
+    skip_files = sorted(out_dir.glob("skipped*.jsonl"))
+    skipped = _merge(skip_files, out_dir / SKIPPED, {r["id"] for r in merged}) if skip_files else []
+    # Records past a smaller ``limit`` stay in the file (never lose a finished sample) but not in the metrics.
+    records, skipped = ([r for r in rs if cfg.limit is None or r["index"] < cfg.limit] for rs in (merged, skipped))
+    if len(records) + len(skipped) != n_total:
+        raise EvalError(f"{out_dir}: {len(records)} predictions for {n_total} samples ({len(skipped)} skipped); "
+                        "rerun with resume")
+    if not records:
+        raise EvalError(f"{out_dir}: all {n_total} samples skipped (see {SKIPPED}); nothing to score")
     scores = task.aggregate(records)
     metrics = {
         "task": task.name, **scores, "main_metric": next(iter(scores)), **chain_counts(records),
+        "skipped": len(skipped),
         "protocol": {
             **run_protocol(task, cfg), "batch_size": cfg.batch_size, "batch_order": SCHEDULE, "limit": cfg.limit,
+            "skip_bad": skip_bad,
         },
         "processes": processes,
     }
@@ -299,25 +363,26 @@ def gather(task: Task, cfg: EvalConfig, out_dir: Path, n_total: int, processes: 
 
 def run_task(
     generator: Generator, task: Task, cfg: EvalConfig, out_dir: str | Path, resume: bool = False,
-    dist: Dist | None = None, progress: bool = True,
+    dist: Dist | None = None, progress: bool = True, skip_bad: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``generator`` on ``task``; returns the metrics on rank 0 (``{}`` on other ranks).
 
     ``dist`` defaults to the accelerate process state, so the same call runs one process or many.
+    ``skip_bad``: skip and record a sample whose image is missing or unreadable (see the module doc).
     """
     dist = dist if dist is not None else Dist.from_accelerate()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
-        _check_protocol(out_dir, run_protocol(task, cfg), resume)
+        _check_protocol(out_dir, {**run_protocol(task, cfg), "skip_bad": skip_bad}, resume)
     dist.barrier()
-    shard = plan_shard(task, cfg, out_dir, dist)
+    shard = plan_shard(task, cfg, out_dir, dist, skip_bad)
     dist.barrier()  # every process has planned before any appends: the shards stay disjoint
-    generate_shard(generator, task, cfg, shard, progress=progress and dist.is_main)
+    generate_shard(generator, task, cfg, shard, progress=progress and dist.is_main, skip_bad=skip_bad)
     dist.barrier()
     if not dist.is_main:
         return {}
-    metrics = gather(task, cfg, out_dir, shard.n_total, processes=dist.world)
+    metrics = gather(task, cfg, out_dir, shard.n_total, processes=dist.world, skip_bad=skip_bad)
     print(format_table(metrics))
     return metrics
 

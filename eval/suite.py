@@ -19,18 +19,20 @@ from eval.runner import Dist, EvalConfig, Generator, fmt_value, run_task
 from eval.tasks.base import Task
 
 SUMMARY = "results.json"
-SUMMARY_FIELDS = ("n", "n_chain", "n_unterminated")  # copied from each task's metrics beside its headline
+SUMMARY_FIELDS = ("n", "n_chain", "n_unterminated", "skipped")  # copied from each task's metrics beside its headline
 
 
 def run_tasks(
     generator: Generator, tasks: Mapping[str, tuple[Task, EvalConfig]], out_dir: str | Path, resume: bool = False,
-    dist: Dist | None = None, progress: bool = True,
+    dist: Dist | None = None, progress: bool = True, skip_bad: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate ``generator`` on every task, each with its runner settings, into ``out_dir/NAME``; write the
-    summary (``results.json``, ``results.md``). Returns ``{name: metrics}`` on rank 0 (``{}`` elsewhere)."""
+    summary (``results.json``, ``results.md``). Returns ``{name: metrics}`` on rank 0 (``{}`` elsewhere).
+    ``skip_bad``: each task skips and records its samples whose image is missing or unreadable."""
     dist = dist if dist is not None else Dist.from_accelerate()
     out_dir = Path(out_dir)
-    metrics = {name: run_task(generator, task, cfg, out_dir / name, resume=resume, dist=dist, progress=progress)
+    metrics = {name: run_task(generator, task, cfg, out_dir / name, resume=resume, dist=dist, progress=progress,
+                              skip_bad=skip_bad)
                for name, (task, cfg) in tasks.items()}
     if not dist.is_main:
         return {}
@@ -42,7 +44,7 @@ def run_tasks(
 
 
 def summarise(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """``{"tasks": {name: {"metric", "value", "n", "n_chain", "n_unterminated", "dir"}}}`` from each
+    """``{"tasks": {name: {"metric", "value", "n", "n_chain", "n_unterminated", "skipped", "dir"}}}`` from each
     task's metrics (as :func:`eval.runner.gather` returns them)."""
     rows = {}
     for name, m in metrics.items():
@@ -53,8 +55,9 @@ def summarise(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
 
 def summary_table(summary: Mapping[str, Any]) -> str:
     """Markdown: one row per task with its headline metric."""
-    lines = ["## summary", "", "| task | metric | value | n | chains | unterminated |", "|---|---|---|---|---|---|"]
+    lines = ["## summary", "", "| task | metric | value | n | chains | unterminated | skipped |",
+             "|---|---|---|---|---|---|---|"]
     for name, row in summary["tasks"].items():
         lines.append(f"| {name} | {row['metric']} | {fmt_value(row['value'])} | {row['n']} | {row['n_chain']} "
-                     f"| {row['n_unterminated']} |")
+                     f"| {row['n_unterminated']} | {row['skipped']} |")
     return "\n".join(lines) + "\n"

@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "as n_unterminated in metrics.json")
     ev.add_argument("--limit", type=_positive, default=None, help="evaluate the first N samples only")
     ev.add_argument("--resume", action="store_true", help="keep finished samples of an interrupted run")
+    ev.add_argument("--skip-bad", action="store_true",
+                    help="skip a sample whose image is missing or unreadable: not scored, counted as 'skipped' in "
+                    "metrics.json and listed with the reason in skipped.jsonl (default: the first such image stops "
+                    "the run naming the file and sample; the finished batches stay for --resume)")
     _add_placement(ev)
 
     chat = sub.add_parser("chat", help="one answer to a question about an image")
@@ -178,8 +182,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     from mllm import run
 
     shared = {"options": args.options, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
-              "limit": args.limit, "resume": args.resume, "device": args.device, "dtype": args.dtype,
-              "device_map": args.device_map}
+              "limit": args.limit, "resume": args.resume, "skip_bad": args.skip_bad, "device": args.device,
+              "dtype": args.dtype, "device_map": args.device_map}
     if args.tasks:
         run.evaluate_tasks(Path(args.checkpoint), args.tasks, Path(args.out), data=args.data, images=args.images,
                            **shared)

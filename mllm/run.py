@@ -212,8 +212,8 @@ def evaluate_model(
 def evaluate_checkpoint(
     checkpoint: Path, task: str, out_dir: Path, *, data: str | None = None, images: str | None = None,
     options: list[str] | None = None, batch_size: int | None = None, max_new_tokens: int | None = None,
-    limit: int | None = None, resume: bool = False, device: str | None = None, dtype: str | None = None,
-    device_map: str | None = None,
+    limit: int | None = None, resume: bool = False, skip_bad: bool = False, device: str | None = None,
+    dtype: str | None = None, device_map: str | None = None,
 ) -> dict[str, Any]:
     """``mllm eval --task NAME``: a saved checkpoint on one registered task, resumable, written to ``out_dir``.
 
@@ -236,14 +236,14 @@ def evaluate_checkpoint(
                             lambda: checkpoint_scenes(checkpoint, task))
     cfg = _eval_config(batch_size, max_new_tokens, limit)
     model = load_generator(checkpoint, device=device, dtype=dtype, device_map=device_map)
-    return run_task(model, _Placed(built, placement(model)), cfg, out_dir, resume=resume)
+    return run_task(model, _Placed(built, placement(model)), cfg, out_dir, resume=resume, skip_bad=skip_bad)
 
 
 def evaluate_tasks(
     checkpoint: Path, tasks: list[str], out_dir: Path, *, data: list[str] | None = None,
     images: list[str] | None = None, options: list[str] | None = None, batch_size: int | None = None,
-    max_new_tokens: int | None = None, limit: int | None = None, resume: bool = False, device: str | None = None,
-    dtype: str | None = None, device_map: str | None = None,
+    max_new_tokens: int | None = None, limit: int | None = None, resume: bool = False, skip_bad: bool = False,
+    device: str | None = None, dtype: str | None = None, device_map: str | None = None,
 ) -> dict[str, Any]:
     """``mllm eval --tasks a,b``: every task with one model load, each into ``out_dir/NAME`` (resumable as
     :func:`evaluate_checkpoint`), then ``out_dir/results.json`` and ``results.md`` (:mod:`eval.suite`).
@@ -262,7 +262,8 @@ def evaluate_tasks(
     cfg = _eval_config(batch_size, max_new_tokens, limit)
     model = load_generator(checkpoint, device=device, dtype=dtype, device_map=device_map)
     where = placement(model)
-    return run_tasks(model, {name: (_Placed(task, where), cfg) for name, task in built.items()}, out_dir, resume=resume)
+    return run_tasks(model, {name: (_Placed(task, where), cfg) for name, task in built.items()}, out_dir, resume=resume,
+                     skip_bad=skip_bad)
 
 
 def _check_model_folder(checkpoint: Path) -> None:

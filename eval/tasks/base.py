@@ -19,6 +19,8 @@ import io
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
@@ -35,24 +37,78 @@ class EvalDataError(UserError, ValueError):
     """A benchmark file is missing or malformed; the message names the file and the field."""
 
 
+# Set while the runner plans a ``skip_bad`` run: a task building its samples then leaves a missing image to
+# the sample's batch, which skips it, instead of failing the whole task before any generation.
+_MISSING_DEFERRED: ContextVar[bool] = ContextVar("missing_images_deferred", default=False)
+
+
+@contextmanager
+def missing_images_deferred() -> Iterator[None]:
+    """Samples built inside keep a missing image (:func:`image_file`, :func:`missing_image`) and fail when
+    their batch loads it."""
+    token = _MISSING_DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _MISSING_DEFERRED.reset(token)
+
+
+@dataclass(frozen=True)
+class MissingImage:
+    """The image of a sample built under :func:`missing_images_deferred` that is not there: ``reason``
+    names the file and the record."""
+
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason
+
+    def read(self) -> bytes:
+        raise EvalDataError(self.reason)
+
+
+def missing_image(reason: str) -> MissingImage:
+    """A missing image: an error naming the file and record, or under :func:`missing_images_deferred` a
+    :class:`MissingImage` that fails when its batch loads it."""
+    if not _MISSING_DEFERRED.get():
+        raise EvalDataError(reason)
+    return MissingImage(reason)
+
+
+@runtime_checkable
+class StoredImage(Protocol):
+    """An encoded image left in a data file (a row of a local HF copy), read when its sample's batch runs;
+    ``str()`` names where it lies."""
+
+    def read(self) -> bytes: ...
+
+
 @dataclass(frozen=True)
 class EvalSample:
     """One question about one image. ``reference`` and ``meta`` must be JSON-serialisable."""
 
     id: str
-    image: Image.Image | Path | bytes  # in memory, a file or encoded bytes, decoded when its batch runs
+    image: Image.Image | Path | bytes | StoredImage  # in memory, a file, encoded bytes or a stored image
     question: str
     reference: Any
     type: str = "all"  # the row of the per-type table this sample counts in
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def load_image(self) -> Image.Image:
+    def load_image(self, stored: bytes | None = None) -> Image.Image:
+        """The image, decoded to RGB. ``stored``: the bytes of a stored image when its batch has read them
+        already; else it is read now. A missing or unreadable image raises naming the file and the sample."""
         if isinstance(self.image, Image.Image):
             return self.image.convert("RGB")
-        source = io.BytesIO(self.image) if isinstance(self.image, bytes) else self.image
-        where = "embedded image" if isinstance(self.image, bytes) else str(self.image)
+        if isinstance(self.image, (bytes, Path)):
+            data, where = self.image, "embedded image" if isinstance(self.image, bytes) else str(self.image)
+        else:
+            where = str(self.image)
+            try:
+                data = stored if stored is not None else self.image.read()
+            except EvalDataError as err:
+                raise EvalDataError(f"{err} (sample {self.id!r})") from err
         try:
-            with Image.open(source) as img:
+            with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
                 return img.convert("RGB")
         except (OSError, ValueError) as err:
             raise EvalDataError(f"{where}: cannot read the image of sample {self.id!r}: {err}") from err
@@ -203,10 +259,11 @@ def image_dir(images: str | None, default: str | Path, what: str) -> Path:
 
 
 def image_file(folder: Path, name: str, where: str) -> Path:
-    """``folder / name``, which must exist: a missing image fails before any generation starts."""
+    """``folder / name``, which must exist: a missing image fails before any generation starts (under
+    :func:`missing_images_deferred`, when its batch loads it)."""
     path = folder / name
     if not path.is_file():
-        raise EvalDataError(f"{where}: image {path} not found")
+        missing_image(f"{where}: image {path} not found")
     return path
 
 

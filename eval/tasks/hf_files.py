@@ -10,19 +10,134 @@ large image column is never held whole:
 
 A hub snapshot's ``data/`` folder holds every split (``val-*`` and ``test-*``): :func:`split_files` picks
 one split's shards by that file-name prefix. An ``Image`` column arrives undecoded, as
-``{"bytes": ..., "path": ...}``; :func:`image_bytes` takes the encoded bytes out of it.
+``{"bytes": ..., "path": ...}``, and its bytes stay in the file: each row holds an :class:`ImageRef` in their
+place (file, row group or record batch, row, column), which :func:`image_bytes` takes out and the runner
+reads with the sample's batch (:func:`read_images`), so a benchmark's sample list holds no image.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
-from eval.tasks.base import ConfigT, EvalDataError, EvalSample, FileTask
+from eval.tasks.base import ConfigT, EvalDataError, EvalSample, FileTask, MissingImage, missing_image
 
 _BATCH_ROWS = 64  # rows decoded from Arrow at a time
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where one embedded image lies in a local HF copy: read when its batch runs, not when its sample is built.
+
+    ``chunk`` is the parquet row group, or the record batch of a ``save_to_disk`` Arrow stream; ``row`` the
+    row within it; ``item`` the position in a list-of-images column (SEED-Bench's ``image``), else None.
+    """
+
+    file: str
+    layout: str  # "parquet" or "arrow"
+    chunk: int
+    row: int
+    column: str
+    item: int | None = None
+
+    def __str__(self) -> str:
+        unit = "row group" if self.layout == "parquet" else "record batch"
+        item = "" if self.item is None else f"[{self.item}]"
+        return f"{self.file}: {unit} {self.chunk} row {self.row} column {self.column}{item}"
+
+    def read(self) -> bytes:
+        got = read_images([self])[self]
+        if isinstance(got, EvalDataError):
+            raise got
+        return got
+
+
+def read_images(refs: Iterable[ImageRef]) -> dict[ImageRef, bytes | EvalDataError]:
+    """The encoded bytes of each reference, or the error naming why it cannot be read. The refs of one
+    chunk and column are read together: parquet decodes a row group's column whole, so a batch reads
+    each chunk it touches once."""
+    chunks: dict[tuple[str, str, int, str], list[ImageRef]] = defaultdict(list)
+    for ref in refs:
+        chunks[ref.file, ref.layout, ref.chunk, ref.column].append(ref)
+    out: dict[ImageRef, bytes | EvalDataError] = {}
+    for (file, layout, chunk, column), group in chunks.items():
+        try:
+            values = _read_chunk(Path(file), layout, chunk, column)
+        except EvalDataError as err:
+            out.update((ref, err) for ref in group)
+            continue
+        for ref in group:
+            value = values[ref.row].as_py() if ref.row < len(values) else None
+            if ref.item is not None:
+                value = value[ref.item] if isinstance(value, list) and ref.item < len(value) else None
+            data = value.get("bytes") if isinstance(value, Mapping) else None
+            out[ref] = data if isinstance(data, bytes) and data else EvalDataError(f"{ref}: no embedded image there")
+    return out
+
+
+def _read_chunk(path: Path, layout: str, chunk: int, column: str) -> Any:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        if layout == "parquet":
+            return pq.ParquetFile(path).read_row_group(chunk, columns=[column]).column(0).combine_chunks()
+        with pa.memory_map(str(path)) as source:
+            for k, batch in enumerate(pa.ipc.open_stream(source)):
+                if k == chunk:
+                    return batch.column(column)
+    except (pa.ArrowException, OSError, KeyError) as err:
+        raise EvalDataError(f"{path}: cannot read {column!r} of chunk {chunk}: {err}") from err
+    raise EvalDataError(f"{path}: no record batch {chunk}")
+
+
+def _is_image(kind: Any) -> bool:
+    """An HF ``Image`` column's storage: ``struct<bytes: binary, path: string>``."""
+    import pyarrow as pa
+
+    names = {kind.field(i).name for i in range(kind.num_fields)} if pa.types.is_struct(kind) else set()
+    return names == {"bytes", "path"} and (pa.types.is_binary(kind.field("bytes").type)
+                                           or pa.types.is_large_binary(kind.field("bytes").type))
+
+
+def _image_values(images: Any, places: list[tuple[int, int | None]], column: str, ref: Any) -> list[Any]:
+    """``{"bytes": ImageRef | None, "path": ...}`` per value of a struct image array (None where null);
+    ``places[j]`` is value ``j``'s (row, item). Only sizes and paths are read, never the bytes."""
+    import pyarrow.compute as pc
+
+    names = [images.type.field(i).name for i in range(images.type.num_fields)]
+    fields = dict(zip(names, images.flatten(), strict=True))
+    sizes = pc.binary_length(fields["bytes"]).to_pylist()
+    paths = fields["path"].to_pylist()
+    valid = images.is_valid().to_pylist()
+    return [{"bytes": ref(row, column, item) if size else None, "path": path} if ok else None
+            for (row, item), size, path, ok in zip(places, sizes, paths, valid, strict=True)]
+
+
+def _lazy_rows(batch: Any, ref: Any) -> list[dict[str, Any]]:
+    """``batch.to_pylist()`` with every image column's bytes left in the file: each HF ``Image`` value
+    (also inside a list column) becomes ``{"bytes": ImageRef, "path": ...}``, ``ref(row, column, item)``
+    making the reference, so building a benchmark's samples holds no encoded image."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    lazy = {}
+    for name, col in zip(batch.schema.names, batch.columns, strict=True):
+        if _is_image(col.type):
+            lazy[name] = _image_values(col, [(j, None) for j in range(len(col))], name, ref)
+        elif pa.types.is_list(col.type) and _is_image(col.type.value_type):
+            lengths = pc.list_value_length(col).to_pylist()
+            places = [(j, k) for j, n in enumerate(lengths) for k in range(n or 0)]
+            flat = _image_values(col.flatten(), places, name, ref)
+            starts = [0, *accumulate(n or 0 for n in lengths)]
+            lazy[name] = [None if n is None else flat[starts[j]:starts[j] + n] for j, n in enumerate(lengths)]
+    rows = batch.drop_columns(list(lazy)).to_pylist() if lazy else batch.to_pylist()
+    return [{k: lazy[k][j] if k in lazy else row[k] for k in batch.schema.names} for j, row in enumerate(rows)]
 
 
 def _parquet_rows(path: Path) -> Iterator[dict[str, Any]]:
@@ -30,8 +145,13 @@ def _parquet_rows(path: Path) -> Iterator[dict[str, Any]]:
     import pyarrow.parquet as pq
 
     try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS):
-            yield from batch.to_pylist()
+        parquet = pq.ParquetFile(path)
+        for group in range(parquet.num_row_groups):
+            start = 0
+            for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, row_groups=[group]):
+                yield from _lazy_rows(batch, lambda j, col, item, g=group, s=start: ImageRef(
+                    str(path), "parquet", g, s + j, col, item))
+                start += batch.num_rows
     except (pa.ArrowException, OSError) as err:
         raise EvalDataError(f"{path}: not a readable parquet file: {err}") from err
 
@@ -52,9 +172,10 @@ def _arrow_rows(path: Path) -> Iterator[dict[str, Any]]:
 
     try:
         with pa.memory_map(str(path)) as source:
-            for batch in pa.ipc.open_stream(source):
+            for k, batch in enumerate(pa.ipc.open_stream(source)):
                 for start in range(0, batch.num_rows, _BATCH_ROWS):
-                    yield from batch.slice(start, _BATCH_ROWS).to_pylist()
+                    yield from _lazy_rows(batch.slice(start, _BATCH_ROWS), lambda j, col, item, k=k, s=start: ImageRef(
+                        str(path), "arrow", k, s + j, col, item))
     except (pa.ArrowException, OSError) as err:
         raise EvalDataError(f"{path}: not a readable Arrow file of a save_to_disk folder: {err}") from err
 
@@ -118,15 +239,17 @@ def revision_files(path: Path, split: str) -> list[str]:
     return files
 
 
-def image_bytes(value: Any, where: str) -> bytes:
-    """The encoded image of an HF ``Image`` column value: ``{"bytes": ..., "path": ...}`` or raw bytes."""
-    if isinstance(value, Mapping) and isinstance(value.get("bytes"), bytes) and value["bytes"]:
+def image_bytes(value: Any, where: str) -> bytes | ImageRef | MissingImage:
+    """The encoded image of an HF ``Image`` column value: ``{"bytes": ..., "path": ...}`` or raw bytes. Read
+    by :func:`read_rows`, the bytes are an :class:`ImageRef`, read when the sample's batch runs. No embedded
+    image is a missing image (:func:`eval.tasks.base.missing_image`)."""
+    if isinstance(value, Mapping) and isinstance(value.get("bytes"), (bytes, ImageRef)) and value["bytes"]:
         return value["bytes"]
     if isinstance(value, bytes) and value:
         return value
     if isinstance(value, Mapping) and value.get("path"):
-        raise EvalDataError(f"{where}: the image is stored by path only ({value['path']!r}), not embedded")
-    raise EvalDataError(f"{where}: expected an embedded image ({{'bytes': ...}} or bytes), got {type(value).__name__}")
+        return missing_image(f"{where}: the image is stored by path only ({value['path']!r}), not embedded")
+    return missing_image(f"{where}: expected an embedded image ({{'bytes': ...}} or bytes), got {type(value).__name__}")
 
 
 class HFCopyTask(FileTask[ConfigT]):

@@ -4,29 +4,83 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hf_rows import hf_image, png, save_to_disk, write_parquet
 
-from eval.tasks.base import EvalDataError
-from eval.tasks.hf_files import image_bytes, is_hf_copy, read_rows, read_split, revision_files
+from eval.tasks.base import EvalDataError, EvalSample
+from eval.tasks.hf_files import (
+    ImageRef,
+    image_bytes,
+    is_hf_copy,
+    read_images,
+    read_rows,
+    read_split,
+    revision_files,
+)
 
 ROWS = [{"question_id": i, "question": f"q{i}", "image": hf_image(png((10 * i, 0, 0)))} for i in range(5)]
 
 
+def resolved(value: Any) -> Any:
+    """``value`` with every :class:`ImageRef` read back into its bytes."""
+    if isinstance(value, ImageRef):
+        return value.read()
+    if isinstance(value, dict):
+        return {k: resolved(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolved(v) for v in value]
+    return value
+
+
 def test_parquet_file_and_sorted_shards_give_the_rows_in_order(tmp_path: Path) -> None:
     one = write_parquet(ROWS, tmp_path / "one", "test")
-    assert list(read_rows(one / "test-00000-of-00001.parquet")) == ROWS
+    assert resolved(list(read_rows(one / "test-00000-of-00001.parquet"))) == ROWS
     many = write_parquet(ROWS, tmp_path / "many", "test", shards=3)
-    assert list(read_rows(many)) == ROWS  # shard files read in sorted order
-    assert list(read_rows(tmp_path / "many")) == ROWS  # found recursively under the snapshot folder
+    assert resolved(list(read_rows(many))) == ROWS  # shard files read in sorted order
+    assert resolved(list(read_rows(tmp_path / "many"))) == ROWS  # found recursively under the snapshot folder
 
 
 def test_save_to_disk_folder_gives_the_same_rows(tmp_path: Path) -> None:
     folder = save_to_disk(ROWS, tmp_path / "saved")
     rows = list(read_rows(folder))
     assert [r["question_id"] for r in rows] == [0, 1, 2, 3, 4]
-    assert [image_bytes(r["image"], "x") for r in rows] == [r["image"]["bytes"] for r in ROWS]
+    assert [image_bytes(r["image"], "x").read() for r in rows] == [r["image"]["bytes"] for r in ROWS]
+
+
+def test_rows_hold_references_that_read_back_their_own_image(tmp_path: Path) -> None:
+    """150 rows in row groups of 40 (and Arrow batches of 64 within them): each reference names its row group
+    and row, and a batch's references read back each row's image, also from a list-of-images column."""
+    rows = [{"id": i, "image": hf_image(png((i, 0, 0))), "images": [hf_image(png((i, k, 0))) for k in range(i % 3)]}
+            for i in range(150)]
+    rows[7]["image"] = {"bytes": None, "path": "on/disk.png"}
+    rows[8]["images"] = None
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=40)
+    got = list(read_rows(path))
+    assert got[45]["image"]["bytes"] == ImageRef(str(path), "parquet", 1, 5, "image")
+    assert got[5]["images"][1]["bytes"] == ImageRef(str(path), "parquet", 0, 5, "images", 1)
+    assert got[7]["image"] == {"bytes": None, "path": "on/disk.png"} and got[8]["images"] is None
+    refs = [r["image"]["bytes"] for r in got if r["id"] != 7] + [v["bytes"] for r in got if r["images"] for v in r["images"]]
+    read = read_images(refs)
+    assert resolved(got) == rows and [read[r] for r in refs] == [resolved(r) for r in refs]
+    saved = list(read_rows(save_to_disk(rows[10:90], tmp_path / "saved", ("image",))))
+    assert saved[70]["image"]["bytes"] == ImageRef(str(tmp_path / "saved" / "data-00000-of-00001.arrow"), "arrow", 0, 70,
+                                                   "image")
+    assert resolved(saved) == rows[10:90]
+
+
+def test_a_reference_that_cannot_be_read_names_the_file_and_sample(tmp_path: Path) -> None:
+    write_parquet(ROWS, tmp_path, "test")
+    ref = image_bytes(next(iter(read_rows(tmp_path / "data")))["image"], "x")
+    (tmp_path / "data" / "test-00000-of-00001.parquet").write_bytes(b"gone")
+    assert isinstance(read_images([ref])[ref], EvalDataError)
+    sample = EvalSample(id="q0", image=ref, question="?", reference="a")
+    with pytest.raises(EvalDataError, match=r"test-00000-of-00001\.parquet: cannot read 'image' .*\(sample 'q0'\)"):
+        sample.load_image()
 
 
 def test_bad_paths_name_the_file(tmp_path: Path) -> None:

@@ -84,7 +84,7 @@ def test_several_tasks_load_once_and_match_separate_runs(checkpoint: Path, tmp_p
         metrics = _json(alone / "metrics.json")
         row = summary["tasks"][task]
         assert row == {"metric": metrics["main_metric"], "value": metrics[metrics["main_metric"]], "n": metrics["n"],
-                       "n_chain": 0, "n_unterminated": 0, "dir": task}
+                       "n_chain": 0, "n_unterminated": 0, "skipped": 0, "dir": task}
         assert f"| {task} | {row['metric']} |" in (together / "results.md").read_text()
     assert [summary["tasks"][t]["metric"] for t in TASKS] == ["vqa_accuracy", "accuracy", "accuracy"]
     assert [summary["tasks"][t]["n"] for t in TASKS] == [12, 3, 2]
@@ -153,13 +153,38 @@ def test_file_tasks_need_their_data_and_one_task_takes_one_file(
     assert "not allowed with argument" in err and "distinct task names" in err and "unknown eval task 'nope'" in err
 
 
+def test_skip_bad_skips_a_corrupt_image_in_each_mode(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, images = _pope(tmp_path / "pope", corrupt_second=True)
+    argv = ["eval", str(checkpoint), *RUN[:2], "--batch-size", "1", "--device", "cpu"]
+    strict = tmp_path / "strict"
+    assert cli.main([*argv, "--task", "pope", "--data", data, "--images", images, "--out", str(strict)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.search(r"val2014/b\.jpg: cannot read the image of sample .random-2.", err[-1])  # the last line
+    assert [r["id"] for r in map(json.loads, (strict / "predictions.jsonl").read_text().splitlines())] == ["random-1"]
+
+    out = tmp_path / "out"
+    assert cli.main([*argv, "--tasks", "arithmetic,pope", "--opt", "arithmetic.test_size=3", "--data", f"pope={data}",
+                     "--images", f"pope={images}", "--skip-bad", "--out", str(out)]) == 0
+    summary = _json(out / "results.json")["tasks"]
+    assert (summary["pope"]["n"], summary["pope"]["skipped"], summary["arithmetic"]["skipped"]) == (1, 1, 0)
+    (skipped,) = map(json.loads, (out / "pope" / "skipped.jsonl").read_text().splitlines())
+    assert skipped["id"] == "random-2" and "b.jpg" in skipped["reason"]
+    assert _json(out / "pope" / "protocol.json")["skip_bad"] is True
+    assert not (out / "arithmetic" / "skipped.jsonl").exists()
+
+
 # --- train.eval_tasks: any list of tasks evaluated during training ---------------------------------------
-def _pope(root: Path) -> tuple[str, str]:
-    """A two-question POPE file in the release format and its image folder."""
+def _pope(root: Path, corrupt_second: bool = False) -> tuple[str, str]:
+    """A two-question POPE file in the release format and its image folder (the second image not an image
+    with ``corrupt_second``)."""
     (root / "val2014").mkdir(parents=True)
     Image.new("RGB", (16, 16), (0, 90, 0)).save(root / "val2014" / "a.jpg")
+    (root / "val2014" / "b.jpg").write_bytes(b"not a jpeg")
     rows = [{"question_id": 1, "image": "a.jpg", "text": "Is there a dog in the image?", "label": "yes"},
-            {"question_id": 2, "image": "a.jpg", "text": "Is there a cat in the image?", "label": "no"}]
+            {"question_id": 2, "image": "b.jpg" if corrupt_second else "a.jpg", "text": "Is there a cat in the image?",
+             "label": "no"}]
     (root / "coco_pope_random.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(root / "coco_pope_random.json"), str(root / "val2014")
 
