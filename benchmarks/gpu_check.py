@@ -255,7 +255,7 @@ def eval_figure(recipe: RunConfig, sizes: Sizes, tokenizer: Any, device: torch.d
     return {
         "dtype": "float32", "samples": n, "batch_size": sizes.eval_batch, "max_new_tokens": recipe.eval.max_new_tokens,
         "one_by_one_samples_per_s": sig(n / seconds[1]), "batched_samples_per_s": sig(n / seconds[sizes.eval_batch]),
-        "ratio": sig(seconds[1] / seconds[sizes.eval_batch], 3),
+        "ratio": sig(seconds[1] / seconds[sizes.eval_batch]),
         "identical": one == batched, "mismatches": sum(one[k] != batched.get(k) for k in one),
     }
 
@@ -289,7 +289,7 @@ def load_figure(sizes: Sizes, device: torch.device) -> dict[str, Any]:
     return {
         "dtype": "bfloat16", "device": str(device), "params": params, "checkpoint_gib": round(ckpt_bytes / GIB, 3),
         "repeats": sizes.load_repeats, "ours_s": sig(median["ours"]),
-        "transformers_s": sig(median["transformers"]), "ratio": sig(median["ours"] / median["transformers"], 3),
+        "transformers_s": sig(median["transformers"]), "ratio": sig(median["ours"] / median["transformers"]),
         "walls": {name: [sig(w) for w in ws] for name, ws in walls.items()}, "peak_memory_gib": peaks,
     }
 
