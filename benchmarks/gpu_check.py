@@ -172,10 +172,16 @@ def training_batch(model: MLLM, sizes: Sizes) -> dict[str, torch.Tensor]:
             "pixel_values": torch.randn(sizes.batch, 3, *model.encoder.image_size, generator=gen)}
 
 
+def param_counts(model: MLLM) -> tuple[int, int]:
+    """``(N_llm, N_vision)``: the LLM's parameters (tied embeddings once: the LM head's matrix), and the
+    encoder's and projector's."""
+    return (sum(p.numel() for p in model.llm.parameters()),
+            sum(p.numel() for part in (model.encoder, model.projector) for p in part.parameters()))
+
+
 def training_flops(model: MLLM, batch: dict[str, torch.Tensor]) -> float:
     """Model FLOPs of one training step, ``6 (N_llm T + N_vision I P)`` (module docstring)."""
-    n_llm = sum(p.numel() for p in model.llm.parameters())  # tied embeddings once: the LM head's matrix
-    n_vision = sum(p.numel() for part in (model.encoder, model.projector) for p in part.parameters())
+    n_llm, n_vision = param_counts(model)
     images = batch["pixel_values"].shape[0]
     return 6.0 * (n_llm * batch["input_ids"].numel() + n_vision * images * model.encoder.num_patches)
 
@@ -210,11 +216,11 @@ def train_figure(recipe: RunConfig, sizes: Sizes, tokenizer: Any, device: torch.
     step_s = statistics.median(times)
     flops_per_s = training_flops(model, batch) / step_s
     peak = peak_flops(device)
+    n_llm, n_vision = param_counts(model)
     return {
         "autocast": "bfloat16", "weights": str(next(model.parameters()).dtype).removeprefix("torch."),
         "batch": sizes.batch, "seq_len": sizes.seq_len, "image_tokens": model.num_image_tokens,
-        "params_llm": sum(p.numel() for p in model.llm.parameters()),
-        "params_vision": sum(p.numel() for part in (model.encoder, model.projector) for p in part.parameters()),
+        "params_llm": n_llm, "params_vision": n_vision,
         "warmup_steps": sizes.warmup, "steps": sizes.steps, "step_s": sig(step_s),
         "tokens_per_s": sig(batch["input_ids"].numel() / step_s), "tflops": sig(flops_per_s / 1e12),
         "mfu": None if peak is None else sig(flops_per_s / peak, 3), "peak_memory_gib": peak_gib(device),
