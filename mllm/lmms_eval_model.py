@@ -21,9 +21,12 @@ the model expects it: ours per its config's ``image_first``, a transformers mode
 ``"<image>\\n" + question``, what lmms-eval's LLaVA models do). One image per request: our protocol's
 unit; video, audio, several images or none are refused naming the task and document.
 
-Only ``generate_until`` is served; ``loglikelihood`` (multiple-choice scoring by continuation
-likelihood) and ``generate_until_multi_round`` raise :class:`NotImplementedError` saying so. One
-process: ``accelerate launch`` data parallelism is not wired (rank 0 of 1).
+``loglikelihood`` requests (likelihood-scored multiple choice) get :func:`continuation_logprob`, one
+request per forward. (lmms-eval 0.7's evaluator passes every model output through
+``unwrap_generation_output``, which turns a ``(float, bool)`` pair into its string, so its own
+``multiple_choice`` tasks stop there for any model until it is fixed upstream.)
+``generate_until_multi_round`` raises :class:`NotImplementedError`. One process: ``accelerate launch``
+data parallelism is not wired (rank 0 of 1).
 """
 
 from __future__ import annotations
@@ -96,6 +99,29 @@ def stop_strings(gen_kwargs: dict[str, Any]) -> list[str]:
     return until
 
 
+def continuation_logprob(model: Any, image: Image.Image, prompt: str, continuation: str) -> tuple[float, bool]:
+    """``sum_t log p(c_t | image, prompt, c_<t)`` over the continuation's tokens ``c``, and whether each
+    ``c_t`` is the argmax there (greedy decoding would produce them): one forward of the prompt as
+    ``generate`` builds it (:func:`mllm.hf_native.image_prompt_batch`) followed by ``c``, tokenized on
+    its own as an answer's text is, with no special tokens."""
+    from mllm.hf_native import image_prompt_batch
+
+    tokens = model.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    if not tokens:
+        raise LmmsRequestError(f"loglikelihood: the continuation {continuation!r} has no tokens")
+    batch = dict(image_prompt_batch(model, [image], prompt))
+    n = batch["input_ids"].shape[1]
+    tail = torch.tensor([tokens], device=batch["input_ids"].device)
+    batch["input_ids"] = torch.cat([batch["input_ids"], tail], dim=1)
+    batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(tail)], dim=1)
+    for key in ("mm_token_type_ids", "token_type_ids"):  # per-token modality (Qwen-VL, Gemma 3): text is 0
+        if key in batch:
+            batch[key] = torch.cat([batch[key], torch.zeros_like(tail)], dim=1)
+    logits = model(**batch).logits[0, n - 1:-1].float()  # position i predicts token i + 1
+    picked = logits.log_softmax(-1).gather(-1, tail[0, :, None]).sum()
+    return float(picked), bool((logits.argmax(-1) == tail[0]).all())
+
+
 class MLLMEval(lmms):
     """An lmms-eval simple model over ``load_generator(pretrained)``."""
 
@@ -156,8 +182,20 @@ class MLLMEval(lmms):
         return order.get_original(answers)
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        raise NotImplementedError(f"model {MODEL_ID}: loglikelihood requests (likelihood-scored multiple choice) "
-                                  "are not served; use a task's generate_until variant")
+        """``(log P(continuation | image, context), greedy)`` per request (:func:`continuation_logprob`);
+        ``args`` are lmms-eval's ``(context, continuation or doc_to_target, doc_to_visual, doc_id, task,
+        split)``, one request at a time."""
+        answers = []
+        for request in tqdm(requests, desc="mllm loglikelihood", disable=self.rank != 0):
+            if len(request.args) != 6:  # lmms-eval's unconditional (mutual-information) requests carry no image
+                raise LmmsRequestError(f"task {request.task_name}: a loglikelihood request without an image "
+                                       "(multiple_choice with acc_mutual_info) is not served")
+            context, target, to_visual, doc_id, task, split = request.args
+            continuation = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
+            image = self.image(to_visual, doc_id, task, split)
+            with torch.no_grad():
+                answers.append(continuation_logprob(self.model, image, context, continuation))
+        return answers
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         raise NotImplementedError(f"model {MODEL_ID}: multi-round generation is not served; one question per image")

@@ -1,9 +1,13 @@
 """lmms-eval runs its tasks on our checkpoints as ``--model mllm`` (mllm/lmms_eval_model.py).
 
-Skipped without the ``lmms`` extra. A tiny local lmms-eval task (YAML over a ``save_to_disk`` dataset of
-five images and questions) runs through lmms-eval's own evaluator on a tiny checkpoint of ours and on a
-tiny transformers LLaVA folder; its predictions equal the model's ``generate`` on the same prompts, one
-sample at a time, cut where lmms-eval's ``until`` says, and its exact_match is the hand count.
+Skipped without the ``lmms`` extra. Tiny local lmms-eval tasks (YAML over a ``save_to_disk`` dataset of
+five images and questions) run through lmms-eval's own evaluator on a tiny checkpoint of ours and on a
+tiny transformers LLaVA folder: generated answers equal the model's ``generate`` on the same prompts, one
+sample at a time, cut where lmms-eval's ``until`` says, and exact_match is the hand count.
+Loglikelihood requests are served by :func:`continuation_logprob`, which equals the sum of the
+log-softmax of ``generate``'s own step scores (KV-cached decoding) over the greedy tokens. (lmms-eval
+0.7's evaluator turns every non-text model output into its ``str`` before scoring, so its own
+multiple-choice tasks cannot be run here; the requests are built as its tasks build them.)
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ from hf_families import IMAGES, QUESTIONS, save_family  # noqa: E402
 
 from mllm import run  # noqa: E402
 from mllm.config import load_config  # noqa: E402
-from mllm.hf_native import load_generator  # noqa: E402
+from mllm.hf_native import image_prompt_batch, load_generator  # noqa: E402
 from mllm.lmms_eval_model import (  # noqa: E402
     LmmsRequestError,
     MLLMEval,
+    continuation_logprob,
     cut_at_stops,
     decoding,
 )
@@ -126,6 +131,41 @@ def test_lmms_eval_predictions_equal_generate(kind: str, tmp_path: Path) -> None
     assert out["results"]["mllm_tiny_cut"]["exact_match,none"] == pytest.approx(hits / N)
 
 
+def greedy_steps(model: Any, kind: str, image: Any, question: str) -> tuple[list[int], list[torch.Tensor]]:
+    """The greedy new tokens of ``generate`` and the log-softmax of its step scores."""
+    options = {"max_new_tokens": 3, "output_scores": True, "return_dict_in_generate": True}
+    if kind == "ours":
+        out = model.generate_ids([image], [question], **options)
+        ids = out.sequences[0].tolist()
+    else:
+        batch = image_prompt_batch(model, [image], question)
+        out = model.model.generate(**batch, do_sample=False, **options)
+        ids = out.sequences[0, batch["input_ids"].shape[1]:].tolist()
+    return ids, [step[0].float().log_softmax(-1) for step in out.scores]
+
+
+@pytest.mark.parametrize("kind", ["ours", "qwen2_vl"])
+def test_continuation_logprob_equals_generate_scores(kind: str, tmp_path: Path) -> None:
+    """Greedy tokens from ``generate`` (their step scores: KV-cached decoding), decoded, score as the sum
+    of the scores' log-softmax at those tokens and are greedy; a runner-up first token is not greedy and
+    scores its own log-probability. Samples whose random tokens do not come back from their decoded text
+    are passed over. (Qwen2-VL: a processor batch with per-token modality ids.)"""
+    model = load_generator(ours(tmp_path / "m") if kind == "ours" else save_family(kind, tmp_path / "m"), device="cpu")
+    tok = model.tokenizer
+
+    def back(ids: list[int]) -> bool:
+        return tok(tok.decode(ids), add_special_tokens=False)["input_ids"] == ids
+
+    with torch.no_grad():
+        cases = ((im, q, *greedy_steps(model, kind, im, q)) for q in QUESTIONS for im in IMAGES[:2])
+        image, question, ids, steps = next(c for c in cases if back(c[2]))
+        assert continuation_logprob(model, image, question, tok.decode(ids)) == (
+            pytest.approx(sum(s[i].item() for s, i in zip(steps, ids, strict=True)), abs=1e-4), True)
+        other = next(int(i) for i in steps[0].topk(20).indices[1:] if back([int(i)]))
+        assert continuation_logprob(model, image, question, tok.decode([other])) == (
+            pytest.approx(steps[0][other].item(), abs=1e-4), False)
+
+
 def test_registered_as_an_entry_point() -> None:
     from lmms_eval import models
 
@@ -142,12 +182,25 @@ def test_decoding_and_stops() -> None:
     assert cut_at_stops("yes", ["", "\n"]) == "yes"
 
 
-def request(task: str, visuals: Any) -> Any:
+def request(task: str, visuals: Any, second: Any = None, kind: str = "generate_until") -> Any:
+    """An lmms-eval request on document 0 of ``task``'s test split: ``("q", second, doc_to_visual, 0,
+    task, "test")``, ``second`` being the generation kwargs or the continuation (or doc_to_target)."""
     from lmms_eval.api.instance import Instance
 
-    return Instance(request_type="generate_until", arguments=("q", {"until": ["\n"]}, lambda doc: visuals, 0, task,
-                                                              "test"), idx=0,
+    second = {"until": ["\n"]} if second is None else second
+    return Instance(request_type=kind, arguments=("q", second, lambda doc: visuals, 0, task, "test"), idx=0,
                     metadata={"task": task, "doc_id": 0, "repeats": 1})
+
+
+def test_loglikelihood_requests(tmp_path: Path) -> None:
+    """A continuation given as text (multiple_choice: " " + choice) or by the task's doc_to_target."""
+    lm = MLLMEval(str(ours(tmp_path / "model")), device="cpu")
+    lm.task_dict = {"t": {"test": [{"answer": " blue"}]}}
+    got = lm.loglikelihood([request("t", [IMAGES[2]], " red", "loglikelihood"),
+                            request("t", [IMAGES[2]], lambda doc: doc["answer"], "loglikelihood")])
+    with torch.no_grad():
+        assert got == [continuation_logprob(lm.model, IMAGES[2], "q", c) for c in (" red", " blue")]
+    assert got[0][0] != got[1][0]
 
 
 def test_refusals(tmp_path: Path) -> None:
@@ -164,5 +217,7 @@ def test_refusals(tmp_path: Path) -> None:
     bad.arguments[1]["until"] = 3
     with pytest.raises(LmmsRequestError, match="generation_kwargs.until: expected a string or a list"):
         lm.generate_until([bad])
-    with pytest.raises(NotImplementedError, match="loglikelihood"):
-        lm.loglikelihood([bad])
+    with pytest.raises(LmmsRequestError, match="the continuation '' has no tokens"):
+        continuation_logprob(lm.model, IMAGES[0], "q", "")
+    with pytest.raises(NotImplementedError, match="multi-round"):
+        lm.generate_until_multi_round([bad])
