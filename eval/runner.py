@@ -47,7 +47,7 @@ from common.atomic import atomic_write
 from common.errors import UserError
 from eval.reasoning import EXTRACTION, chain_counts, split_reasoning
 from eval.tasks.base import EvalDataError, EvalSample, Task, missing_images_deferred
-from eval.tasks.hf_files import ImageRef, read_images
+from eval.tasks.hf_files import ImageReader, ImageRef
 
 PREDICTIONS = "predictions.jsonl"
 SKIPPED = "skipped.jsonl"
@@ -243,6 +243,7 @@ def generate_shard(
     instead. Returns the number of ``generate`` calls made.
     """
     kwargs = generation_kwargs(task, cfg)
+    reader = ImageReader(s.image for _, s in shard.samples if isinstance(s.image, ImageRef))
     _drop_torn_tail(shard.path)
     calls = 0
     bar = tqdm(total=len(shard.samples), desc=task.name, unit="sample", disable=not progress)
@@ -250,7 +251,7 @@ def generate_shard(
         synced = time.monotonic()
         try:
             for scheduled in schedule(task, shard.samples, cfg.batch_size):
-                batch, images, skips = batch_images(scheduled, skip_bad)
+                batch, images, skips = batch_images(scheduled, skip_bad, reader)
                 if skips:
                     _append(shard.skipped_path, skips)
                     bar.update(len(skips))
@@ -275,11 +276,13 @@ def generate_shard(
     return calls
 
 
-def batch_images(batch: Batch, skip_bad: bool) -> tuple[Batch, list[Image.Image], list[dict[str, Any]]]:
-    """The batch's images, its stored ones read together (:func:`eval.tasks.hf_files.read_images`): the
-    samples kept, their images, and with ``skip_bad`` a ``{"id", "index", "reason"}`` per sample whose image
-    is missing or unreadable (without it that sample's error is raised)."""
-    stored = read_images(s.image for _, s, _ in batch if isinstance(s.image, ImageRef))
+def batch_images(
+    batch: Batch, skip_bad: bool, reader: ImageReader
+) -> tuple[Batch, list[Image.Image], list[dict[str, Any]]]:
+    """The batch's images, its stored ones read together by the shard's ``reader``: the samples kept, their
+    images, and with ``skip_bad`` a ``{"id", "index", "reason"}`` per sample whose image is missing or
+    unreadable (without it that sample's error is raised)."""
+    stored = reader.read(s.image for _, s, _ in batch if isinstance(s.image, ImageRef))
     kept: Batch = []
     images: list[Image.Image] = []
     skips: list[dict[str, Any]] = []

@@ -12,13 +12,13 @@ A hub snapshot's ``data/`` folder holds every split (``val-*`` and ``test-*``): 
 one split's shards by that file-name prefix. An ``Image`` column arrives undecoded, as
 ``{"bytes": ..., "path": ...}``, and its bytes stay in the file: each row holds an :class:`ImageRef` in their
 place (file, row group or record batch, row, column), which :func:`image_bytes` takes out and the runner
-reads with the sample's batch (:func:`read_images`), so a benchmark's sample list holds no image.
+reads with the sample's batch (:class:`ImageReader`), so a benchmark's sample list holds no image.
 """
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import accumulate
@@ -28,6 +28,7 @@ from typing import Any
 from eval.tasks.base import ConfigT, EvalDataError, EvalSample, FileTask, MissingImage, missing_image
 
 _BATCH_ROWS = 64  # rows decoded from Arrow at a time
+KEEP_BYTES = 256 << 20  # images read early that a run keeps for its later batches (see ImageReader)
 
 
 @dataclass(frozen=True)
@@ -50,50 +51,90 @@ class ImageRef:
         item = "" if self.item is None else f"[{self.item}]"
         return f"{self.file}: {unit} {self.chunk} row {self.row} column {self.column}{item}"
 
+    @property
+    def chunk_key(self) -> tuple[str, str, int, str]:
+        """What one read decodes: the column of one row group (record batch) of one file."""
+        return self.file, self.layout, self.chunk, self.column
+
     def read(self) -> bytes:
-        got = read_images([self])[self]
+        got = ImageReader(budget=0).read([self])[self]
         if isinstance(got, EvalDataError):
             raise got
         return got
 
 
-def read_images(refs: Iterable[ImageRef]) -> dict[ImageRef, bytes | EvalDataError]:
-    """The encoded bytes of each reference, or the error naming why it cannot be read. The refs of one
-    chunk and column are read together: parquet decodes a row group's column whole, so a batch reads
-    each chunk it touches once."""
-    chunks: dict[tuple[str, str, int, str], list[ImageRef]] = defaultdict(list)
-    for ref in refs:
-        chunks[ref.file, ref.layout, ref.chunk, ref.column].append(ref)
-    out: dict[ImageRef, bytes | EvalDataError] = {}
-    for (file, layout, chunk, column), group in chunks.items():
-        try:
-            values = _read_chunk(Path(file), layout, chunk, column)
-        except EvalDataError as err:
-            out.update((ref, err) for ref in group)
-            continue
-        for ref in group:
-            value = values[ref.row].as_py() if ref.row < len(values) else None
-            if ref.item is not None:
-                value = value[ref.item] if isinstance(value, list) and ref.item < len(value) else None
-            data = value.get("bytes") if isinstance(value, Mapping) else None
-            out[ref] = data if isinstance(data, bytes) and data else EvalDataError(f"{ref}: no embedded image there")
-    return out
+class ImageReader:
+    """Reads a run's stored images batch by batch, knowing every image the run will read (``planned``).
+
+    Parquet decodes a row group's column whole (``datasets`` writes image sets in groups of 100 rows) and
+    a run's batches follow its schedule, not the file, so a chunk read for one batch also holds images that
+    later batches need: those are kept, up to ``budget`` bytes, and dropped when their last batch has read
+    them. A chunk is read again only for the images the budget left out.
+    """
+
+    def __init__(self, planned: Iterable[ImageRef] = (), budget: int = KEEP_BYTES) -> None:
+        self._uses: dict[tuple[str, str, int, str], Counter[ImageRef]] = defaultdict(Counter)  # reads to come
+        for ref in planned:
+            self._uses[ref.chunk_key][ref] += 1
+        self._kept: dict[ImageRef, bytes] = {}
+        self._room = budget
+
+    def read(self, refs: Iterable[ImageRef]) -> dict[ImageRef, bytes | EvalDataError]:
+        """The encoded bytes of each reference, or the error naming why it cannot be read."""
+        wanted = Counter(refs)
+        out: dict[ImageRef, bytes | EvalDataError] = {r: self._kept[r] for r in wanted if r in self._kept}
+        chunks: dict[tuple[str, str, int, str], list[ImageRef]] = defaultdict(list)
+        for ref in wanted.keys() - out.keys():
+            chunks[ref.chunk_key].append(ref)
+        for key, group in chunks.items():
+            try:
+                values = _read_chunk(*key)
+            except EvalDataError as err:
+                out.update((ref, err) for ref in group)
+                continue
+            out.update((ref, _image_at(values, ref)) for ref in group)
+            for ref in self._uses[key].keys() - wanted.keys() - self._kept.keys():  # for later batches
+                self._keep(ref, _image_at(values, ref))
+        for ref, n in wanted.items():
+            uses = self._uses[ref.chunk_key]
+            uses[ref] -= n
+            if uses[ref] > 0:  # a later batch reads it again (a row several samples share)
+                self._keep(ref, out[ref])
+            else:
+                del uses[ref]
+                self._room += len(self._kept.pop(ref, b""))
+        return out
+
+    def _keep(self, ref: ImageRef, data: bytes | EvalDataError) -> None:
+        if ref not in self._kept and isinstance(data, bytes) and len(data) <= self._room:
+            self._kept[ref] = data
+            self._room -= len(data)
 
 
-def _read_chunk(path: Path, layout: str, chunk: int, column: str) -> Any:
+def _image_at(values: Any, ref: ImageRef) -> bytes | EvalDataError:
+    """The image bytes ``ref`` names in its chunk's column ``values``."""
+    value = values[ref.row].as_py() if ref.row < len(values) else None
+    if ref.item is not None:
+        value = value[ref.item] if isinstance(value, list) and ref.item < len(value) else None
+    data = value.get("bytes") if isinstance(value, Mapping) else None
+    return data if isinstance(data, bytes) and data else EvalDataError(f"{ref}: no embedded image there")
+
+
+def _read_chunk(file: str, layout: str, chunk: int, column: str) -> Any:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         if layout == "parquet":
-            return pq.ParquetFile(path).read_row_group(chunk, columns=[column]).column(0).combine_chunks()
-        with pa.memory_map(str(path)) as source:
+            parquet = pq.ParquetFile(file, memory_map=True)
+            return parquet.read_row_group(chunk, columns=[column]).column(0).combine_chunks()
+        with pa.memory_map(file) as source:
             for k, batch in enumerate(pa.ipc.open_stream(source)):
                 if k == chunk:
                     return batch.column(column)
     except (pa.ArrowException, OSError, KeyError) as err:
-        raise EvalDataError(f"{path}: cannot read {column!r} of chunk {chunk}: {err}") from err
-    raise EvalDataError(f"{path}: no record batch {chunk}")
+        raise EvalDataError(f"{file}: cannot read {column!r} of chunk {chunk}: {err}") from err
+    raise EvalDataError(f"{file}: no record batch {chunk}")
 
 
 def _is_image(kind: Any) -> bool:

@@ -11,12 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 from hf_rows import hf_image, png, save_to_disk, write_parquet
 
+from eval.tasks import hf_files
 from eval.tasks.base import EvalDataError, EvalSample
 from eval.tasks.hf_files import (
+    ImageReader,
     ImageRef,
     image_bytes,
     is_hf_copy,
-    read_images,
     read_rows,
     read_split,
     revision_files,
@@ -65,7 +66,7 @@ def test_rows_hold_references_that_read_back_their_own_image(tmp_path: Path) -> 
     assert got[5]["images"][1]["bytes"] == ImageRef(str(path), "parquet", 0, 5, "images", 1)
     assert got[7]["image"] == {"bytes": None, "path": "on/disk.png"} and got[8]["images"] is None
     refs = [r["image"]["bytes"] for r in got if r["id"] != 7] + [v["bytes"] for r in got if r["images"] for v in r["images"]]
-    read = read_images(refs)
+    read = ImageReader().read(refs)
     assert resolved(got) == rows and [read[r] for r in refs] == [resolved(r) for r in refs]
     saved = list(read_rows(save_to_disk(rows[10:90], tmp_path / "saved", ("image",))))
     assert saved[70]["image"]["bytes"] == ImageRef(str(tmp_path / "saved" / "data-00000-of-00001.arrow"), "arrow", 0, 70,
@@ -77,7 +78,7 @@ def test_a_reference_that_cannot_be_read_names_the_file_and_sample(tmp_path: Pat
     write_parquet(ROWS, tmp_path, "test")
     ref = image_bytes(next(iter(read_rows(tmp_path / "data")))["image"], "x")
     (tmp_path / "data" / "test-00000-of-00001.parquet").write_bytes(b"gone")
-    assert isinstance(read_images([ref])[ref], EvalDataError)
+    assert isinstance(ImageReader().read([ref])[ref], EvalDataError)
     sample = EvalSample(id="q0", image=ref, question="?", reference="a")
     with pytest.raises(EvalDataError, match=r"test-00000-of-00001\.parquet: cannot read 'image' .*\(sample 'q0'\)"):
         sample.load_image()
@@ -124,3 +125,27 @@ def test_read_split_picks_the_split_shards_of_a_snapshot(tmp_path: Path) -> None
     assert [Path(f).name for f in revision_files(tmp_path / "hub", "val")] == \
         ["val-00000-of-00002.parquet", "val-00001-of-00002.parquet"]
     assert is_hf_copy(tmp_path / "hub") and not is_hf_copy(tmp_path / "hub" / "missing.json")
+
+
+@pytest.mark.parametrize(("budget", "reads"), [(1 << 20, [2, 0, 0, 0]), (0, [2, 2, 2, 2])])
+def test_reader_keeps_what_later_batches_need_within_its_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, budget: int, reads: list[int]
+) -> None:
+    """8 rows in row groups of 4, read by batches that each take one row of each group, the last row twice
+    (two samples of one row): with room, each group is decoded once and later batches read what was kept;
+    with none, every batch decodes both groups again. Every batch gets its own rows' images."""
+    rows = [{"id": i, "image": hf_image(png((i, 0, 0)))} for i in range(8)]
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=4)
+    refs = [r["image"]["bytes"] for r in read_rows(path)]
+    batches = [[refs[0], refs[4]], [refs[1], refs[7]], [refs[2], refs[6]], [refs[3], refs[7]]]
+    decoded: list[int] = []
+    real = hf_files._read_chunk
+    monkeypatch.setattr(hf_files, "_read_chunk", lambda *key: decoded.append(key[2]) or real(*key))
+    reader = ImageReader([ref for batch in batches for ref in batch], budget=budget)
+    for batch, n in zip(batches, reads, strict=True):
+        before = len(decoded)
+        got = reader.read(batch)
+        assert len(decoded) - before == n
+        assert [got[ref] for ref in batch] == [rows[ref.chunk * 4 + ref.row]["image"]["bytes"] for ref in batch]
+    assert reader._kept == {} and reader._room == budget  # nothing held once the last batch has read
