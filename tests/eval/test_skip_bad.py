@@ -124,3 +124,20 @@ def test_every_sample_skipped_is_an_error(tmp_path: Path) -> None:
     task = EVAL_TASKS.build("vizwiz_vqa_val", {"data": str(tmp_path / "data" / "val.parquet")})
     with pytest.raises(runner.EvalError, match="all 1 samples skipped"):
         run_task(Recording(), task, EvalConfig(), tmp_path / "out", dist=Dist(), progress=False, skip_bad=True)
+
+
+def test_an_image_stored_by_path_only_is_missing_unless_skipped(tmp_path: Path) -> None:
+    rows = vizwiz_hf_rows()
+    rows[2]["image"] = {"bytes": None, "path": "VizWiz_val_00000002.jpg"}
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "data" / "val.parquet")
+    task = EVAL_TASKS.build("vizwiz_vqa_val", {"data": str(tmp_path / "data" / "val.parquet")})
+    gen = Recording()
+    with pytest.raises(EvalDataError, match=r"val\.parquet: val row 2: the image is stored by path only"):
+        run_task(gen, task, EvalConfig(), tmp_path / "strict", dist=Dist(), progress=False)
+    assert gen.calls == []  # found while planning, before any generation
+    m = run_task(gen, task, EvalConfig(), tmp_path / "out", dist=Dist(), progress=False, skip_bad=True)
+    # "Soup." 0.9 and "Unanswerable" 1.0 scored, the third skipped: (0.9 + 1.0) / 2.
+    assert m["skipped"] == 1 and m["accuracy"] == pytest.approx(0.95)
+    (skip,) = _lines(tmp_path / "out" / "skipped.jsonl")
+    assert skip["index"] == 2 and "stored by path only ('VizWiz_val_00000002.jpg')" in skip["reason"]
