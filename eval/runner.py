@@ -35,6 +35,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,7 +319,7 @@ def _record(task: Task, index: int, sample: EvalSample, prompt: str, text: str) 
     }
 
 
-def _merge(files: list[Path], target: Path, drop: set[str] = frozenset()) -> list[dict[str, Any]]:
+def _merge(files: list[Path], target: Path, drop: AbstractSet[str] = frozenset()) -> list[dict[str, Any]]:
     """The records of ``files`` (first of an id wins, ids in ``drop`` left out) in task order, written to
     ``target``, the other files removed."""
     by_id: dict[str, dict[str, Any]] = {}
