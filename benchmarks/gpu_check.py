@@ -7,7 +7,8 @@ and the repository need not be installed: the script puts its root on ``sys.path
 
 Options: ``--budget-s 420`` (the wall-time budget the script watches) and ``--cpu-smoke`` (tiny sizes on the
 CPU, a few steps: the test suite's run of this same code). Without CUDA and without ``--cpu-smoke`` it prints
-one line saying so and exits 2. Not part of the test run.
+one line saying so and exits 2. The GPU run is not part of ``make test``; the ``--cpu-smoke`` run is
+(tests/benchmarks/test_gpu_check.py).
 
 Every model has random weights built from configs. The model is the ``tiny`` recipe's data, template and
 tokenizer around a ViT-B/16 at 224 px (``timm_vit``, 196 patch tokens), the LLaVA ``mlp`` projector and a
