@@ -37,9 +37,11 @@ from eval.tasks.base import (
     EvalDataError,
     EvalSample,
     FileTaskConfig,
+    MissingImage,
     field_of,
     group_by,
     mean_score,
+    missing_image,
     per_type,
 )
 from eval.tasks.hf_files import image_bytes, is_hf_copy, read_split
@@ -80,11 +82,11 @@ def _total(scores: Mapping[str, Mapping[str, Any]], subtasks: tuple[str, ...]) -
     return sum(present) if present else None
 
 
-def _image_of(folder: Path, stem: str, where: str) -> Path:
+def _image_of(folder: Path, stem: str, where: str) -> Path | MissingImage:
     for suffix in IMAGE_SUFFIXES:
         if (folder / (stem + suffix)).is_file():
             return folder / (stem + suffix)
-    raise EvalDataError(f"{where}: image {folder / stem}.jpg (or .png) not found")
+    return missing_image(f"{where}: image {folder / stem}.jpg (or .png) not found")
 
 
 def _release_rows(root: Path) -> Iterator[Row]:
