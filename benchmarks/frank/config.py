@@ -41,7 +41,10 @@ class FrankToyConfig:
     base_steps: int = 4000
     base_lr: float = 1e-3
     base_scenes: int = 2000  # ShapesWorld scenes whose Q/A become pre-training text
-    base_arithmetic: int = 6000  # one-step facts, and as many direct-answer problems
+    base_arithmetic: int = 6000  # one-step facts (and as many direct-answer problems with base_direct_answers)
+    # off: theta_0 sees single operations only, so a multi-step problem needs the chain that theta_R learns
+    # (with them, a 128 x 8 theta_0 answered the test problems directly, 0.96, and theta_R had nothing to add)
+    base_direct_answers: bool = False
     reasoner_steps: int = 1200  # theta_R: a small move at a low rate
     reasoner_lr: float = 3e-4
     # theta_V LLaVA-style (Liu et al., 2023, arXiv 2304.08485, §4.2): first the vision side alone with the LLM
@@ -110,10 +113,12 @@ def mllm_run_configs(cfg: FrankToyConfig, base: Path) -> list[RunConfig]:
 
 
 def base_corpus(cfg: FrankToyConfig) -> list[str]:
-    """ShapesWorld Q/A as text, one-step arithmetic facts, direct-answer arithmetic questions."""
+    """ShapesWorld Q/A as text, one-step arithmetic facts, and (``base_direct_answers``) direct-answer arithmetic
+    questions."""
     scenes = ShapesWorld(dataclasses.replace(data_config(cfg), seed=cfg.seed + 1, train_images=cfg.base_scenes))
     texts = [f"USER: {it['question']} ASSISTANT: {it['answer']}" for s in scenes.split("train") for it in s["items"]]
     arith = Arithmetic(ArithmeticConfig(seed=cfg.seed + 1, train_size=cfg.base_arithmetic))
     texts += arith.statements(cfg.base_arithmetic)
-    texts += [f"USER: {p['items'][0]['question']} ASSISTANT: {p['answer']}" for p in arith.split("train")]
+    if cfg.base_direct_answers:
+        texts += [f"USER: {p['items'][0]['question']} ASSISTANT: {p['answer']}" for p in arith.split("train")]
     return texts

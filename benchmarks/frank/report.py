@@ -27,7 +27,7 @@ from .config import data_config
 from .parts import HISTORY, TextGenerator
 
 FRANK_VARIANTS = ("frank", "frank_max", "frank_share", "frank_linear", "frank_noprior")
-TEXT_ONLY = ("reasoner",)
+TEXT_ONLY = ("base", "reasoner")  # language models only: scored on arithmetic
 PROPERTIES = "properties.json"
 
 
@@ -145,11 +145,12 @@ def properties(cfg: Any, out: Path, models: dict[str, tuple[Path, str]], scores:
     probe = json.loads((out / "probe" / "probe.json").read_text())
     for row, share in zip(layers, probe["visual_share"], strict=True):
         row["visual_share"] = share
-    v, r = scores["mllm"], scores["reasoner"]
+    v, r, b = scores["mllm"], scores["reasoner"], scores["base"]
     doc = {"base_loss": loss_curve(out / "base" / "model-run"), "layers": layers, "probe_fit": probe.get("fit"),
-           "parents": {"mllm": v, "reasoner": r},
+           "parents": {"base": b, "mllm": v, "reasoner": r},
            "checks": {"mllm_vqa_at_least_0.85": (v["shapesworld_vqa"] or 0.0) >= 0.85,
                       "mllm_grounding_at_least_0.5": (v["grounding"] or 0.0) >= 0.5,
+                      "reasoner_beats_base_on_arithmetic": (r["arithmetic"] or 0.0) > (b["arithmetic"] or 0.0),
                       "max_rel_sq_V": max(row["rel_sq_V"] for row in layers),
                       "max_rel_sq_R": max(row["rel_sq_R"] for row in layers),
                       "max_abs_cosine": max(abs(row["cosine"]) for row in layers),

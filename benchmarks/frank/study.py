@@ -162,7 +162,8 @@ def run(cfg: FrankToyConfig, out: Path, results: Path | None = None) -> dict[str
     conf = to_dict(cfg)
     model_keys = {k: conf[k] for k in ("seed", "llm", "max_length", "batch_size")}
     base, hb = stages.run("base", {**model_keys, "steps": cfg.base_steps, "lr": cfg.base_lr,
-                                   "scenes": cfg.base_scenes, "arith": cfg.base_arithmetic, "image": cfg.encoder["image_size"]},
+                                   "scenes": cfg.base_scenes, "arith": cfg.base_arithmetic,
+                                   "direct": cfg.base_direct_answers, "image": cfg.encoder["image_size"]},
                           lambda f: build_base(cfg, f))
     base = base / "model"
     reasoner, hr = stages.run("reasoner", {"base": hb, "steps": cfg.reasoner_steps, "lr": cfg.reasoner_lr},
@@ -176,7 +177,8 @@ def run(cfg: FrankToyConfig, out: Path, results: Path | None = None) -> dict[str
     mllm = mllm / "model"
     probe, hp = stages.run("probe", {"mllm": hv, "images": cfg.probe_images, "q": PROBE_QUESTION},
                            lambda f: build_probe(cfg, mllm, f))
-    models: dict[str, tuple[Path, str]] = {"mllm": (mllm, hv), "reasoner": (reasoner, hr)}
+    # theta_0 is scored too: whatever it already does, the fine-tunes cannot be credited with
+    models: dict[str, tuple[Path, str]] = {"base": (base, hb), "mllm": (mllm, hv), "reasoner": (reasoner, hr)}
     # FRANK's assumptions, measured on the parents before anything is merged
     props = properties(cfg, out, models, evaluate(cfg, stages, models))
     log.info("properties of theta_0 / theta_V / theta_R: %s", json.dumps(props["checks"]))

@@ -10,6 +10,7 @@ modules import each other without a circle.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from frank.config import METRICS, fast_config  # benchmarks/frank/ (tests/benchmarks/conftest.py)
+from frank.config import METRICS, base_corpus, fast_config  # benchmarks/frank/ (tests/benchmarks/conftest.py)
 from frank.study import merge_specs, run
 from safetensors.torch import load_file
 
@@ -40,6 +41,13 @@ def test_the_modules_import_each_other_without_a_circle() -> None:
         order += ready
 
 
+def test_direct_answers_enter_the_base_corpus_only_when_asked() -> None:
+    cfg = fast_config()
+    direct = [t for t in base_corpus(dataclasses.replace(cfg, base_direct_answers=True)) if t.startswith("USER: Compute")]
+    assert len(direct) == cfg.base_arithmetic and all(" ASSISTANT: " in t for t in direct)
+    assert not [t for t in base_corpus(cfg) if t.startswith("USER: Compute")]  # the default: one-step facts only
+
+
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("frank_toy")
@@ -51,10 +59,10 @@ def test_every_model_is_evaluated_on_its_tasks(toy: tuple[Path, dict]) -> None:
     out, doc = toy
     cfg = fast_config()
     names = set(merge_specs(cfg, Path("b"), Path("v"), Path("r"), Path("p")))
-    assert set(doc["models"]) == names | {"mllm", "reasoner", "task_arithmetic_best"}
+    assert set(doc["models"]) == names | {"base", "mllm", "reasoner", "task_arithmetic_best"}
     for name, row in doc["models"].items():
         for metric in METRICS:
-            if name == "reasoner" and metric != "arithmetic":
+            if name in ("base", "reasoner") and metric != "arithmetic":
                 assert row[metric] is None  # no vision: text tasks only
             else:
                 assert isinstance(row[metric], float) and 0.0 <= row[metric] <= 1.0, (name, metric)
