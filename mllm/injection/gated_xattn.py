@@ -29,6 +29,12 @@ Multi-head attention without bias, separate LayerNorms on media and latents and 
 follow OpenFlamingo's ``PerceiverResampler`` (Awadalla et al., 2023, arXiv 2308.01390), whose
 defaults (64 latents, depth 6, 8 heads x 64, FFW mult 4) are ours; Flamingo uses R = 64.
 
+Positions (``positions: true``; not in Flamingo): softmax cross-attention is blind to the order of its
+keys, so a token's place in the image reaches the LLM only if its features carry it. The option adds a
+learned embedding ``P`` ([M, d], zero at init) to the visual tokens before the resampler or the blocks,
+``X <- X + P``, as ViT adds learned positions to its patch embeddings (Dosovitskiy et al., 2020, arXiv
+2010.11929, eq. 1); the splice gets the same information from the LLM's own rotary positions.
+
 Implemented as a forward pre-hook on each chosen decoder layer that rewrites its input hidden
 states. The cross-attended set (tokens or resampled latents) and each block's keys/values
 ``X W_k, X W_v`` are computed once per context (prefill) and reused by every cached decoding step.
@@ -79,6 +85,7 @@ class GatedXAttnConfig:
     dim_head: int = 64
     ff_mult: int = 4  # FFW hidden width = ff_mult * d
     gate_init: float = 0.0  # a_x = a_f at init; 0 keeps the plain LLM's logits exactly
+    positions: bool = False  # add a learned position embedding to the cross-attended tokens (module docstring)
     resampler: ResamplerConfig | None = None  # Perceiver Resampler latents as the cross-attended set; None = the tokens
 
     def __post_init__(self) -> None:
@@ -184,6 +191,7 @@ class GatedXAttnInjector(Injector):
             for i in self.layer_ids
         })
         self.resampler = PerceiverResampler(spec.hidden_size, cfg.resampler) if cfg.resampler else None
+        self.positions = nn.Parameter(torch.zeros(spec.num_visual_tokens, spec.hidden_size)) if cfg.positions else None
 
     def attach(self, llm: nn.Module) -> None:
         layers = decoder_layers(llm)
@@ -210,5 +218,7 @@ class GatedXAttnInjector(Injector):
             if ctx.tokens is None:
                 raise InjectionError("gated_xattn: the visual context carries no projected tokens")
             tokens = ctx.tokens.to(dtype)
+            if self.positions is not None:
+                tokens = tokens + self.positions.to(dtype)
             self.state["media"] = tokens if self.resampler is None else self.resampler(tokens)
         return self.state["media"]

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from mllm.injection.base import InjectionSpec
+from mllm.injection.base import InjectionSpec, VisualContext
 from mllm.injection.gated_xattn import (
     GatedXAttnBlock,
     GatedXAttnConfig,
@@ -49,6 +49,19 @@ def test_closed_gates_train_the_gates_first() -> None:
     out.square().sum().backward()
     assert block.attn_gate.grad.abs() > 0 and block.ff_gate.grad.abs() > 0
     assert block.to_q.weight.grad.abs().sum() == 0 and block.ff[1].weight.grad.abs().sum() == 0
+
+
+def test_positions_are_added_to_every_token_before_the_blocks() -> None:
+    injector = GatedXAttnInjector(GatedXAttnConfig(every=6, positions=True), SPEC)
+    assert torch.equal(injector.positions, torch.zeros(4, 8))  # zero at init: the tokens as they are
+    tokens = torch.arange(2 * 4 * 8, dtype=torch.float32).reshape(2, 4, 8)
+    with torch.no_grad():
+        injector.positions.copy_(torch.arange(4.0)[:, None].expand(4, 8) * 100.0)  # token m gets +100 m
+    mask = torch.ones(2, 3)
+    with injector.use(VisualContext(attention_mask=mask, query_mask=mask, tokens=tokens)):
+        media = injector.media(injector.context, torch.float32)
+    assert torch.equal(media[1, 2], tokens[1, 2] + 200.0) and torch.equal(media[0, 0], tokens[0, 0])
+    assert GatedXAttnInjector(GatedXAttnConfig(every=6), SPEC).positions is None
 
 
 @pytest.mark.parametrize("cfg, layers", [
