@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import pytest
 import torch
 
 from mllm.injection.base import get_hidden
-from mllm.injection.diagnose import xattn_report
+from mllm.injection.diagnose import position_probe, xattn_report
 
 
 def test_report_matches_the_stream_seen_around_the_injector(kit: Any, word_tokenizer: Any) -> None:
@@ -37,3 +38,16 @@ def test_report_matches_the_stream_seen_around_the_injector(kit: Any, word_token
     assert math.isclose(report[0].visual_read, report[0].block_delta, rel_tol=1e-5)  # FFW closed: all is the read
     assert report[1].visual_read == 0.0 and math.isclose(report[1].read_ratio, 0.0)
     assert math.isclose(report[0].read_ratio, report[0].visual_read / report[0].residual)
+
+
+def test_position_probe_reads_positions_only_where_the_features_hold_them() -> None:
+    gen = torch.Generator().manual_seed(0)
+    content = torch.randn(40, 8, 6, generator=gen)  # per-token content, independent of the position
+    place = torch.eye(8).expand(40, 8, 8)  # one-hot cell index
+    assert position_probe(torch.cat([content, place], dim=-1)) == 1.0
+    # every token of an image shares its features: nothing tells the 8 places apart, so the probe
+    # can only guess one class for them all and scores exactly 1/8
+    same = torch.randn(40, 1, 6, generator=gen).expand(40, 8, 6)
+    assert position_probe(same) == 0.125
+    with pytest.raises(ValueError, match="no train/test split"):
+        position_probe(content[:1])
