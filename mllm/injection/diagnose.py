@@ -103,3 +103,98 @@ def position_probe(tokens: torch.Tensor, train_fraction: float = 0.75, steps: in
     with torch.no_grad():
         guess = (x[split:].reshape(-1, dim) @ weight + bias).argmax(-1)
     return float((guess == labels[split:].reshape(-1)).float().mean())
+
+
+@dataclass(frozen=True)
+class FFNLayerReport:
+    layer: int  # the decoder layer whose FFN holds the memory
+    selection: list[float]  # beta_l, averaged over the batch, one weight per tapped encoder layer
+    ffn_out: float  # mean |FFN_l(x_l)|
+    memory_read: float  # mean |s SiLU(x_l K_l^T) V_l|
+    key_norm: float  # mean |K_l[n]| over the N' memory slots
+
+    @property
+    def read_ratio(self) -> float:
+        """``memory_read / ffn_out``: the image's share of what this layer's FFN adds."""
+        return self.memory_read / max(self.ffn_out, 1e-12)
+
+
+def ffn_report(model: nn.Module, batch: Mapping[str, Any]) -> list[FFNLayerReport]:
+    """Per-layer selection and norms of every ``ffn_embed`` (DEHVF / MemVP) memory of ``model`` on ``batch``.
+
+    The read ``s SiLU(x K^T) V`` is recomputed from the FFN input the injector saw and the memory it cached
+    for the context; the FFN's own output is what the hooked ``mlp`` returned minus that read.
+    """
+    from mllm.injection.ffn_embed import FFNEmbedInjector, memory_read
+
+    injectors = [inj for inj in model.injectors if isinstance(inj, FFNEmbedInjector)]
+    layers = model.llm.get_decoder().layers
+    seen: dict[tuple[int, int], dict[str, Any]] = {}
+    handles = []
+    for j, inj in enumerate(injectors):
+        for i in inj.layer_ids:
+            slot = seen.setdefault((j, i), {})
+            # registered after the injector's own hook: ``out`` already holds FFN + read, and the
+            # injector's per-context state (dropped when the call ends) holds this layer's memory
+            handles.append(layers[i].mlp.register_forward_hook(
+                lambda _m, args, out, _s=slot, _inj=inj, _i=i: _s.update(x=args[0], out=out, memory=_inj.state[_i])))
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    mask = batch["attention_mask"]
+    reports = []
+    for j, inj in enumerate(injectors):
+        for i in inj.layer_ids:
+            got = seen[(j, i)]
+            keys, values, beta = got["memory"]
+            read = inj.cfg.scale * memory_read(got["x"].to(keys.dtype), keys, values)
+            reports.append(FFNLayerReport(
+                layer=i, selection=[float(b) for b in beta.float().mean(0)],
+                ffn_out=_mean_norm(got["out"] - read.to(got["out"].dtype), mask), memory_read=_mean_norm(read, mask),
+                key_norm=float(keys.float().norm(dim=-1).mean()),
+            ))
+    return reports
+
+
+@dataclass(frozen=True)
+class RouterStageReport:
+    layer: int  # the decoder layer after which this stage pools
+    probs: list[list[float]]  # [row][expert] router probabilities p
+    tokens_in: list[int]  # [row] visual tokens entering the stage
+    tokens_out: list[int]  # [row] visual tokens leaving it
+    skip_below: int  # rows with fewer visual tokens are not pooled (the injector's ``skip_below``)
+
+    @property
+    def chosen(self) -> list[int | None]:
+        """Per row, the expert the eval forward used (``argmax p``), ``None`` where the row was not pooled."""
+        return [max(range(len(p)), key=p.__getitem__) if n_in >= self.skip_below else None
+                for p, n_in in zip(self.probs, self.tokens_in, strict=True)]
+
+    @property
+    def scale(self) -> list[float | None]:
+        """Per pooled row, ``p_k`` of the chosen expert: the factor the pooled visual tokens are multiplied by."""
+        return [None if k is None else p[k] for p, k in zip(self.probs, self.chosen, strict=True)]
+
+
+def router_report(model: nn.Module, batch: Mapping[str, Any]) -> list[RouterStageReport]:
+    """Per stage of every ``pyramid`` (DPN) injector of ``model`` in eval mode on ``batch``: the routers'
+    probabilities per row, and the visual tokens entering and leaving the stage."""
+    from mllm.injection.pyramid import PyramidInjector
+
+    injectors = [inj for inj in model.injectors if isinstance(inj, PyramidInjector)]
+    seen: dict[tuple[int, int], torch.Tensor] = {}
+    handles = [inj.routers[str(p)].register_forward_hook(
+        lambda _m, _a, out, _k=(j, p): seen.__setitem__(_k, out.detach().float()))
+        for j, inj in enumerate(injectors) for p in inj.pool_layers]
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [RouterStageReport(layer=p, probs=seen[(j, p)].tolist(), tokens_in=inj.last_visual_tokens[s],
+                              tokens_out=inj.last_visual_tokens[s + 1], skip_below=inj.cfg.skip_below)
+            for j, inj in enumerate(injectors) for s, p in enumerate(inj.pool_layers)]

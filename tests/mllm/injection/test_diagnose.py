@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mllm.injection.base import get_hidden
-from mllm.injection.diagnose import position_probe, xattn_report
+from mllm.injection.diagnose import ffn_report, position_probe, router_report, xattn_report
 
 
 def test_report_matches_the_stream_seen_around_the_injector(kit: Any, word_tokenizer: Any) -> None:
@@ -51,3 +51,50 @@ def test_position_probe_reads_positions_only_where_the_features_hold_them() -> N
     assert position_probe(same) == 0.125
     with pytest.raises(ValueError, match="no train/test split"):
         position_probe(content[:1])
+
+
+def test_ffn_report_splits_the_hooked_ffn_into_its_own_output_and_the_memory_read(kit: Any, word_tokenizer: Any) -> None:
+    dehvf = {"name": "ffn_embed", "layers": [1, 3], "scale": 0.5, "visual_scale": 1.0}
+    model = kit.build(word_tokenizer, "llama", [dehvf], splice=False, layers=[0, 1])
+    batch = kit.prompt_batch(model, kit.images(1)[0], "how many?", [7])
+    batch["attention_mask"][0, 0] = 0
+    real = batch["attention_mask"][0].bool()
+    raw: dict[int, torch.Tensor] = {}
+    total: dict[int, torch.Tensor] = {}
+    layers = model.llm.get_decoder().layers
+    for i in (1, 3):  # prepended: the FFN's own output before the injector adds its read; appended: after
+        layers[i].mlp.register_forward_hook(lambda _m, _a, out, _i=i: raw.__setitem__(_i, out), prepend=True)
+        layers[i].mlp.register_forward_hook(lambda _m, _a, out, _i=i: total.__setitem__(_i, out))
+    report = ffn_report(model, batch)
+    assert [r.layer for r in report] == [1, 3]
+    for r in report:
+        assert r.selection == [0.5, 0.5]  # zero-initialised selector over 2 tapped layers: softmax of equal logits
+        own = raw[r.layer][0, real].norm(dim=-1).mean().item()
+        read = (total[r.layer] - raw[r.layer])[0, real].norm(dim=-1).mean().item()
+        assert math.isclose(r.ffn_out, own, rel_tol=1e-4) and math.isclose(r.memory_read, read, rel_tol=1e-4)
+        assert r.memory_read > 0 and math.isclose(r.read_ratio, read / own, rel_tol=1e-4)
+
+
+def test_router_report_gives_each_stage_its_probabilities_choice_and_token_counts(kit: Any, word_tokenizer: Any) -> None:
+    dpn = {"name": "pyramid", "layers": [0, 1], "min_tokens": 2, "skip_below": 8}
+    model = kit.build(word_tokenizer, "llama", [dpn])
+    injector = model.injectors[0]
+    with torch.no_grad():
+        injector.routers["0"].net[-1].weight.zero_()  # stage 0: equal logits, p = 1/3 each, argmax -> expert 0 (x1)
+        injector.routers["1"].net[-1].weight.zero_()
+        injector.routers["1"].net[-1].weight[2].fill_(50.0)  # stage 1 ...
+        injector.routers["1"].net[1].weight.fill_(0.0)  # ... with a zero hidden layer: GELU(0) = 0, so equal logits too
+    batch = kit.prompt_batch(model, kit.images(1)[0], "how many?", [7])
+    report = router_report(model, batch)
+    assert [s.layer for s in report] == [0, 1]
+    for stage in report:
+        assert all(math.isclose(p, 1 / 3, rel_tol=1e-5) for p in stage.probs[0])
+        assert stage.chosen == [0] and math.isclose(stage.scale[0], 1 / 3, rel_tol=1e-5)
+        assert stage.tokens_in == [16] and stage.tokens_out == [16]  # x1 keeps the 4x4 grid
+    with torch.no_grad():  # stage 0 now prefers the x1/4 expert: 16 -> 4 tokens, and stage 1 (4 < 8) is skipped
+        injector.routers["0"].net[0].bias.fill_(1.0)  # LN(h) + 1 sums to the width d: every hidden unit is d > 0
+        injector.routers["0"].net[1].weight.fill_(1.0)
+        injector.routers["0"].net[-1].weight[2].fill_(1.0)
+    report = router_report(model, batch)
+    assert report[0].chosen == [2] and report[0].tokens_out == [4] and report[0].scale[0] == max(report[0].probs[0])
+    assert report[1].tokens_in == [4] and report[1].chosen == [None] and report[1].scale == [None]
