@@ -1,40 +1,59 @@
 """The fusion and injection ablation: every recipe against ``tiny``, same data and step budget.
 
+    python benchmarks/ablation.py all --out runs/ablation --seeds 0 1 2 [--steps N] [--results FILE] [RECIPE ...]
     python benchmarks/ablation.py train --out runs/ablation [--steps N] [--seed S] RECIPE ...   # train + test-split eval
     python benchmarks/ablation.py table --out runs/ablation [runs/ablation_s1 ...]   # the table of every run there
 
-``train`` runs ``mllm train RECIPE`` (its own config; ``--steps`` overrides ``train.steps`` for every
-recipe alike, ``--seed`` sets ``train.seed``: the initialisation and the order of the training scenes,
-while ``data.seed`` keeps the test split) into ``OUT/RECIPE``; two ``train`` commands with different recipes may run
-side by side. ``table`` reads each finished run and prints one Markdown row per recipe: test VQA accuracy, the
-difference from ``tiny`` in points, grounding Acc@0.5, mean train seconds per step, and the visual
-tokens the LLM's sequence holds per decoder layer (mean over layers: 16 for a splice recipe, 0 for
-cross-attention / FFN-embedding recipes that read the image outside the sequence, fewer with the DPN
-pyramid, measured on 64 test samples), and for a fused encoder each tower's share of the fusion's output
-(:func:`tower_shares`: a tower behind a gate that never opened shows ~0). Given several folders (one per ``--seed``), it then prints each
-recipe's mean over seeds and its mean difference from tiny on the same seeds (paired: a recipe run on fewer
-seeds is not set against tiny's other seeds), with the per-type accuracies; relpos is also split by axis
-(``relpos-x``: left / right, ``relpos-y``: above / below), because a run can learn one axis and not the other, and
-count by what it counts (``count-all``: every object, ``count-colour``: one colour, ``count-shape``: one shape),
-because telling each token's shape apart to count it is not the same skill as naming one object's shape. The
-last line is the JSON of the tables.
+``all`` is the whole ablation from scratch in one command: it trains ``tiny`` and every recipe named (by default
+:data:`RECIPES`: the four encoder-side fusions, the three LLM-side injections and the two pooling projectors) for
+every seed into ``OUT/seed_S/RECIPE``, skipping the runs that finished (``train_summary.json``) and resuming a
+started one from its newest checkpoint, so a killed command picks up where it stopped; a run folder trained with
+another config than the one asked for (another ``--steps``, a recipe changed since) is refused before anything
+trains. It then writes both tables below, the command line that made them and the date to ``--results`` (default
+``benchmarks/results/ablation.md``; a temp file renamed into place, so a failure leaves the old file as it was)
+and prints them. Recipes go before ``--seeds``, which takes every number after it.
+
+``train`` runs ``mllm train RECIPE`` (its own config; ``--steps`` overrides ``train.steps`` for every recipe alike,
+``--seed`` sets ``train.seed``: the initialisation and the order of the training scenes, while ``data.seed`` keeps
+the test split) into ``OUT/RECIPE``; two ``train`` commands with different recipes may run side by side.
+``--set KEY=VALUE`` (repeatable) overrides any other config key for every run of ``train`` or ``all``, as
+``mllm train --set`` does. ``table`` reads each finished run and prints one Markdown row per recipe: test VQA
+accuracy, the difference from ``tiny`` in points, grounding Acc@0.5, mean train seconds per step, and the visual tokens the LLM's
+sequence holds per decoder layer (mean over layers: 16 for a splice recipe with tiny's projector, 4 with the
+pool-adapter, 21 with the pyramid projector, 0 for cross-attention / FFN-embedding recipes that read the image
+outside the sequence, fewer with the DPN pyramid, measured on 64 test samples), and for a fused encoder each tower's
+share of the fusion's output (:func:`tower_shares`: a tower behind a gate that never opened shows ~0). Given several
+folders (one per ``--seed``), it then prints each recipe's mean over seeds with the sample standard deviation of VQA
+and Acc@0.5 (mean ± sd), its mean difference from tiny on the same seeds (paired: a recipe run on fewer seeds is not
+set against tiny's other seeds), its mean s/step and visual tokens per layer, and the per-type accuracies; relpos is
+also split by axis (``relpos-x``: left / right, ``relpos-y``: above / below), because a run can learn one axis and
+not the other, and count by what it counts (``count-all``: every object, ``count-colour``: one colour,
+``count-shape``: one shape), because telling each token's shape apart to count it is not the same skill as naming
+one object's shape. ``table``'s last line is the JSON of the tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import shutil
 import sys
+from collections.abc import Sequence
+from datetime import datetime, timezone
 from pathlib import Path
-from statistics import fmean
+from statistics import fmean, stdev
 from typing import Any
 
 import torch
 
+from common.atomic import atomic_write
+from common.errors import UserError
 from encoders.fused import FusedEncoder
 from mllm import run
 from mllm.config import RunConfig, load_config
 from mllm.model import MLLM
+from mllm.schema import to_dict
 from train.data.shapesworld import (
     COLOUR_NAMES,
     PLURALS,
@@ -44,6 +63,11 @@ from train.data.shapesworld import (
     ShapesWorld,
 )
 
+REFERENCE = "tiny"  # every run is set against it: `all` always trains it
+RECIPES = (REFERENCE, "comm", "convgate", "dbfusion", "ftz",  # encoder-side fusions
+           "xattn", "dpn", "dehvf",  # LLM-side injections
+           "pool_adapter", "pyramid_projector")  # pooling projectors
+RESULTS = Path(__file__).resolve().parent / "results" / "ablation.md"
 PROBE_SAMPLES = 64
 RELPOS_AXES = {"relpos-x": ("left", "right"), "relpos-y": ("above", "below")}  # by reference answer
 COUNT_FILTERS = {Q_COUNT_ALL: "count-all"} | {Q_COUNT_COLOUR.format(colour=c): "count-colour" for c in COLOUR_NAMES} | {
@@ -121,71 +145,162 @@ def row(run_dir: Path) -> dict[str, Any]:
     }
 
 
+class AblationError(UserError):
+    """A run folder the ablation cannot use; the message names it and what was expected."""
+
+
+def _differences(old: Any, new: Any, key: str = "") -> list[str]:
+    """``key: OLD there, NEW now`` for every dotted key whose value differs between two config mappings."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(old.keys() | new.keys()) for d in _differences(old.get(k), new.get(k), f"{key}.{k}")]
+    return [] if old == new else [f"{key.lstrip('.')}: {old!r} there, {new!r} now"]
+
+
+def train_missing(out: Path, seeds: Sequence[int], recipes: Sequence[str], overrides: Sequence[str]) -> list[Path]:
+    """Train every recipe for every seed into ``out/seed_S/RECIPE`` unless it finished (``train_summary.json``);
+    a started run resumes from its newest checkpoint, its evaluation (``eval/``, cut short) redone. Every config is
+    loaded (and so validated) and checked against a started run's ``config.yaml`` before the first step trains.
+    Returns the folders trained."""
+    plan = [(out / f"seed_{seed}" / recipe, recipe, [*overrides, f"train.seed={seed}"])
+            for seed in seeds for recipe in recipes]
+    for run_dir, recipe, wanted in plan:
+        if (run_dir / "config.yaml").is_file():
+            saved = to_dict(load_config(str(run_dir / "config.yaml")))
+            if diff := _differences(saved, to_dict(load_config(recipe, wanted))):
+                raise AblationError(f"{run_dir}: trained with another config ({'; '.join(diff[:3])}); "
+                                    "remove the folder or choose another --out")
+        else:
+            load_config(recipe, wanted)
+    todo = [(d, r, w) for d, r, w in plan if not (d / "train_summary.json").is_file()]
+    for run_dir, recipe, wanted in todo:
+        shutil.rmtree(run_dir / "eval", ignore_errors=True)  # the evaluation refuses to write over predictions
+        run.train(recipe, run_dir, wanted, resume="auto")
+    return [d for d, _, _ in todo]
+
+
 def _points(delta: float | None) -> str:
     return "" if delta is None else f"{100 * delta:+.1f}"
 
 
+def _spread(mean: float, sd: float | None) -> str:
+    return f"{mean:.3f}" if sd is None else f"{mean:.3f} ± {sd:.3f}"
+
+
 def seed_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per recipe: VQA, Acc@0.5 and per-type accuracy averaged over its seeds, and ``vs_tiny``, the
-    mean of its runs' differences from tiny of the same seed (``None`` where no seed has a tiny run)."""
+    """One row per recipe: VQA, Acc@0.5, s/step, visual tokens per layer and per-type accuracy averaged over its
+    seeds; ``vqa_sd`` and ``grounding_sd``, the sample standard deviations over seeds (``None`` for one seed); and
+    ``vs_tiny``, the mean of its runs' differences from tiny of the same seed (``None`` where no seed has a tiny run)."""
     by_recipe: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by_recipe.setdefault(r["recipe"], []).append(r)
-    return [
-        {"recipe": name, "seeds": sorted(r["seed"] for r in runs), "vqa": fmean(r["vqa"] for r in runs),
-         "grounding": fmean(r["grounding"] for r in runs),
-         "vs_tiny": fmean(deltas) if (deltas := [r["vs_tiny"] for r in runs if r["vs_tiny"] is not None]) else None,
-         "per_type": {t: fmean(r["per_type"][t] for r in runs) for t in runs[0]["per_type"]}}
-        for name, runs in by_recipe.items()
-    ]
+    means = []
+    for name, runs in by_recipe.items():
+        vqa, grounding = [r["vqa"] for r in runs], [r["grounding"] for r in runs]
+        deltas = [r["vs_tiny"] for r in runs if r["vs_tiny"] is not None]
+        means.append({
+            "recipe": name, "seeds": sorted(r["seed"] for r in runs),
+            "vqa": fmean(vqa), "vqa_sd": stdev(vqa) if len(runs) > 1 else None,
+            "grounding": fmean(grounding), "grounding_sd": stdev(grounding) if len(runs) > 1 else None,
+            "vs_tiny": fmean(deltas) if deltas else None,
+            "s_per_step": fmean(r["s_per_step"] for r in runs),
+            "visual_tokens_per_layer": fmean(r["visual_tokens_per_layer"] for r in runs),
+            "per_type": {t: fmean(r["per_type"][t] for r in runs) for t in runs[0]["per_type"]}})
+    return means
 
 
-def table(outs: list[Path]) -> dict[str, list[dict[str, Any]]]:
-    """Every finished run under ``outs`` (one folder per seed), each against ``tiny`` of its own folder;
-    with several folders, then each recipe's mean over seeds and its mean difference from tiny (same seeds)."""
-    rows: list[dict[str, Any]] = []
-    print("| recipe | seed | steps | VQA | vs tiny (pts) | grounding Acc@0.5 | s/step | visual tokens / layer | tower shares |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for out in outs:
-        found = [row(p.parent) for p in sorted(out.glob("*/train_summary.json"))]
-        if not found:
-            sys.exit(f"{out}: no finished run (train_summary.json) to tabulate")
-        tiny = next((r["vqa"] for r in found if r["recipe"] == "tiny"), None)
-        for r in found:
-            r["vs_tiny"] = None if tiny is None else r["vqa"] - tiny
-            print(f"| {r['recipe']} | {r['seed']} | {r['steps']} | {r['vqa']:.3f} | {_points(r['vs_tiny'])} | "
-                  f"{r['grounding']:.3f} | {r['s_per_step']:.3f} | {r['visual_tokens_per_layer']:.1f} | "
-                  f"{' / '.join(f'{x:.3f}' for x in r['tower_shares'] or [])} |")
-        rows += found
+def folder_rows(out: Path, recipes: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """The :func:`row` of every finished run in ``out`` (or of ``recipes``, in that order), each with ``vs_tiny``,
+    its VQA difference from tiny's run in the same folder (``None`` without one)."""
+    dirs = [p.parent for p in sorted(out.glob("*/train_summary.json"))] if recipes is None else [out / r for r in recipes]
+    if not dirs:
+        raise AblationError(f"{out}: no finished run (train_summary.json) to tabulate")
+    found = [row(d) for d in dirs]
+    tiny = next((r["vqa"] for r in found if r["recipe"] == REFERENCE), None)
+    for r in found:
+        r["vs_tiny"] = None if tiny is None else r["vqa"] - tiny
+    return found
+
+
+def runs_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| recipe | seed | steps | VQA | vs tiny (pts) | grounding Acc@0.5 | s/step | visual tokens / layer | tower shares |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['recipe']} | {r['seed']} | {r['steps']} | {r['vqa']:.3f} | {_points(r['vs_tiny'])} | "
+                     f"{r['grounding']:.3f} | {r['s_per_step']:.3f} | {r['visual_tokens_per_layer']:.1f} | "
+                     f"{' / '.join(f'{x:.3f}' for x in r['tower_shares'] or [])} |")
+    return lines
+
+
+def means_table(means: list[dict[str, Any]]) -> list[str]:
+    types = list(means[0]["per_type"])
+    lines = [f"| recipe | seeds | VQA (mean ± sd) | vs tiny, same seeds (pts) | Acc@0.5 (mean ± sd) | s/step | "
+             f"visual tokens / layer | {' / '.join(types)} |", "|---|---|---|---|---|---|---|---|"]
+    for m in means:
+        per_type = " / ".join(f"{m['per_type'][t]:.2f}" for t in types)
+        lines.append(f"| {m['recipe']} | {', '.join(map(str, m['seeds']))} | {_spread(m['vqa'], m['vqa_sd'])} | "
+                     f"{_points(m['vs_tiny'])} | {_spread(m['grounding'], m['grounding_sd'])} | {m['s_per_step']:.3f} | "
+                     f"{m['visual_tokens_per_layer']:.1f} | {per_type} |")
+    return lines
+
+
+def table(outs: list[Path], recipes: Sequence[str] | None = None) -> tuple[str, dict[str, list[dict[str, Any]]]]:
+    """The Markdown of every finished run under ``outs`` (one folder per seed; ``recipes`` only, if given), each
+    against ``tiny`` of its own folder; with several folders, then each recipe's mean over seeds. Also the rows."""
+    rows = [r for out in outs for r in folder_rows(out, recipes)]
     means = seed_means(rows)
-    if len(outs) > 1:
-        types = list(means[0]["per_type"])
-        print(f"\n| recipe | seeds | mean VQA | vs tiny, same seeds (pts) | mean Acc@0.5 | {' / '.join(types)} |")
-        print("|---|---|---|---|---|---|")
-        for m in means:
-            per_type = " / ".join(f"{m['per_type'][t]:.2f}" for t in types)
-            print(f"| {m['recipe']} | {', '.join(map(str, m['seeds']))} | {m['vqa']:.3f} | {_points(m['vs_tiny'])} | "
-                  f"{m['grounding']:.3f} | {per_type} |")
-    return {"runs": rows, "seed_means": means}
+    lines = runs_table(rows) + (["", *means_table(means)] if len(outs) > 1 else [])
+    return "\n".join(lines), {"runs": rows, "seed_means": means}
 
 
-def main() -> None:
+def ablation(args: argparse.Namespace, command: str) -> str:
+    """``all``: train what is missing, then write the tables with ``command`` and the date to ``args.results``."""
+    recipes, seeds = list(dict.fromkeys([REFERENCE, *(args.recipes or RECIPES)])), list(dict.fromkeys(args.seeds))
+    train_missing(args.out[0], seeds, recipes, _overrides(args, seed=None))
+    tables, _ = table([args.out[0] / f"seed_{seed}" for seed in seeds], recipes)
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    text = (f"# Ablation: every design against {REFERENCE}\n\nMade on {when} by\n\n    {command}\n\n"
+            "One row per run (seed), then, with several seeds, each recipe's mean over them (± the sample standard "
+            "deviation); columns as `benchmarks/ablation.py` describes.\n\n" + tables + "\n")
+    atomic_write(args.results, text)
+    return text
+
+
+def _overrides(args: argparse.Namespace, seed: int | None) -> list[str]:
+    given = (("steps", args.steps), ("seed", seed))
+    return [f"train.{key}={value}" for key, value in given if value is not None] + args.set
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["train", "table"])
+    parser.add_argument("action", choices=["all", "train", "table"])
     parser.add_argument("recipes", nargs="*")
-    parser.add_argument("--out", type=Path, nargs="+", required=True, help="train: one folder; table: one per seed")
+    parser.add_argument("--out", type=Path, nargs="+", required=True, help="train, all: one folder; table: one per seed")
     parser.add_argument("--steps", type=int, default=None, help="train.steps for every recipe (default: each recipe's own)")
-    parser.add_argument("--seed", type=int, default=None, help="train.seed for every recipe (default: each recipe's own)")
-    args = parser.parse_intermixed_args()
-    if args.action == "train":
-        if len(args.out) != 1:
-            parser.error("train: one --out folder")
-        overrides = [f"train.{key}={value}" for key, value in (("steps", args.steps), ("seed", args.seed)) if value is not None]
-        for recipe in args.recipes:
-            run.train(recipe, args.out[0] / recipe, overrides)
-        return
-    print(json.dumps(table(args.out)))
+    parser.add_argument("--seed", type=int, default=None, help="train: train.seed for every recipe (default: each recipe's own)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="all: the train.seed of each run")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="all: the Markdown file written")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="train, all: a config override for every run")
+    args = parser.parse_intermixed_args(argv)
+    if args.action != "table" and len(args.out) != 1:
+        parser.error(f"{args.action}: one --out folder")
+    if (args.action == "all") != (args.seeds is not None) or (args.action == "all" and args.seed is not None):
+        parser.error("--seeds goes with all, --seed with train")
+    try:
+        if args.action == "all":
+            argv = sys.argv[1:] if argv is None else argv
+            print(ablation(args, shlex.join(["python", "benchmarks/ablation.py", *argv])))
+        elif args.action == "train":
+            for recipe in args.recipes:
+                run.train(recipe, args.out[0] / recipe, _overrides(args, args.seed))
+        else:
+            tables, data = table(args.out)
+            print(tables)
+            print(json.dumps(data))
+    except UserError as err:
+        print(f"ablation.py {args.action}: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

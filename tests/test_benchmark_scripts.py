@@ -1,5 +1,5 @@
 """The benchmark scripts' own arithmetic: ablation.py's relpos-axis and count-filter split (hand-written predictions),
-paired seed means (hand-written rows) and tower shares (a closed gate), position_probe.py's ridge R² (hand-computed
+paired seed means with their spread (hand-written rows) and tower shares (a closed gate), position_probe.py's ridge R² (hand-computed
 cases)."""
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def test_subtype_scores_leave_out_a_subtype_without_items(tmp_path: Path) -> Non
 
 def _run(recipe: str, seed: int, vqa: float, tiny: float | None) -> dict[str, object]:
     return {"recipe": recipe, "seed": seed, "vqa": vqa, "grounding": 1.0, "per_type": {"relpos": vqa},
-            "vs_tiny": None if tiny is None else vqa - tiny}
+            "vs_tiny": None if tiny is None else vqa - tiny, "s_per_step": 0.1 + seed, "visual_tokens_per_layer": 16.0}
 
 
 def test_seed_means_set_each_recipe_against_tiny_on_its_own_seeds() -> None:
@@ -65,12 +65,19 @@ def test_seed_means_set_each_recipe_against_tiny_on_its_own_seeds() -> None:
     rows += [_run("comm", 0, 0.85, tiny[0])]  # one seed: -5 points against tiny's seed 0, not its mean 0.8
     rows += [_run("ftz", 1, 0.9, tiny[1]), _run("ftz", 2, 0.6, tiny[2])]  # +10 and -10: mean 0
     rows += [_run("solo", 3, 0.5, None)]  # a folder without tiny
-    means = {m["recipe"]: m for m in _script("ablation").seed_means(rows)}
+    ablation = _script("ablation")
+    means = {m["recipe"]: m for m in ablation.seed_means(rows)}
     assert means["tiny"]["vqa"] == pytest.approx(0.8) and means["tiny"]["vs_tiny"] == pytest.approx(0.0)
+    assert means["tiny"]["vqa_sd"] == pytest.approx(0.1)  # sqrt((0.1² + 0² + 0.1²) / 2)
     assert means["comm"]["vs_tiny"] == pytest.approx(-0.05) and means["comm"]["seeds"] == [0]
     assert means["ftz"]["vqa"] == pytest.approx(0.75) and means["ftz"]["vs_tiny"] == pytest.approx(0.0)
+    assert means["ftz"]["vqa_sd"] == pytest.approx(0.3 / 2**0.5) and means["ftz"]["grounding_sd"] == 0.0
     assert means["ftz"]["per_type"] == {"relpos": pytest.approx(0.75)}
+    assert means["ftz"]["s_per_step"] == pytest.approx(1.6)  # seeds 1, 2: 1.1 and 2.1
     assert means["solo"]["vs_tiny"] is None
+    lines = ablation.means_table(list(means.values()))
+    assert "| comm | 0 | 0.850 | -5.0 | 1.000 | 0.100 | 16.0 | 0.85 |" in lines  # one seed: the mean, no spread
+    assert "| ftz | 1, 2 | 0.750 ± 0.212 | +0.0 | 1.000 ± 0.000 | 1.600 | 16.0 | 0.75 |" in lines
 
 
 def test_ridge_r2_is_one_for_an_exact_line_and_matches_a_hand_computed_miss() -> None:
