@@ -139,7 +139,7 @@ def recipe_names() -> list[str]:
 def resolve_recipe(name_or_path: str) -> Path:
     """A recipe name shipped in ``mllm/recipes`` or a path to a YAML file."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file():  # a folder named like a recipe (a run) is not a config
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         return path

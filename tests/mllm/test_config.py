@@ -17,6 +17,7 @@ from mllm.config import (
     from_dict,
     load_config,
     recipe_names,
+    resolve_recipe,
     save_config,
     to_dict,
 )
@@ -193,6 +194,12 @@ def test_unknown_recipe_and_missing_file() -> None:
         load_config("tinyy")
     with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
         load_config("missing.yaml")
+
+
+def test_a_run_folder_named_like_a_recipe_does_not_hide_the_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "tiny").mkdir()  # e.g. the output of `mllm train tiny --out tiny`
+    monkeypatch.chdir(tmp_path)
+    assert resolve_recipe("tiny") == RECIPES_DIR / "tiny.yaml"
 
 
 def test_registry_contract() -> None:
