@@ -9,7 +9,7 @@ question and ``<image>`` in the recipe's order), then, per injector the run has
 
 * ``gated_xattn`` (Flamingo): per block the gates ``tanh(a_x)``, ``tanh(a_f)`` and the visual read / residual;
 * ``ffn_embed`` (DEHVF / MemVP): per layer the encoder-layer selection ``beta``, the memory read / the FFN's own
-  output, and the key norm;
+  output, the key norm, and how much the read changes when each prompt sees the next scene's image;
 * ``pyramid`` (DPN): per pooling stage and question type the mean router probabilities, the share of rows sent
   to each expert, visual tokens kept, and the mean ``p_k`` the pooled tokens are multiplied by.
 
@@ -52,8 +52,8 @@ def xattn_rows(model: MLLM, batch: dict[str, Any]) -> list[dict[str, Any]]:
     return [asdict(r) | {"read_ratio": r.read_ratio} for r in xattn_report(model, batch)]
 
 
-def ffn_rows(model: MLLM, batch: dict[str, Any]) -> list[dict[str, Any]]:
-    return [asdict(r) | {"read_ratio": r.read_ratio} for r in ffn_report(model, batch)]
+def ffn_rows(model: MLLM, batch: dict[str, Any], shift: int) -> list[dict[str, Any]]:
+    return [asdict(r) | {"read_ratio": r.read_ratio} for r in ffn_report(model, batch, shift)]
 
 
 def router_rows(model: MLLM, batch: dict[str, Any], types: list[str]) -> list[dict[str, Any]]:
@@ -86,7 +86,7 @@ def report(run_dir: Path, scenes: int) -> dict[str, Any]:
     return {
         "run": str(run_dir),
         "xattn": xattn_rows(model, batch) if "GatedXAttnInjector" in names else [],
-        "ffn_embed": ffn_rows(model, batch) if "FFNEmbedInjector" in names else [],
+        "ffn_embed": ffn_rows(model, batch, len(test[0]["items"])) if "FFNEmbedInjector" in names else [],
         "pyramid": router_rows(model, batch, types) if "PyramidInjector" in names else [],
     }
 
@@ -102,10 +102,11 @@ def print_markdown(rep: dict[str, Any]) -> None:
         for r in rep["xattn"]:
             print(f"| {r['layer']} | {r['attn_gate']:+.3f} | {r['ff_gate']:+.3f} | {r['read_ratio']:.3f} |")
     if rep["ffn_embed"]:
-        print("\n| layer | selection beta | memory read / FFN output | read | FFN output | key norm |\n|---|---|---|---|---|---|")
+        print("\n| layer | selection beta | memory read / FFN output | read | FFN output | key norm | image dependence |\n"
+              "|---|---|---|---|---|---|---|")
         for r in rep["ffn_embed"]:
             print(f"| {r['layer']} | {_floats(r['selection'])} | {r['read_ratio']:.2e} | {r['memory_read']:.2e} | "
-                  f"{r['ffn_out']:.2f} | {r['key_norm']:.2e} |")
+                  f"{r['ffn_out']:.2f} | {r['key_norm']:.2e} | {r['image_dependence']:.3f} |")
     if rep["pyramid"]:
         print("\n| after layer | question type | mean p | share chosen | tokens out | mean p_k |\n|---|---|---|---|---|---|")
         for r in rep["pyramid"]:

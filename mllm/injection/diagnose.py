@@ -112,6 +112,7 @@ class FFNLayerReport:
     ffn_out: float  # mean |FFN_l(x_l)|
     memory_read: float  # mean |s SiLU(x_l K_l^T) V_l|
     key_norm: float  # mean |K_l[n]| over the N' memory slots
+    image_dependence: float | None  # mean |read - read with another row's image| / mean |read| (``shift`` > 0)
 
     @property
     def read_ratio(self) -> float:
@@ -119,15 +120,11 @@ class FFNLayerReport:
         return self.memory_read / max(self.ffn_out, 1e-12)
 
 
-def ffn_report(model: nn.Module, batch: Mapping[str, Any]) -> list[FFNLayerReport]:
-    """Per-layer selection and norms of every ``ffn_embed`` (DEHVF / MemVP) memory of ``model`` on ``batch``.
+def _ffn_reads(model: nn.Module, injectors: list[Any], batch: Mapping[str, Any]) -> dict[tuple[int, int], dict[str, Any]]:
+    """Per (injector, layer): the FFN input ``x``, the hooked ``mlp``'s output (FFN + read), the memory
+    ``(K, V, beta)`` and the read ``s SiLU(x K^T) V`` recomputed from them, on one forward of ``batch``."""
+    from mllm.injection.ffn_embed import memory_read
 
-    The read ``s SiLU(x K^T) V`` is recomputed from the FFN input the injector saw and the memory it cached
-    for the context; the FFN's own output is what the hooked ``mlp`` returned minus that read.
-    """
-    from mllm.injection.ffn_embed import FFNEmbedInjector, memory_read
-
-    injectors = [inj for inj in model.injectors if isinstance(inj, FFNEmbedInjector)]
     layers = model.llm.get_decoder().layers
     seen: dict[tuple[int, int], dict[str, Any]] = {}
     handles = []
@@ -144,18 +141,36 @@ def ffn_report(model: nn.Module, batch: Mapping[str, Any]) -> list[FFNLayerRepor
     finally:
         for handle in handles:
             handle.remove()
+    for (j, _i), got in seen.items():
+        keys, values, _ = got["memory"]
+        got["read"] = injectors[j].cfg.scale * memory_read(got["x"].to(keys.dtype), keys, values)
+    return seen
+
+
+def ffn_report(model: nn.Module, batch: Mapping[str, Any], shift: int = 0) -> list[FFNLayerReport]:
+    """Per-layer selection and norms of every ``ffn_embed`` (DEHVF / MemVP) memory of ``model`` on ``batch``.
+
+    The read ``s SiLU(x K^T) V`` is recomputed from the FFN input the injector saw and the memory it cached
+    for the context; the FFN's own output is what the hooked ``mlp`` returned minus that read. With
+    ``shift`` > 0 the batch runs again with ``pixel_values`` rolled by ``shift`` rows (each prompt seeing
+    another row's image): a read that barely changes carries little of the image, whatever its norm.
+    """
+    from mllm.injection.ffn_embed import FFNEmbedInjector
+
+    injectors = [inj for inj in model.injectors if isinstance(inj, FFNEmbedInjector)]
+    seen = _ffn_reads(model, injectors, batch)
+    other = _ffn_reads(model, injectors, {**batch, "pixel_values": batch["pixel_values"].roll(shift, 0)}) if shift else None
     mask = batch["attention_mask"]
     reports = []
-    for j, inj in enumerate(injectors):
-        for i in inj.layer_ids:
-            got = seen[(j, i)]
-            keys, values, beta = got["memory"]
-            read = inj.cfg.scale * memory_read(got["x"].to(keys.dtype), keys, values)
-            reports.append(FFNLayerReport(
-                layer=i, selection=[float(b) for b in beta.float().mean(0)],
-                ffn_out=_mean_norm(got["out"] - read.to(got["out"].dtype), mask), memory_read=_mean_norm(read, mask),
-                key_norm=float(keys.float().norm(dim=-1).mean()),
-            ))
+    for (j, i), got in seen.items():
+        keys, _, beta = got["memory"]
+        read = got["read"]
+        change = None if other is None else _mean_norm(read - other[(j, i)]["read"], mask) / max(_mean_norm(read, mask), 1e-12)
+        reports.append(FFNLayerReport(
+            layer=i, selection=[float(b) for b in beta.float().mean(0)],
+            ffn_out=_mean_norm(got["out"] - read.to(got["out"].dtype), mask), memory_read=_mean_norm(read, mask),
+            key_norm=float(keys.float().norm(dim=-1).mean()), image_dependence=change,
+        ))
     return reports
 
 

@@ -98,3 +98,24 @@ def test_router_report_gives_each_stage_its_probabilities_choice_and_token_count
     report = router_report(model, batch)
     assert report[0].chosen == [2] and report[0].tokens_out == [4] and report[0].scale[0] == max(report[0].probs[0])
     assert report[1].tokens_in == [4] and report[1].chosen == [None] and report[1].scale == [None]
+
+
+def test_ffn_report_image_dependence_is_the_change_of_the_read_under_another_rows_image(
+    kit: Any, word_tokenizer: Any
+) -> None:
+    model = kit.build(word_tokenizer, "llama", [{"name": "ffn_embed", "layers": [2]}], splice=False, layers=[1])
+    first, second = (kit.prompt_batch(model, im, "how many?", [7]) for im in kit.images(2))
+    batch = {k: torch.cat([first[k], second[k]]) for k in first}  # one prompt, two images
+    total: list[torch.Tensor] = []
+    raw: list[torch.Tensor] = []
+    mlp = model.llm.get_decoder().layers[2].mlp
+    mlp.register_forward_hook(lambda _m, _a, out: raw.append(out), prepend=True)
+    mlp.register_forward_hook(lambda _m, _a, out: total.append(out))
+    (report,) = ffn_report(model, batch, shift=1)
+    read = total[0] - raw[0]  # rolling by one row swaps the two images: row 0 now reads row 1's and back
+    expected = (read[0] - read[1]).norm(dim=-1).mean() / read.norm(dim=-1).mean()
+    assert report.image_dependence is not None and math.isclose(report.image_dependence, float(expected), rel_tol=1e-4)
+    assert report.image_dependence > 0
+    same = {**batch, "pixel_values": first["pixel_values"].expand_as(batch["pixel_values"])}
+    assert ffn_report(model, same, shift=1)[0].image_dependence == 0.0
+    assert ffn_report(model, batch)[0].image_dependence is None
