@@ -1,6 +1,6 @@
 """The benchmark scripts' own arithmetic: ablation.py's relpos-axis and count-filter split (hand-written predictions),
 paired seed means with their spread (hand-written rows) and tower shares (a closed gate), position_probe.py's ridge R² (hand-computed
-cases)."""
+cases), injection_report.py's single-question rows and per-type router summary."""
 
 from __future__ import annotations
 
@@ -109,3 +109,27 @@ def test_tower_shares_are_zero_behind_a_closed_gate_and_the_mean_ablation_of_the
     expected = float((anchor - anchor.mean(dim=(0, 1))).norm() / anchor.norm())
     assert shares is not None and shares[1] == 0.0
     assert shares[0] == pytest.approx(expected, rel=1e-4) and shares[0] > 0.1
+
+
+def test_injection_report_rows_follow_the_first_turns_layout_and_group_the_router_by_question_type(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    report = _script("injection_report")
+    scene = {"id": "s", "image": "IMG", "objects": [], "items": [{"type": "colour", "question": "Q1?", "answer": "red"},
+                                                                {"type": "count", "question": "Q2?", "answer": "2"}]}
+    first = [{**scene, "conversations": [{"from": "human", "value": "Q1?\n<image>"}]},
+             {**scene, "id": "t", "conversations": [{"from": "human", "value": "<image>\nQ1?"}]}]
+    rows, types = report.single_question_rows(first)
+    assert types == ["colour", "count", "colour", "count"]
+    assert [r["conversations"][0]["value"] for r in rows] == ["Q1?\n<image>", "Q2?\n<image>", "<image>\nQ1?", "<image>\nQ2?"]
+    assert [r["conversations"][1]["value"] for r in rows] == ["red", "2", "red", "2"] and rows[3]["id"] == "t-1"
+    from mllm.injection.diagnose import RouterStageReport
+
+    stage = RouterStageReport(layer=0, probs=[[0.5, 0.2, 0.3], [0.1, 0.1, 0.8], [0.2, 0.6, 0.2], [0.3, 0.3, 0.4]],
+                              tokens_in=[16, 16, 16, 2], tokens_out=[16, 4, 8, 2], skip_below=4)
+    monkeypatch.setattr(report, "router_report", lambda _model, _batch: [stage])
+    out = report.router_rows(None, {}, types)
+    colour, count = out  # rows 0, 2 are colour questions; rows 1, 3 count (row 3 too few tokens: not pooled)
+    assert colour["type"] == "colour" and colour["mean_p"] == pytest.approx([0.35, 0.4, 0.25])
+    assert colour["chosen"] == [0.5, 0.5, 0.0] and colour["tokens_out"] == 12 and colour["scale"] == pytest.approx(0.55)
+    assert count["chosen"] == [0.0, 0.0, 1.0] and count["tokens_out"] == 3 and count["scale"] == pytest.approx(0.8)
