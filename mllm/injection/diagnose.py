@@ -48,6 +48,16 @@ def _mean_norm(x: torch.Tensor, mask: torch.Tensor) -> float:
     return float((x.float().norm(dim=-1) * weights).sum() / weights.sum().clamp_min(1.0))
 
 
+def _forward(model: nn.Module, batch: Mapping[str, Any], handles: list[Any]) -> None:
+    """One gradient-free forward of ``model`` on ``batch`` with the diagnostic ``handles`` attached, then removed."""
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def xattn_report(model: nn.Module, batch: Mapping[str, Any]) -> list[XAttnLayerReport]:
     """Per-layer gates and norms of every gated cross-attention block of ``model`` on ``batch``
     (keyword arguments of ``model``'s forward, with ``attention_mask``), in injector and layer order."""
@@ -58,12 +68,7 @@ def xattn_report(model: nn.Module, batch: Mapping[str, Any]) -> list[XAttnLayerR
     for i, block in blocks:
         handles.append(block.register_forward_hook(lambda _m, args, out, _s=seen[i]: _s.update(y=args[0], out=out)))
         handles.append(block.to_out.register_forward_hook(lambda _m, _a, out, _s=seen[i]: _s.update(attn=out)))
-    try:
-        with torch.no_grad():
-            model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _forward(model, batch, handles)
     mask = batch["attention_mask"]
     reports = []
     for i, block in blocks:
@@ -135,12 +140,7 @@ def _ffn_reads(model: nn.Module, injectors: list[Any], batch: Mapping[str, Any])
             # injector's per-context state (dropped when the call ends) holds this layer's memory
             handles.append(layers[i].mlp.register_forward_hook(
                 lambda _m, args, out, _s=slot, _inj=inj, _i=i: _s.update(x=args[0], out=out, memory=_inj.state[_i])))
-    try:
-        with torch.no_grad():
-            model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _forward(model, batch, handles)
     for (j, _i), got in seen.items():
         keys, values, _ = got["memory"]
         got["read"] = injectors[j].cfg.scale * memory_read(got["x"].to(keys.dtype), keys, values)
@@ -204,12 +204,7 @@ def router_report(model: nn.Module, batch: Mapping[str, Any]) -> list[RouterStag
     handles = [inj.routers[str(p)].register_forward_hook(
         lambda _m, _a, out, _k=(j, p): seen.__setitem__(_k, out.detach().float()))
         for j, inj in enumerate(injectors) for p in inj.pool_layers]
-    try:
-        with torch.no_grad():
-            model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _forward(model, batch, handles)
     return [RouterStageReport(layer=p, probs=seen[(j, p)].tolist(), tokens_in=inj.last_visual_tokens[s],
                               tokens_out=inj.last_visual_tokens[s + 1], skip_below=inj.cfg.skip_below)
             for j, inj in enumerate(injectors) for s, p in enumerate(inj.pool_layers)]
