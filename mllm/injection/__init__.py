@@ -3,7 +3,7 @@ the LLM inside its layers instead of (or besides) as spliced tokens.
 
 ``gated_xattn`` (Flamingo gated cross-attention), ``ffn_embed`` (DEHVF FFN memory) and ``pyramid``
 (DPN pooling experts); registered in ``mllm.registry.INJECTORS``, interface in :mod:`.base`;
-:func:`.diagnose.xattn_report` measures how much each cross-attention layer reads of the image.
+:mod:`.diagnose` measures where the LLM reads the image (``xattn_report``, ``ffn_report``, ``router_report``).
 """
 
 from mllm.injection.base import InjectionError, InjectionSpec, Injector, VisualContext, inject

@@ -1,6 +1,6 @@
-"""How much the image reaches the LLM through gated cross-attention: one forward, per-layer figures.
+"""Where the LLM reads the image, per injector: one forward, per-layer figures.
 
-For every :class:`~mllm.injection.gated_xattn.GatedXAttnBlock` of a model's ``gated_xattn`` injectors,
+:func:`xattn_report`: for every :class:`~mllm.injection.gated_xattn.GatedXAttnBlock` of a model's ``gated_xattn`` injectors,
 on one batch (Flamingo's block, Alayrac et al., 2022, arXiv 2204.14198, §2.2):
 
 * the gates ``tanh(a_x)`` and ``tanh(a_f)``;
@@ -13,6 +13,11 @@ residual means the LLM barely sees the image at that layer, whatever the gate sa
 
 :func:`position_probe`: whether the cross-attended tokens carry their place in the image (a linear
 probe of the token index), which keys without a position embedding need for grounding.
+
+:func:`ffn_report`: per DEHVF / MemVP FFN memory (``ffn_embed``), the encoder-layer selection, the memory
+read against the FFN's own output, and how much the read changes with another image.
+:func:`router_report`: per DPN pooling stage (``pyramid``), the routers' probabilities, the expert used and
+the visual tokens kept per row.
 """
 
 from __future__ import annotations
