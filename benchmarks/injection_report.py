@@ -58,20 +58,20 @@ def ffn_rows(model: MLLM, batch: dict[str, Any], shift: int) -> list[dict[str, A
 
 def router_rows(model: MLLM, batch: dict[str, Any], types: list[str]) -> list[dict[str, Any]]:
     """Per stage and question type: mean p, the share of pooled rows per chosen expert, tokens out, mean p_k."""
+    by_type: dict[str, list[int]] = defaultdict(list)
+    for row, kind in enumerate(types):
+        by_type[kind].append(row)
     out = []
     for stage in router_report(model, batch):
-        by_type: dict[str, list[int]] = defaultdict(list)
-        for row, kind in enumerate(types):
-            by_type[kind].append(row)
+        chosen, scale, experts = stage.chosen, stage.scale, len(stage.probs[0])  # properties: computed once per stage
         for kind, rows in sorted(by_type.items()):
-            pooled = [r for r in rows if stage.chosen[r] is not None]
-            experts = len(stage.probs[0])
+            pooled = [r for r in rows if chosen[r] is not None]
             out.append({
                 "layer": stage.layer, "type": kind,
                 "mean_p": [fmean(stage.probs[r][e] for r in rows) for e in range(experts)],
-                "chosen": [sum(stage.chosen[r] == e for r in pooled) / max(len(pooled), 1) for e in range(experts)],
+                "chosen": [sum(chosen[r] == e for r in pooled) / max(len(pooled), 1) for e in range(experts)],
                 "tokens_out": fmean(stage.tokens_out[r] for r in rows),
-                "scale": fmean(stage.scale[r] for r in pooled) if pooled else None,  # type: ignore[misc]
+                "scale": fmean(scale[r] for r in pooled) if pooled else None,  # type: ignore[misc]
             })
     return out
 

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mllm.injection.base import decoder_layers
 from mllm.injection.gated_xattn import GatedXAttnInjector
 
 
@@ -135,7 +136,7 @@ def _ffn_reads(model: nn.Module, injectors: list[Any], batch: Mapping[str, Any])
     ``(K, V, beta)`` and the read ``s SiLU(x K^T) V`` recomputed from them, on one forward of ``batch``."""
     from mllm.injection.ffn_embed import memory_read
 
-    layers = model.llm.get_decoder().layers
+    layers = decoder_layers(model.llm)
     seen: dict[tuple[int, int], dict[str, Any]] = {}
     handles = []
     for j, inj in enumerate(injectors):
