@@ -88,8 +88,11 @@ def fast_config() -> FrankToyConfig:
 
 # --- configs of the parts ------------------------------------------------------------------------
 def data_config(cfg: FrankToyConfig) -> ShapesWorldConfig:
+    """The scenes of every stage; prompts laid out as theta_V trains (``mllm_data.image_first``), so the
+    evaluations ask every model with the layout theta_V learnt (the question/answer texts do not depend on it)."""
     return ShapesWorldConfig(seed=cfg.seed, image_size=cfg.encoder["image_size"], train_images=cfg.train_images,
-                             val_images=max(cfg.probe_images, 1), test_images=cfg.eval_scenes)
+                             val_images=max(cfg.probe_images, 1), test_images=cfg.eval_scenes,
+                             image_first=cfg.mllm_data.get("image_first", True))
 
 
 def train_config(cfg: FrankToyConfig, steps: int, lr: float, batch_size: int | None = None) -> dict[str, Any]:

@@ -5,9 +5,10 @@ present in the scene) is followed by one arithmetic operation written as in the 
 
     <image>\\nHow many red objects are there? + 3            reference: count + 3
 
-(a subtraction never goes below 0). The expected answer is a chain, ``"2 + 3 = 5 → 5"``; the score
-is exact match of the stated result (:func:`train.data.arithmetic.final_answer`). ``aggregate`` also
-reports ``count_accuracy``: how often the chain's first number is the true count, which separates
+(a subtraction never goes below 0); with ``image_first: false`` in the ShapesWorld config the image
+marker follows the question, the layout a model trained on that config expects. The expected answer
+is a chain, ``"2 + 3 = 5 → 5"``; the score is exact match of the stated result
+(:func:`train.data.arithmetic.final_answer`). ``aggregate`` also reports ``count_accuracy``: how often the chain's first number is the true count, which separates
 the visual half of a miss from the arithmetic half. Questions use only words of the two parents'
 vocabularies. Operation and operand of scene ``i`` come from ``default_rng([seed, 300, i])``.
 """
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from eval.tasks.base import IMAGE_MARKER, BaseTask, EvalSample, mean_score, per_type
+from eval.tasks.base import BaseTask, EvalSample, mean_score, per_type
 from train.data.arithmetic import apply, final_answer
 from train.data.shapesworld import (
     PLURALS,
@@ -30,6 +31,7 @@ from train.data.shapesworld import (
     Q_COUNT_SHAPE,
     ShapesWorld,
     ShapesWorldConfig,
+    first_turn,
 )
 
 _FIRST_INT = re.compile(r"\d+")
@@ -61,10 +63,10 @@ class CompositionalTask(BaseTask):
     name = "compositional"
     prompt_version = "compositional-v1"
     generated = True
-    prompt = IMAGE_MARKER + "\n{question}"
 
     def __init__(self, cfg: CompositionalConfig, split: str = "test") -> None:
         self.cfg, self.split = cfg, split
+        self.prompt = first_turn("{question}", cfg.data.image_first)  # as ShapesWorldTask lays out its prompt
 
     def samples(self) -> Iterator[EvalSample]:
         for i, scene in enumerate(ShapesWorld(self.cfg.data).split(self.split)):

@@ -77,6 +77,16 @@ def test_every_model_is_evaluated_on_its_tasks(toy: tuple[Path, dict]) -> None:
         assert (out / "results" / png).stat().st_size > 1000
 
 
+def test_evaluations_ask_in_the_layout_theta_v_trained_with(toy: tuple[Path, dict]) -> None:
+    """theta_V learns question-first turns (``mllm_data.image_first: false``): an image-first eval prompt
+    would ask it something it never saw (the first full run scored theta_V VQA 0.275 that way, 0.468 right)."""
+    out, _ = toy
+    assert fast_config().mllm_data["image_first"] is False
+    for task in ("shapesworld", "compositional"):
+        rows = [json.loads(line) for line in (out / "evals" / "mllm" / task / "predictions.jsonl").read_text().splitlines()]
+        assert rows and all(r["prompt"].endswith("\n<image>") and "<image>" not in r["prompt"][:-7] for r in rows)
+
+
 def _prior(share: list[float], norm: str) -> np.ndarray:
     """w_V(l) of FRANK's fitted prior (Eq. 40-45, arXiv 2505.16151), computed independently of mllm.merge."""
     layers = np.arange(1, len(share) + 1)

@@ -46,3 +46,11 @@ def test_compositional_aggregate_separates_count_from_result() -> None:
                for s, p in ((a, task.parse(a, good)), (b, task.parse(b, wrong_sum)))]
     metrics = task.aggregate(records)
     assert metrics["accuracy"] == 0.5 and metrics["count_accuracy"] == 1.0 and metrics["n"] == 2
+
+
+def test_compositional_prompt_follows_the_data_layout() -> None:
+    """A model trained on question-first ShapesWorld turns is asked question first here too."""
+    task = CompositionalTask(CompositionalConfig(data=ShapesWorldConfig(test_images=2, image_first=False)))
+    s = next(iter(task.samples()))
+    assert task.build_prompt(s) == f"{s.question}\n<image>"
+    assert task.protocol()["prompt_template"] == "{question}\n<image>"
