@@ -134,8 +134,7 @@ def row(run_dir: Path) -> dict[str, Any]:
     summary = json.loads((run_dir / "train_summary.json").read_text())
     steps = [h["s_per_step"] for h in summary["history"] if "s_per_step" in h]
     per_type = {k: v for k, v in summary["eval"]["per_type"].items() if k != "grounding"} | subtype_scores(run_dir)
-    model = MLLM.from_pretrained(run_dir / "model").eval()  # loaded once for both probes below
-    cfg = load_config(str(run_dir / "config.yaml"))
+    model, cfg = run.load_run(run_dir)  # loaded once for both probes below
     return {
         "recipe": run_dir.name, "seed": cfg.train.seed,
         "steps": summary["history"][-1]["step"], "vqa": summary["eval"]["vqa_accuracy"],

@@ -29,7 +29,6 @@ from typing import Any
 import torch
 
 from mllm import run
-from mllm.config import load_config
 from mllm.injection.diagnose import ffn_report, router_report, xattn_report
 from mllm.model import MLLM
 from train.data.shapesworld import ShapesWorld
@@ -77,8 +76,7 @@ def router_rows(model: MLLM, batch: dict[str, Any], types: list[str]) -> list[di
 
 
 def report(run_dir: Path, scenes: int) -> dict[str, Any]:
-    model = MLLM.from_pretrained(run_dir / "model").eval()
-    cfg = load_config(str(run_dir / "config.yaml"))
+    model, cfg = run.load_run(run_dir)
     test = ShapesWorld(cfg.data).split("test")
     samples, types = single_question_rows([test[i] for i in range(scenes)])
     batch = {k: v for k, v in run.make_collator(model, cfg)(samples).items() if k != "labels"}

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mllm.config import load_config
-from mllm.model import MLLM
+from mllm import run
 from train.data.shapesworld import ShapesWorld
 
 
@@ -32,11 +31,11 @@ def ridge_r2(x: torch.Tensor, y: torch.Tensor, fit: int, lam: float = 1e-2) -> f
 
 
 def position_r2(run_dir: Path, images: int, fit: int) -> dict[str, float]:
-    model = MLLM.from_pretrained(run_dir / "model").eval()
+    model, cfg = run.load_run(run_dir)
     rows, cols = model.encoder.grid_size
     if model.num_visual_tokens != rows * cols:
         raise SystemExit(f"{run_dir}: {model.num_visual_tokens} visual tokens for a {rows}x{cols} grid; one per patch needed")
-    test = ShapesWorld(load_config(str(run_dir / "config.yaml")).data).split("test")
+    test = ShapesWorld(cfg.data).split("test")
     pixels = torch.stack([model.preprocess(test[i]["image"]) for i in range(images)])
     with torch.no_grad():
         tokens = torch.cat([model.encode_images(chunk) for chunk in pixels.split(64)]).double()  # [B, N, D]

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from mllm.model import CONFIG_FILE, AnswersText, ModelError, resolve_device, resolve_dtype
-from mllm.placement import DEVICE_MAPS
+from mllm.placement import check_placement
 
 IMAGE_MARKER = "<image>"  # where the image goes in an eval prompt (eval.tasks.base.IMAGE_MARKER)
 HF_CONFIG = "config.json"
@@ -77,10 +77,7 @@ class NativeMLLM(AnswersText):
         root = Path(folder)
         if not (root / HF_CONFIG).is_file():
             raise ModelError(f"{root / HF_CONFIG}: not found (expected a transformers model folder)")
-        if device_map is not None and device is not None:
-            raise ModelError("device and device_map: give one (device_map spreads the model over several)")
-        if device_map not in (None, *DEVICE_MAPS):
-            raise ModelError(f"device_map: expected one of {list(DEVICE_MAPS)}, got {device_map!r}")
+        check_placement(device, device_map)
         torch_dtype = resolve_dtype(dtype) or "auto"
         # transformers reads every tensor straight to its device: the whole model to one, or spread by "auto"
         where = device_map if device_map is not None else resolve_device(device)

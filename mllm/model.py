@@ -48,7 +48,7 @@ from mllm.injection.base import (
 )
 from mllm.loss import causal_lm_loss, supervised_positions
 from mllm.numbers import init_number_embeddings
-from mllm.placement import dispatch, load_device, plan_device_map
+from mllm.placement import check_placement, dispatch, load_device, plan_device_map
 from mllm.registry import AUX_HEADS, ENCODERS, INJECTORS, PROJECTORS
 from mllm.schema import ConfigError, Part, from_dict, read_yaml, to_dict
 from train.templates import IGNORE_INDEX, encode_prompt, get_template, image_token_id
@@ -556,8 +556,7 @@ class MLLM(AnswersText, nn.Module):
         if not root.is_dir():
             raise ModelError(f"{root}: checkpoint folder not found")
         target_dtype = resolve_dtype(dtype)
-        if device_map is not None and device is not None:
-            raise ModelError("device and device_map: give one (device_map spreads the model over several)")
+        check_placement(device, device_map)
         target_device = resolve_device(device)
         for name in (CONFIG_FILE, f"{LLM_DIR}/config.json", TOKENIZER_DIR):
             if not (root / name).exists():

@@ -29,6 +29,14 @@ class PlacementError(UserError, ValueError):
     """A device map that cannot be honoured; the message says why."""
 
 
+def check_placement(device: str | None, device_map: str | None) -> None:
+    """Refuse, before anything loads, ``device`` and ``device_map`` together or a map that is not known."""
+    if device_map is not None and device is not None:
+        raise PlacementError("device and device_map: give one (device_map spreads the model over several)")
+    if device_map not in (None, *DEVICE_MAPS):
+        raise PlacementError(f"device_map: expected one of {list(DEVICE_MAPS)}, got {device_map!r}")
+
+
 def device_of(device_map: Mapping[str, int | str], name: str) -> int | str:
     """The device of parameter / buffer / module ``name``: the entry of its longest mapped prefix."""
     parts = name.split(".")

@@ -266,6 +266,13 @@ def evaluate_tasks(
                      skip_bad=skip_bad)
 
 
+def load_run(run_dir: Path) -> tuple[Any, RunConfig]:
+    """A trained run folder's model (``RUN/model``, eval mode) and the config it trained with (``RUN/config.yaml``)."""
+    from mllm.model import MLLM
+
+    return MLLM.from_pretrained(run_dir / "model").eval(), load_config(str(run_dir / "config.yaml"))
+
+
 def _check_model_folder(checkpoint: Path) -> None:
     from mllm.hf_native import is_native
 

@@ -17,7 +17,7 @@ from hf_families import IMAGES, QUESTIONS
 
 from mllm import run
 from mllm.config import load_config
-from mllm.model import MLLM, ModelError
+from mllm.model import MLLM
 from mllm.placement import PlacementError, device_of, plan_device_map
 
 SMALL = [
@@ -68,7 +68,7 @@ def test_plan_splits_between_decoder_layers_and_keeps_the_splice_on_one_device(c
 def test_a_model_that_fits_nowhere_is_refused_without_disk_offload(checkpoint: Path) -> None:
     with pytest.raises(PlacementError, match="does not fit"):
         MLLM.from_pretrained(checkpoint, device_map="auto", max_memory={"cpu": 1000})
-    with pytest.raises(ModelError, match="give one"):
+    with pytest.raises(PlacementError, match="give one"):
         MLLM.from_pretrained(checkpoint, device="cpu", device_map="auto")
     with pytest.raises(PlacementError, match="expected one of"):
         MLLM.from_pretrained(checkpoint, device_map="everywhere")
@@ -113,6 +113,8 @@ def test_device_map_auto_through_the_commands(checkpoint: Path, tmp_path: Path,
         assert cli.main(["chat", str(folder), "--image", str(image), "what?", "--device", "cpu",
                          "--device-map", "auto"]) == 2
         assert "give one" in capsys.readouterr().err
+    with pytest.raises(PlacementError, match="expected one of"):  # refused before transformers reads a tensor
+        load_generator(native, device_map="everywhere")
     spread_native = load_generator(native, device_map="auto")
     assert isinstance(spread_native, NativeMLLM) and spread_native.device.type == "cpu"
     assert cli.main(["eval", str(native), "--task", "arithmetic", "--opt", "test_size=2", "--max-new-tokens", "2",
