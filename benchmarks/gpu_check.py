@@ -23,7 +23,8 @@ JSON line ``{"figure": ..., "card": torch.cuda.get_device_name(), ...}``, after 
   196 image tokens, random words, every word labelled) under ``torch.autocast`` bf16 with fp32 weights, as
   ``train.mixed_precision: bf16`` runs. Median step time, tokens/s, peak memory, and MFU = model FLOPs per
   second over the card's dense bf16 peak (:func:`train.throughput.peak_flops`; unknown card or CPU: null),
-  with the model FLOPs of a training step ``6 (N_llm T + N_vision I P)``: 2N forward and 4N backward per
+  with the model FLOPs of a training step ``6 (N_llm T + N_vision I P)`` (:meth:`mllm.model.MLLM.flops_counter`,
+  the trainer's count too): 2N forward and 4N backward per
   token (Kaplan et al. 2020, arXiv 2001.08361, Sec. 2.1; PaLM's MFU, Chowdhery et al. 2022, arXiv
   2204.02311, App. B, attention's sequence-length term left out as the trainer's logged MFU leaves it),
   for ``T`` LLM tokens and ``I`` images of ``P`` patches through encoder and projector. The LM head's
@@ -173,20 +174,6 @@ def training_batch(model: MLLM, sizes: Sizes) -> dict[str, torch.Tensor]:
             "pixel_values": torch.randn(sizes.batch, 3, *model.encoder.image_size, generator=gen)}
 
 
-def param_counts(model: MLLM) -> tuple[int, int]:
-    """``(N_llm, N_vision)``: the LLM's parameters (tied embeddings once: the LM head's matrix), and the
-    encoder's and projector's."""
-    return (sum(p.numel() for p in model.llm.parameters()),
-            sum(p.numel() for part in (model.encoder, model.projector) for p in part.parameters()))
-
-
-def training_flops(model: MLLM, batch: dict[str, torch.Tensor]) -> float:
-    """Model FLOPs of one training step, ``6 (N_llm T + N_vision I P)`` (module docstring)."""
-    n_llm, n_vision = param_counts(model)
-    images = batch["pixel_values"].shape[0]
-    return 6.0 * (n_llm * batch["input_ids"].numel() + n_vision * images * model.encoder.num_patches)
-
-
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -215,9 +202,9 @@ def train_figure(recipe: RunConfig, sizes: Sizes, tokenizer: Any, device: torch.
         losses.append(train_step(optimizer, forward))
         times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
-    flops_per_s = training_flops(model, batch) / step_s
+    flops_per_s = model.flops_counter()(batch) / step_s
     peak = peak_flops(device)
-    n_llm, n_vision = param_counts(model)
+    n_llm, n_vision = model.param_counts()
     return {
         "autocast": "bfloat16", "weights": str(next(model.parameters()).dtype).removeprefix("torch."),
         "batch": sizes.batch, "seq_len": sizes.seq_len, "image_tokens": model.num_image_tokens,

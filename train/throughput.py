@@ -2,7 +2,8 @@
 
 Training costs about ``6 N`` FLOPs per token for ``N`` parameters (2N forward, 4N backward;
 Kaplan et al. 2020, Sec. 2.1; PaLM, Chowdhery et al. 2022, App. B), attention's sequence-length
-term left out, so ``MFU = 6 N tokens_per_s / peak_flops``. Peaks are dense BF16/FP16 tensor-core
+term left out, so ``MFU = 6 N tokens_per_s / peak_flops``; a model that runs parts of itself per
+image patch rather than per token counts its own (``flops_counter()``, the MLLM's). Peaks are dense BF16/FP16 tensor-core
 figures per device from the vendors' data sheets; an fp32 run is measured against the same peak.
 """
 
@@ -39,8 +40,13 @@ def peak_flops(device: torch.device, override_tflops: float | None = None) -> fl
     return None
 
 
-def mfu(num_params: int, tokens_per_s: float, peak: float | None) -> float | None:
-    """``6 N tokens_per_s / peak``; ``None`` without a peak."""
+def token_flops(num_params: int, tokens: int) -> float:
+    """``6 N T``: a training step's model FLOPs over ``T`` tokens of an ``N``-parameter model."""
+    return 6.0 * num_params * tokens
+
+
+def mfu(flops_per_s: float, peak: float | None) -> float | None:
+    """Achieved model FLOP/s over the peak; ``None`` without a peak."""
     if peak is None or peak <= 0:
         return None
-    return 6.0 * num_params * tokens_per_s / peak
+    return flops_per_s / peak

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from common.errors import UserError
 from train.sampler import StepBatchSampler, stream_batches
 from train.stages import DEFAULT_TRAINABLE, LoraConfig, plan_groups
-from train.throughput import mfu, peak_flops
+from train.throughput import mfu, peak_flops, token_flops
 
 log = logging.getLogger("mllm.train")
 
@@ -270,6 +270,8 @@ class Trainer:
             )
         self.dataset, self.collate_fn, self.lengths = dataset, collate_fn, lengths
         self.num_params = sum(p.numel() for p in model.parameters())  # before any sharding
+        # a model that runs parts of itself per image patch counts its own FLOPs (MLLM.flops_counter)
+        self._flops = model.flops_counter() if hasattr(model, "flops_counter") else self._token_flops
         self.peak = peak_flops(self.accelerator.device, cfg.peak_tflops)
         optimizer, scheduler = build_optimizer(model, cfg)
         ds_plugin = self.accelerator.state.deepspeed_plugin
@@ -339,7 +341,7 @@ class Trainer:
         self.model.train()
         # Closed before an error leaves the loop, so the error (not a redraw) is the last line printed.
         with tqdm(total=cfg.steps, initial=self.step, disable=not acc.is_local_main_process, desc="train") as bar:
-            loss_sum, tokens, samples, since, t0 = 0.0, 0, 0, 0, time.perf_counter()  # since the last log
+            loss_sum, tokens, samples, flops, since, t0 = 0.0, 0, 0, 0.0, 0, time.perf_counter()  # since the last log
             batches = iter(self._loader())
             while self.step < cfg.steps:
                 for _ in range(self.accum):
@@ -354,6 +356,7 @@ class Trainer:
                         acc.backward(loss)  # scaled by 1 / accumulation
                     loss_sum += loss.item() / self.accum
                     tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+                    flops += self._flops(batch)
                     samples += len(next(iter(batch.values())))
                 if cfg.grad_clip > 0:
                     acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -366,14 +369,15 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     dt = time.perf_counter() - t0
                     # Over all processes: the mean loss, and the tokens / samples they processed together.
-                    totals = acc.reduce(torch.tensor([loss_sum, tokens, samples], dtype=torch.float64, device=acc.device),
-                                        reduction="sum").tolist()
-                    row = self._row(totals[0] / acc.num_processes / since, totals[1] / dt, totals[2] / dt, dt / since)
+                    totals = acc.reduce(torch.tensor([loss_sum, tokens, samples, flops], dtype=torch.float64,
+                                                     device=acc.device), reduction="sum").tolist()
+                    row = self._row(totals[0] / acc.num_processes / since, totals[1] / dt, totals[2] / dt, dt / since,
+                                    totals[3] / dt)
                     self.history.append(row)
                     acc.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=self.step)
                     extra = {"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}
                     bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}", **extra)
-                    loss_sum, tokens, samples, since, t0 = 0.0, 0, 0, 0, time.perf_counter()
+                    loss_sum, tokens, samples, flops, since, t0 = 0.0, 0, 0, 0.0, 0, time.perf_counter()
                 if self.eval_fn is not None and cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     self._evaluate()
                     t0 = time.perf_counter()
@@ -386,7 +390,11 @@ class Trainer:
         acc.end_training()
         return self.history
 
-    def _row(self, loss: float, tokens_per_s: float, samples_per_s: float, s_per_step: float) -> dict[str, float]:
+    def _token_flops(self, batch: dict[str, Any]) -> float:
+        return token_flops(self.num_params, int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0)
+
+    def _row(self, loss: float, tokens_per_s: float, samples_per_s: float, s_per_step: float,
+             flops_per_s: float) -> dict[str, float]:
         """One log point (throughput over all processes); ``mfu`` per device, where its peak is known."""
         lrs = self.scheduler.get_last_lr()
         row = {"step": self.step, "loss": loss, "lr": lrs[0], "tokens_per_s": tokens_per_s,
@@ -394,7 +402,7 @@ class Trainer:
         if self.cfg.lr_groups:
             for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
                 row.setdefault(f"lr/{group['name'].split('/')[0]}", lr)
-        util = mfu(self.num_params, tokens_per_s / self.accelerator.num_processes, self.peak)
+        util = mfu(flops_per_s / self.accelerator.num_processes, self.peak)
         if util is not None:
             row["mfu"] = util
         return row

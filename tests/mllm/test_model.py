@@ -321,3 +321,16 @@ def test_an_encoder_no_group_trains_keeps_its_batch_norm_statistics(word_tokeniz
         model(**_batch(model))
         assert model.encoder.training is drifts
         assert (not torch.equal(bn.running_mean, before)) is drifts, groups
+
+
+def test_flops_count_the_encoder_per_patch_and_the_llm_per_token(model: MLLM) -> None:
+    """6 (N_text T + N_vision I P), each part's parameters counted here from its own modules."""
+    batch = _batch(model)
+    vision = sum(p.numel() for m in (model.encoder, model.projector) for p in m.parameters())
+    llm = sum(p.numel() for p in model.llm.parameters())  # tied embeddings once, no injector in this model
+    assert model.param_counts() == (llm, vision)
+    tokens = int(batch["attention_mask"].sum())
+    assert tokens < batch["input_ids"].numel()  # padding present: only attended tokens count
+    assert model.flops_counter()(batch) == 6.0 * (llm * tokens + vision * 2 * 4)  # 2 images of (32/16)^2 patches
+    text_only = {"input_ids": batch["input_ids"][:1], "attention_mask": batch["attention_mask"][:1]}
+    assert model.flops_counter()(text_only) == 6.0 * llm * int(batch["attention_mask"][0].sum())

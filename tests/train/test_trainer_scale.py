@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from train import trainer as trainer_mod
-from train.throughput import mfu, peak_flops
+from train.throughput import mfu, peak_flops, token_flops
 from train.trainer import TrainConfig, Trainer, TrainingError, param_groups, resolve_resume
 
 
@@ -63,8 +63,9 @@ def test_group_lrs_follow_one_schedule(tmp_path: Path) -> None:
 
 
 def test_mfu_figures() -> None:
-    assert mfu(1_000_000, 1000.0, 1e12) == pytest.approx(6e9 / 1e12)
-    assert mfu(10, 1.0, None) is None
+    assert token_flops(1_000_000, 1000) == 6e9
+    assert mfu(6e9, 1e12) == pytest.approx(6e-3)
+    assert mfu(10.0, None) is None
     assert peak_flops(torch.device("cpu")) is None
     assert peak_flops(torch.device("cpu"), override_tflops=100.0) == 1e14
 
@@ -79,6 +80,20 @@ def test_mfu_is_logged_with_a_known_peak(tmp_path: Path) -> None:
         assert row["tokens_per_s"] > 0
     cpu = Trainer(Toy(), _data(), _collate, TrainConfig(steps=1, batch_size=8, micro_batch_size=8), tmp_path / "b")
     assert "mfu" not in cpu.fit()[0]
+
+
+class Counted(Toy):
+    """A model that counts its own FLOPs (as MLLM.flops_counter): 1e4 per row, whatever its tokens."""
+
+    def flops_counter(self):  # noqa: ANN201
+        return lambda batch: 1e4 * len(batch["x"])
+
+
+def test_mfu_uses_the_models_own_flop_count(tmp_path: Path) -> None:
+    cfg = TrainConfig(steps=2, batch_size=8, micro_batch_size=4, log_every=1, warmup_steps=1, peak_tflops=1e-6)
+    for row in (h for h in Trainer(Counted(), _data(), _collate, cfg, tmp_path).fit() if "loss" in h):
+        # one step = 8 rows of 5 attended tokens: 8e4 FLOPs over the step's time, 40 tokens over the same time
+        assert row["mfu"] == pytest.approx(8e4 * row["tokens_per_s"] / 40 / 1e6)
 
 
 def _fit(out: Path, steps: int, **kw: object) -> Trainer:
