@@ -9,7 +9,7 @@ scaled to 12 layers — experts (1,1), (1,2), (2,2)). The input is a spliced pro
 and projector are identical for both and outside the measurement. Forward = the uncached prefill
 over the whole sequence (``use_cache=False``), logits for every position.
 
-Routing: the routers are untrained, so the benchmark pins them (probability 1 on one expert). The
+Routing: the routers are untrained, so the benchmark pins every row to one expert (``PyramidInjector.pin``). The
 headline pins the most-compressing expert (2,2) at every stage: with ``c = (0, 1, 2)`` the routing
 loss ``max(0, 1.5 - mean(c_k p_k))`` is zero only when nearly every decision is that expert, so it
 is the routing DPN's loss trains toward; (1,2) everywhere and the random routers' own argmax are
@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 
 import torch
-import torch.nn.functional as F
 from injection_bench import GRID, PREFIX, TEXT, VISUAL, LLMShape, bench_args, build_llm, timed
 
 from mllm.injection.base import InjectionSpec, VisualContext
@@ -35,15 +34,6 @@ POOL_AFTER = [2, 5, 8]
 def visual_flops(shape: LLMShape, tokens_per_layer: list[float]) -> float:
     text = PREFIX + TEXT
     return sum(shape.block_flops(text + n) - shape.block_flops(text) for n in tokens_per_layer)
-
-
-def pin(injector: PyramidInjector, expert: int | None) -> None:
-    """Route every row to ``expert`` with probability 1 (``None``: the routers' own argmax)."""
-    for router in injector.routers.values():
-        if expert is None:
-            router.__dict__.pop("forward", None)
-        else:
-            router.forward = lambda h, k=expert: F.one_hot(torch.full((h.shape[0],), k), 3).to(h.dtype)
 
 
 def main() -> None:
@@ -75,7 +65,7 @@ def main() -> None:
     splice_flops = visual_flops(shape, [float(VISUAL)] * shape.layers)
     rows = {}
     for label, expert in [("x1/4 every stage (headline)", 2), ("x1/2 every stage", 1), ("random routers' argmax", None)]:
-        pin(dpn, expert)
+        dpn.pin(None if expert is None else [expert] * len(POOL_AFTER))
         dpn.reset_stats()
         with torch.inference_mode():
             pyramid()

@@ -141,7 +141,19 @@ class PyramidInjector(Injector):
             for p in self.pool_layers
         })
         self.last_visual_tokens: list[list[int]] = []  # [stage][row] visual tokens, last prefill
+        self.pinned: list[int] | None = None  # an expert per stage instead of the routers' choice (pin)
         self.reset_stats()
+
+    def pin(self, experts: list[int] | None) -> None:
+        """Route every row of stage ``s`` to expert ``experts[s]`` (``None``: the routers choose again). The
+        router's own probability of that expert still scales the pooled tokens, as in training, so the deeper
+        layers see the magnitudes they learnt: a fixed compute budget for a trained DPN (its accuracy/FLOPs curve)."""
+        if experts is not None:
+            if len(experts) != len(self.pool_layers) or not all(0 <= k < len(self.experts) for k in experts):
+                raise InjectionError(f"pyramid.pin: expected {len(self.pool_layers)} expert indices in "
+                                     f"0..{len(self.experts) - 1}, got {experts}")
+            experts = [int(k) for k in experts]
+        self.pinned = experts
 
     # --- attaching ----------------------------------------------------------------------------
     def attach(self, llm: nn.Module) -> None:
@@ -191,7 +203,7 @@ class PyramidInjector(Injector):
         layouts = self.state["layouts"]
         if stage == 0:
             layouts.append(self._first_layout(hidden, kwargs.get("position_ids")))
-        hidden, layout = self._pool_stage(hidden, layouts[stage], self.routers[str(layer)])
+        hidden, layout = self._pool_stage(hidden, layouts[stage], self.routers[str(layer)], stage)
         layouts.append(layout)
         return set_output(output, hidden)
 
@@ -262,7 +274,9 @@ class PyramidInjector(Injector):
             removed=torch.zeros(batch, dtype=torch.long, device=device),
         )
 
-    def _choose(self, probs: torch.Tensor, grid: tuple[int, int]) -> int:
+    def _choose(self, probs: torch.Tensor, grid: tuple[int, int], stage: int) -> int:
+        if self.pinned is not None:
+            return self.pinned[stage]
         if not self.training:
             return int(probs.argmax())
         kept = [math.ceil(grid[0] / kh) * math.ceil(grid[1] / kw) for kh, kw in self.experts]
@@ -270,7 +284,7 @@ class PyramidInjector(Injector):
         weights = probs.detach()[allowed]
         return allowed[int(torch.multinomial(weights / weights.sum(), 1))]
 
-    def _pool_stage(self, hidden: torch.Tensor, lay: Layout, router: Router) -> tuple[torch.Tensor, Layout]:
+    def _pool_stage(self, hidden: torch.Tensor, lay: Layout, router: Router, stage: int) -> tuple[torch.Tensor, Layout]:
         """Route, pool and compact every row; the batch is left-padded to its longest row."""
         batch, length, dim = hidden.shape
         device = hidden.device
@@ -284,7 +298,7 @@ class PyramidInjector(Injector):
             visual = hidden[b, s: s + n]
             kernel = (1, 1)
             if n >= self.cfg.skip_below:
-                k = self._choose(probs[b], grid)
+                k = self._choose(probs[b], grid, stage)
                 self.state["decisions"].append(probs[b])
                 kernel = self.experts[k]
                 visual = pool_grid(visual, grid, kernel, self.cfg.pool) * probs[b, k].to(hidden.dtype)

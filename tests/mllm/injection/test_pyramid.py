@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mllm.injection.base import InjectionSpec, VisualContext
+from mllm.injection.base import InjectionError, InjectionSpec, VisualContext
 from mllm.injection.pyramid import PyramidConfig, PyramidInjector, cell_of, pool_grid
 from mllm.loss import supervised_positions
 from mllm.model import MLLM, ModelError
@@ -60,11 +60,11 @@ def test_router_equation_and_choice() -> None:
     net = router.net
     expected = torch.softmax(0.1 * net[3](F.gelu(net[1](F.layer_norm(h, (8,), net[0].weight, net[0].bias)))), -1)
     torch.testing.assert_close(router(h), expected)
-    assert injector.eval()._choose(torch.tensor([0.1, 0.2, 0.7]), (4, 4)) == 2  # inference: argmax, no floor
+    assert injector.eval()._choose(torch.tensor([0.1, 0.2, 0.7]), (4, 4), 0) == 2  # inference: argmax, no floor
     injector.train()
-    draws = {injector._choose(torch.tensor([0.05, 0.05, 0.9]), (4, 4)) for _ in range(200)}
+    draws = {injector._choose(torch.tensor([0.05, 0.05, 0.9]), (4, 4), 0) for _ in range(200)}
     assert draws == {0, 1}  # expert 2 would leave 4 < min_tokens = 8 visual tokens: never drawn in training
-    assert injector._choose(torch.tensor([0.2, 0.3, 0.5]), (2, 2)) == 0  # nothing reaches the floor: keep most
+    assert injector._choose(torch.tensor([0.2, 0.3, 0.5]), (2, 2), 0) == 0  # nothing reaches the floor: keep most
 
 
 @pytest.mark.parametrize("family, attn", CASES)
@@ -168,3 +168,34 @@ def test_configuration_errors(kit: Any, word_tokenizer: Any) -> None:
         kit.build(word_tokenizer, "llama", [DPN], projector={"name": "pyramid", "levels": [1, 2]})
     model = kit.build(word_tokenizer, "llama", [DPN], projector={"name": "pool_adapter", "kernel": 2})
     assert model.injectors[0].grid == (2, 2) and model.num_image_tokens == 4
+
+
+def test_pin_routes_every_row_and_keeps_the_routers_own_scale(kit: Any, word_tokenizer: Any) -> None:
+    """A trained DPN at a fixed budget: stage s pools with expert pinned[s] in eval and training alike, scaled
+    by the router's own probability of that expert (the magnitudes the deeper layers learnt)."""
+    model = kit.build(word_tokenizer, "llama", [DPN])
+    injector = model.injectors[0]
+    seen: dict[str, Any] = {}
+    layers = model.llm.get_decoder().layers
+    layers[0].register_forward_hook(lambda _m, _a, out: seen.update(raw=out), prepend=True)
+    layers[1].register_forward_pre_hook(lambda _m, a, kw: seen.update(h1=a[0]), with_kwargs=True)
+    injector.routers["0"].register_forward_hook(lambda _m, _a, out: seen.update(p=out))
+    batch = kit.prompt_batch(model, kit.images(1)[0], "how many?", [7, 8])
+    start = int((batch["input_ids"][0] == model.image_token_id).nonzero()[0])
+    injector.pin([2, 1])
+    for mode in (model.eval, model.train):
+        mode()
+        with torch.no_grad():
+            model(**batch)
+        assert injector.last_visual_tokens == [[16], [4], [2]]
+        raw = seen["raw"][0][start: start + 16]
+        pooled = F.max_pool2d(raw.T.reshape(1, -1, 4, 4), 2).flatten(2)[0].T * seen["p"][0, 2]
+        torch.testing.assert_close(seen["h1"][0][start: start + 4], pooled)
+    model.eval()
+    injector.pin(None)  # the routers choose again: their argmax
+    with torch.no_grad():
+        model(**batch)
+    assert injector.last_visual_tokens[1] == [16 // [1, 2, 4][int(seen["p"][0].argmax())]]
+    for bad in ([3, 0], [0]):
+        with pytest.raises(InjectionError, match="pyramid.pin: expected 2 expert indices in 0..2"):
+            injector.pin(bad)

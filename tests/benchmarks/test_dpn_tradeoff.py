@@ -1,0 +1,54 @@
+"""``benchmarks/dpn_tradeoff.py``: the default settings, the FLOPs ratio by hand, and a real two-step DPN run whose
+routers' own point reproduces the run's final evaluation while pinned points pool as pinned."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dpn_tradeoff
+import pytest
+from injection_bench import LLMShape
+
+from mllm import run
+
+SMALL = ["train.steps=2", "train.batch_size=4", "train.micro_batch_size=4", "data.test_images=8", "train.log_with=[]"]
+
+
+@pytest.fixture(scope="module")
+def dpn_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dpn") / "dpn"
+    run.train("dpn", out, SMALL)
+    return out
+
+
+def test_default_settings_are_the_routers_then_each_expert_from_each_stage_on() -> None:
+    assert dpn_tradeoff.default_settings(3, 3) == [
+        None, [0, 0, 0], [1, 1, 1], [0, 1, 1], [0, 0, 1], [2, 2, 2], [0, 2, 2], [0, 0, 2]]
+
+
+def test_flops_ratio_hand_computed() -> None:
+    # F(n) = n (8 d^2 + 6 d d_ff) + 4 n^2 d = 80 n + 8 n^2 for d = 2, d_ff = 4: F(1) = 88, F(2) = 192, F(5) = 600
+    shape = LLMShape(hidden=2, ffn=4, layers=2, heads=1)
+    assert dpn_tradeoff.flops_ratio(shape, 1.0, 4, [4.0, 1.0]) == (600 - 88 + 192 - 88) / (2 * (600 - 88))
+
+
+def test_points_on_a_trained_run(dpn_run: Path, tmp_path: Path) -> None:
+    results = tmp_path / "dpn.md"
+    assert dpn_tradeoff.main([str(dpn_run), "--pin", "0,0,0", "--pin", "2,2,2", "--results", str(results)]) == 0
+    doc = dpn_tradeoff.tradeoff(dpn_run, [None, [0, 0, 0], [2, 2, 2]], None)
+    own, full, pooled = doc["points"]
+    final = json.loads((dpn_run / "train_summary.json").read_text())["eval"]
+    assert (own["vqa"], own["grounding"]) == (final["vqa_accuracy"], final["grounding_accuracy"])
+    assert full["tokens_per_layer"] == [16.0] * 4 and full["flops_ratio"] == 1.0
+    assert pooled["tokens_per_layer"] == [16.0, 4.0, 1.0, 1.0] and 0 < pooled["flops_ratio"] < 0.5
+    assert doc["samples"] == final["n"]
+    text = results.read_text()
+    assert f"python benchmarks/dpn_tradeoff.py {dpn_run} --pin 0,0,0 --pin 2,2,2 --results {results}" in text
+    assert "| 2,2,2 | 16, 4, 1, 1 |" in text
+
+
+def test_a_pin_outside_the_experts_is_one_line_and_exit_2(dpn_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert dpn_tradeoff.main([str(dpn_run), "--pin", "3,0,0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "dpn_tradeoff.py: error: pyramid.pin: expected 3 expert indices in 0..2, got [3, 0, 0]"
