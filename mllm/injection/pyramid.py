@@ -12,6 +12,10 @@ written back in place, and the sequence shrinks. Text tokens are untouched. Per 
     k ~ Categorical(p) in training (draws leaving < min_tokens are excluded), k = argmax p at inference
     V' = p_k * Pool_k(V)   (max pooling, ceil mode; the p_k factor gives the router a gradient)
 
+``gate: straight_through`` (not in DPN) multiplies by ``1 + p_k - sg(p_k)`` instead (``sg``: stop-gradient):
+the value is ``Pool_k(V)``, the router's gradient DPN's. With routers near uniform (p_k ~ 1/3) DPN's factor
+shrinks the visual residual stream threefold per stage; this keeps its scale.
+
 ``h_r`` is the hidden state of the router token: DPN appends a ``<ROUTER>`` token; we use its
 documented fallback, the last prompt token (``VisualContext.query_mask``). Rows with fewer than
 ``skip_below`` visual tokens are not pooled. Routing loss (the official code's hinge), added to the LM loss in training:
@@ -64,6 +68,7 @@ class PyramidConfig:
     layers: list[int] = field(default_factory=lambda: [7, 15, 23])  # pool after these blocks (0-based)
     experts: list[list[int]] = field(default_factory=lambda: [[1, 1], [1, 2], [2, 2]])  # (kh, kw), least -> most pooling
     pool: Literal["max", "avg"] = "max"
+    gate: Literal["prob", "straight_through"] = "prob"  # the pooled tokens' factor: p_k (DPN) or 1 + p_k - sg(p_k)
     min_tokens: int = 18  # training draws never leave fewer visual tokens (DPN re-samples)
     skip_below: int = 16  # rows with fewer visual tokens are not pooled
     router_ratio: int = 4  # router hidden width d / router_ratio
@@ -301,7 +306,8 @@ class PyramidInjector(Injector):
                 k = self._choose(probs[b], grid, stage)
                 self.state["decisions"].append(probs[b])
                 kernel = self.experts[k]
-                visual = pool_grid(visual, grid, kernel, self.cfg.pool) * probs[b, k].to(hidden.dtype)
+                p = probs[b, k].to(hidden.dtype)
+                visual = pool_grid(visual, grid, kernel, self.cfg.pool) * (p if self.cfg.gate == "prob" else 1 + p - p.detach())
             new_grid = (math.ceil(grid[0] / kernel[0]), math.ceil(grid[1] / kernel[1]))
             n_new = new_grid[0] * new_grid[1]
             parts.append(torch.cat([hidden[b, :s], visual, hidden[b, s + n:]]))

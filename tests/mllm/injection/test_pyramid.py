@@ -199,3 +199,34 @@ def test_pin_routes_every_row_and_keeps_the_routers_own_scale(kit: Any, word_tok
     for bad in ([3, 0], [0]):
         with pytest.raises(InjectionError, match="pyramid.pin: expected 2 expert indices in 0..2"):
             injector.pin(bad)
+
+
+def test_straight_through_gate_keeps_the_scale_and_dpns_router_gradient(kit: Any, word_tokenizer: Any) -> None:
+    """gate straight_through: the pooled tokens enter layer 1 unscaled, and a loss linear in layer 1's input gives
+    the router the gradient DPN's p_k factor gives it (d/dp of p * Pool and of (1 + p - sg p) * Pool: Pool)."""
+    model = kit.build(word_tokenizer, "llama", [DPN])
+    injector = model.injectors[0]
+    injector.pin([2, 1])
+    seen: dict[str, Any] = {}
+    layers = model.llm.get_decoder().layers
+    layers[0].register_forward_hook(lambda _m, _a, out: seen.update(raw=out), prepend=True)
+    layers[1].register_forward_pre_hook(lambda _m, a, kw: seen.update(h1=a[0]), with_kwargs=True)
+    injector.routers["0"].register_forward_hook(lambda _m, _a, out: seen.update(p=out))
+    batch = kit.prompt_batch(model, kit.images(1)[0], "how many?", [7, 8])
+    start = int((batch["input_ids"][0] == model.image_token_id).nonzero()[0])
+    weight = torch.randn(1, batch["input_ids"].shape[1] - 12, model.llm.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    grads, inputs = {}, {}
+    for gate in ("prob", "straight_through"):
+        injector.cfg.gate = gate
+        model.zero_grad()
+        model(**batch)
+        (seen["h1"] * weight).sum().backward()
+        grads[gate] = [p.grad.clone() for p in injector.routers["0"].parameters()]
+        inputs[gate] = seen["h1"][0, start: start + 4].detach()
+        raw = seen["raw"][0, start: start + 16].detach()
+    pooled = F.max_pool2d(raw.T.reshape(1, -1, 4, 4), 2).flatten(2)[0].T
+    torch.testing.assert_close(inputs["straight_through"], pooled)
+    torch.testing.assert_close(inputs["prob"], pooled * seen["p"][0, 2].detach())
+    for a, b in zip(grads["prob"], grads["straight_through"], strict=True):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b)
