@@ -170,18 +170,24 @@ def test_configuration_errors(kit: Any, word_tokenizer: Any) -> None:
     assert model.injectors[0].grid == (2, 2) and model.num_image_tokens == 4
 
 
+def _watch_first_stage(kit: Any, model: MLLM) -> tuple[dict[str, Any], dict[str, torch.Tensor], int]:
+    """Hooks recording layer 0's output before pooling (``raw``), layer 1's input (``h1``) and the first router's
+    probabilities (``p``); a one-image batch and where its visual tokens start."""
+    seen: dict[str, Any] = {}
+    layers = model.llm.get_decoder().layers
+    layers[0].register_forward_hook(lambda _m, _a, out: seen.update(raw=out), prepend=True)
+    layers[1].register_forward_pre_hook(lambda _m, a, kw: seen.update(h1=a[0]), with_kwargs=True)
+    model.injectors[0].routers["0"].register_forward_hook(lambda _m, _a, out: seen.update(p=out))
+    batch = kit.prompt_batch(model, kit.images(1)[0], "how many?", [7, 8])
+    return seen, batch, int((batch["input_ids"][0] == model.image_token_id).nonzero()[0])
+
+
 def test_pin_routes_every_row_and_keeps_the_routers_own_scale(kit: Any, word_tokenizer: Any) -> None:
     """A trained DPN at a fixed budget: stage s pools with expert pinned[s] in eval and training alike, scaled
     by the router's own probability of that expert (the magnitudes the deeper layers learnt)."""
     model = kit.build(word_tokenizer, "llama", [DPN])
     injector = model.injectors[0]
-    seen: dict[str, Any] = {}
-    layers = model.llm.get_decoder().layers
-    layers[0].register_forward_hook(lambda _m, _a, out: seen.update(raw=out), prepend=True)
-    layers[1].register_forward_pre_hook(lambda _m, a, kw: seen.update(h1=a[0]), with_kwargs=True)
-    injector.routers["0"].register_forward_hook(lambda _m, _a, out: seen.update(p=out))
-    batch = kit.prompt_batch(model, kit.images(1)[0], "how many?", [7, 8])
-    start = int((batch["input_ids"][0] == model.image_token_id).nonzero()[0])
+    seen, batch, start = _watch_first_stage(kit, model)
     injector.pin([2, 1])
     for mode in (model.eval, model.train):
         mode()
@@ -207,14 +213,9 @@ def test_straight_through_gate_keeps_the_scale_and_dpns_router_gradient(kit: Any
     model = kit.build(word_tokenizer, "llama", [DPN])
     injector = model.injectors[0]
     injector.pin([2, 1])
-    seen: dict[str, Any] = {}
-    layers = model.llm.get_decoder().layers
-    layers[0].register_forward_hook(lambda _m, _a, out: seen.update(raw=out), prepend=True)
-    layers[1].register_forward_pre_hook(lambda _m, a, kw: seen.update(h1=a[0]), with_kwargs=True)
-    injector.routers["0"].register_forward_hook(lambda _m, _a, out: seen.update(p=out))
-    batch = kit.prompt_batch(model, kit.images(1)[0], "how many?", [7, 8])
-    start = int((batch["input_ids"][0] == model.image_token_id).nonzero()[0])
-    weight = torch.randn(1, batch["input_ids"].shape[1] - 12, model.llm.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    seen, batch, start = _watch_first_stage(kit, model)
+    weight = torch.randn(1, batch["input_ids"].shape[1] - 12, model.llm.config.hidden_size,
+                         generator=torch.Generator().manual_seed(0))
     grads, inputs = {}, {}
     for gate in ("prob", "straight_through"):
         injector.cfg.gate = gate
