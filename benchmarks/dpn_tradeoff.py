@@ -19,6 +19,8 @@ the last line is JSON; ``--results`` also writes the Markdown, with the command 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import shlex
 import sys
@@ -78,7 +80,7 @@ def point(model: MLLM, dpn: PyramidInjector, task: ShapesWorldTask, cfg: EvalCon
           pinned: list[int] | None) -> dict[str, Any]:
     dpn.pin(pinned)
     dpn.reset_stats()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):  # the runner's own table
         metrics = run_task(model, task, cfg, tmp, dist=Dist(), progress=False)
     dpn.pin(None)
     return {"pinned": pinned, "tokens_per_layer": dpn.tokens_per_layer(), "vqa": metrics["vqa_accuracy"],

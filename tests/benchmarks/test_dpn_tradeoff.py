@@ -33,9 +33,11 @@ def test_flops_ratio_hand_computed() -> None:
     assert dpn_tradeoff.flops_ratio(shape, 1.0, 4, [4.0, 1.0]) == (600 - 88 + 192 - 88) / (2 * (600 - 88))
 
 
-def test_points_on_a_trained_run(dpn_run: Path, tmp_path: Path) -> None:
+def test_points_on_a_trained_run(dpn_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     results = tmp_path / "dpn.md"
     assert dpn_tradeoff.main([str(dpn_run), "--pin", "0,0,0", "--pin", "2,2,2", "--results", str(results)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"Run `{dpn_run}`") and len(out) == 7  # the table and its JSON, no runner tables
     doc = dpn_tradeoff.tradeoff(dpn_run, [None, [0, 0, 0], [2, 2, 2]], None)
     own, full, pooled = doc["points"]
     final = json.loads((dpn_run / "train_summary.json").read_text())["eval"]
