@@ -79,7 +79,9 @@ def report(run_dir: Path, scenes: int) -> dict[str, Any]:
     model, cfg = run.load_run(run_dir)
     test = ShapesWorld(cfg.data).split("test")
     samples, types = single_question_rows([test[i] for i in range(scenes)])
-    batch = {k: v for k, v in run.make_collator(model, cfg)(samples).items() if k != "labels"}
+    # with the answers' labels: the injectors' query is then the prompt, as in training and generate (without
+    # them every attended token is query, the answer too, and DPN routes at the answer's last token)
+    batch = run.make_collator(model, cfg)(samples)
     names = {type(i).__name__ for i in model.injectors}
     return {
         "run": str(run_dir),

@@ -54,3 +54,22 @@ def test_a_pin_outside_the_experts_is_one_line_and_exit_2(dpn_run: Path, capsys:
     assert dpn_tradeoff.main([str(dpn_run), "--pin", "3,0,0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "dpn_tradeoff.py: error: pyramid.pin: expected 3 expert indices in 0..2, got [3, 0, 0]"
+
+
+def test_injection_report_routes_where_generate_does(dpn_run: Path) -> None:
+    """The report's forward must give the injectors the prompt as query, as training and generate do: DPN routes at
+    the last prompt token. Without the answers' labels every token is query and it routed at the answer's end."""
+    import injection_report
+
+    from mllm.injection.diagnose import router_report
+    from train.data.shapesworld import ShapesWorld
+
+    model, cfg = run.load_run(dpn_run)
+    test = ShapesWorld(cfg.data).split("test")
+    rows, _ = injection_report.single_question_rows([test[i] for i in range(4)])
+    model.generate_ids([r["image"] for r in rows], [r["conversations"][0]["value"] for r in rows], max_new_tokens=1)
+    generated = model.injectors[0].last_visual_tokens
+    batch = run.make_collator(model, cfg)(rows)
+    assert [s.tokens_out for s in router_report(model, batch)] == generated[1:]
+    unlabelled = [s.tokens_out for s in router_report(model, {k: v for k, v in batch.items() if k != "labels"})]
+    assert unlabelled != generated[1:]  # the old report's routing: the check above can tell them apart
