@@ -13,8 +13,8 @@ written back in place, and the sequence shrinks. Text tokens are untouched. Per 
     V' = p_k * Pool_k(V)   (max pooling, ceil mode; the p_k factor gives the router a gradient)
 
 ``gate: straight_through`` (not in DPN) multiplies by ``1 + p_k - sg(p_k)`` instead (``sg``: stop-gradient):
-the value is ``Pool_k(V)``, the router's gradient DPN's. With routers near uniform (p_k ~ 1/3) DPN's factor
-shrinks the visual residual stream threefold per stage; this keeps its scale.
+the value is ``Pool_k(V)``, the router's gradient DPN's: the pooled tokens keep the scale of the residual
+stream, which DPN's factor shrinks by p_k at every stage (by ~1/3 per stage while the routers are undecided).
 
 ``h_r`` is the hidden state of the router token: DPN appends a ``<ROUTER>`` token; we use its
 documented fallback, the last prompt token (``VisualContext.query_mask``). Rows with fewer than
