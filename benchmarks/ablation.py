@@ -7,9 +7,10 @@
 ``all`` is the whole ablation from scratch in one command: it trains ``tiny`` and every recipe named (by default
 :data:`RECIPES`: the four encoder-side fusions, the three LLM-side injections and the two pooling projectors) for
 every seed into ``OUT/seed_S/RECIPE``, skipping the runs that finished (``train_summary.json``) and resuming a
-started one from its newest checkpoint, so a killed command picks up where it stopped; a run folder trained with
+started one from its newest checkpoint (``all`` checkpoints every :data:`SAVE_EVERY` steps unless ``--set
+train.save_every=...`` says otherwise), so a killed command picks up where it stopped; a run folder trained with
 another config than the one asked for (another ``--steps``, a recipe changed since) is refused before anything
-trains. It then writes both tables below, the command line that made them and the date to ``--results`` (default
+trains -- keys that only say how a run logs and checkpoints (:data:`BOOKKEEPING`) are not compared. It then writes both tables below, the command line that made them and the date to ``--results`` (default
 ``benchmarks/results/ablation.md``; a temp file renamed into place, so a failure leaves the old file as it was)
 and prints them. Recipes go before ``--seeds``, which takes every number after it.
 
@@ -68,6 +69,8 @@ RECIPES = (REFERENCE, "comm", "convgate", "dbfusion", "ftz",  # encoder-side fus
            "xattn", "dpn", "dehvf",  # LLM-side injections
            "pool_adapter", "pyramid_projector")  # pooling projectors
 RESULTS = Path(__file__).resolve().parent / "results" / "ablation.md"
+SAVE_EVERY = 500  # all: the grid outlasts a session on a 2-core machine, so its runs checkpoint along the way
+BOOKKEEPING = ("train.save_every", "train.keep_last", "train.log_every", "train.log_with")  # no effect on the weights
 PROBE_SAMPLES = 64
 RELPOS_AXES = {"relpos-x": ("left", "right"), "relpos-y": ("above", "below")}  # by reference answer
 COUNT_FILTERS = {Q_COUNT_ALL: "count-all"} | {Q_COUNT_COLOUR.format(colour=c): "count-colour" for c in COLOUR_NAMES} | {
@@ -165,7 +168,9 @@ def train_missing(out: Path, seeds: Sequence[int], recipes: Sequence[str], overr
     for run_dir, recipe, wanted in plan:
         if (run_dir / "config.yaml").is_file():
             saved = to_dict(load_config(str(run_dir / "config.yaml")))
-            if diff := _differences(saved, to_dict(load_config(recipe, wanted))):
+            diff = [d for d in _differences(saved, to_dict(load_config(recipe, wanted)))
+                    if not d.startswith(tuple(f"{key}:" for key in BOOKKEEPING))]
+            if diff:
                 raise AblationError(f"{run_dir}: trained with another config ({'; '.join(diff[:3])}); "
                                     "remove the folder or choose another --out")
         else:
@@ -254,7 +259,7 @@ def table(outs: list[Path], recipes: Sequence[str] | None = None) -> tuple[str, 
 def ablation(args: argparse.Namespace, command: str) -> str:
     """``all``: train what is missing, then write the tables with ``command`` and the date to ``args.results``."""
     recipes, seeds = list(dict.fromkeys([REFERENCE, *(args.recipes or RECIPES)])), list(dict.fromkeys(args.seeds))
-    train_missing(args.out[0], seeds, recipes, _overrides(args, seed=None))
+    train_missing(args.out[0], seeds, recipes, [f"train.save_every={SAVE_EVERY}", *_overrides(args, seed=None)])
     tables, _ = table([args.out[0] / f"seed_{seed}" for seed in seeds], recipes)
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = (f"# Ablation: every design against {REFERENCE}\n\nMade on {when} by\n\n    {command}\n\n"

@@ -17,6 +17,8 @@ from typing import Any
 import ablation
 import pytest
 
+from mllm.config import load_config
+
 SMALL = ["model.llm.arch.num_hidden_layers=1", "train.batch_size=4", "train.micro_batch_size=4",
          "data.test_images=8", "train.log_with=[]"]
 RECIPES = ["tiny", "pool_adapter"]
@@ -70,6 +72,9 @@ def test_all_trains_only_the_unfinished_runs(finished: Path, tmp_path: Path, tra
     assert ablation.main(_argv(out, tmp_path / "ablation.md")) == 0
     assert trained == [out / "seed_0" / "pool_adapter", out / "seed_1" / "tiny"]
     assert all((out / f"seed_{s}" / r / "train_summary.json").is_file() for s in (0, 1) for r in RECIPES)
+    # all's runs checkpoint along the way; the fixture's runs (save_every 0) were not refused for that alone
+    saves = {s: load_config(str(out / f"seed_{s}" / "pool_adapter" / "config.yaml")).train.save_every for s in (0, 1)}
+    assert saves == {0: ablation.SAVE_EVERY, 1: 0}
 
 
 def test_a_run_of_another_config_is_refused_before_anything_trains(finished: Path, tmp_path: Path,
