@@ -221,8 +221,8 @@ class MLLM(AnswersText, nn.Module):
         """Model FLOPs of one training step on a batch: ``6 (N_text T + N_vision I P)`` for ``T`` attended LLM
         tokens and ``I`` images of ``P`` patches -- 2N forward and 4N backward per token (Kaplan et al., 2020,
         arXiv 2001.08361, Sec. 2.1; PaLM's MFU, Chowdhery et al., 2022, arXiv 2204.02311, App. B), attention's
-        sequence-length term left out. Counting the encoder against LLM tokens instead would overstate a
-        ViT-B/16 + 0.5B model's FLOPs by about 14 %. Parameters are counted now, before any sharding."""
+        sequence-length term left out. The encoder runs per image patch, not per LLM token, so it is counted
+        against patches. Parameters are counted now, before any sharding."""
         n_text, n_vision = self.param_counts()
         patches = self.encoder.num_patches
 
