@@ -49,11 +49,13 @@ class FrankToyConfig:
     reasoner_lr: float = 3e-4
     # theta_V LLaVA-style (Liu et al., 2023, arXiv 2304.08485, §4.2): first the vision side alone with the LLM
     # frozen (align), then everything with the LLM at a low rate (tune), so tau_V stays a small move
-    mllm_align_steps: int = 1000
-    mllm_steps: int = 2000  # the tune phase
+    # The LLM at tiny's rate: at 1e-4 for 2,000 steps theta_V reached VQA 0.468 / grounding 0.20 (1e-4 moved each
+    # block by only 0.3-0.5 % of its squared norm, far less than theta_R's 2-3 %); the align loss is flat after 500
+    mllm_align_steps: int = 500
+    mllm_steps: int = 3000  # the tune phase: tiny's step budget
     mllm_lr: float = 5e-4
     mllm_batch_size: int = 64
-    mllm_llm_lr: float | None = 1e-4  # the LLM's learning rate in the tune phase (None: mllm_lr)
+    mllm_llm_lr: float | None = 5e-4  # the LLM's learning rate in the tune phase (None: mllm_lr)
     train_images: int = 500000  # generated on demand: every theta_V training sample is a fresh scene
     batch_size: int = 32
     max_length: int = 192
