@@ -5,9 +5,10 @@
 DPN (Ai et al., 2025, arXiv 2503.20322) trains its routers to pick one pooling expert per stage and row; the
 run's own routing is one point of the curve. Every other point pins each pooling stage to one expert
 (``PyramidInjector.pin``: the router's probability of that expert still scales the pooled tokens, as in
-training) and scores the run's ShapesWorld test split (VQA, Acc@0.5, per type). Since DPN trains on experts
-drawn from its routers, the model has seen every setting. Default settings: the routers' own argmax, then
-every stage at one expert, and the settings that pool only later stages.
+training) and scores the run's ShapesWorld test split (VQA, Acc@0.5, per type). DPN trains on experts drawn
+from its routers, so a setting its routers never drew is one the model never trained on: the curve shows that
+too. Default settings: the routers' own argmax, then every stage at one expert, and the settings that pool only
+later stages.
 
 FLOPs ratio = the visual tokens' LLM FLOPs over those of plain splicing (every layer holding all visual tokens):
 ``sum_l [F(n_text + n_v(l)) - F(n_text)] / sum_l [F(n_text + n_v) - F(n_text)]`` with the prefill block formula of
