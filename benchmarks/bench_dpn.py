@@ -14,7 +14,7 @@ headline pins the most-compressing expert (2,2) at every stage: with ``c = (0, 1
 loss ``max(0, 1.5 - mean(c_k p_k))`` is zero only when nearly every decision is that expert, so it
 is the routing DPN's loss trains toward; (1,2) everywhere and the random routers' own argmax are
 printed beside it. Visual FLOPs = ``sum_l [F(n_text + n_v(l)) - F(n_text)]`` with the prefill block formula
-of ``injection_bench.LLMShape.block_flops``, ``n_v(l)`` read from the injector. Last line: JSON with ``flops_ratio`` (goal
+of ``injection_bench.LLMShape.block_flops``, ``n_v(l)`` read from the injector (``LLMShape.visual_flops``). Last line: JSON with ``flops_ratio`` (goal
 <= 0.5) and ``time_ratio``, DPN / splice. Not part of the test run.
 """
 
@@ -29,11 +29,6 @@ from mllm.injection.base import InjectionSpec, VisualContext
 from mllm.injection.pyramid import PyramidConfig, PyramidInjector
 
 POOL_AFTER = [2, 5, 8]
-
-
-def visual_flops(shape: LLMShape, tokens_per_layer: list[float]) -> float:
-    text = PREFIX + TEXT
-    return sum(shape.block_flops(text + n) - shape.block_flops(text) for n in tokens_per_layer)
 
 
 def main() -> None:
@@ -62,7 +57,7 @@ def main() -> None:
         with dpn.use(ctx):
             return llm(inputs_embeds=embeds, use_cache=False)
 
-    splice_flops = visual_flops(shape, [float(VISUAL)] * shape.layers)
+    splice_flops = shape.visual_flops(PREFIX + TEXT, [float(VISUAL)] * shape.layers)
     rows = {}
     for label, expert in [("x1/4 every stage (headline)", 2), ("x1/2 every stage", 1), ("random routers' argmax", None)]:
         dpn.pin(None if expert is None else [expert] * len(POOL_AFTER))
@@ -73,7 +68,7 @@ def main() -> None:
         secs = timed({"splice": plain, "dpn": pyramid}, args.repeats)
         rows[label] = {
             "visual_tokens_per_layer": per_layer,
-            "flops_ratio": visual_flops(shape, per_layer) / splice_flops,
+            "flops_ratio": shape.visual_flops(PREFIX + TEXT, per_layer) / splice_flops,
             "time_ratio": secs["dpn"] / secs["splice"],
             "dpn_s": secs["dpn"], "splice_s": secs["splice"],
         }

@@ -66,9 +66,7 @@ def llm_shape(model: MLLM) -> LLMShape:
 
 def flops_ratio(shape: LLMShape, text: float, visual: int, tokens_per_layer: list[float]) -> float:
     """Visual-token FLOPs of the pooled run over plain splicing's (module docstring)."""
-    def spent(per_layer: list[float]) -> float:
-        return sum(shape.block_flops(text + n) - shape.block_flops(text) for n in per_layer)
-    return spent(tokens_per_layer) / spent([float(visual)] * shape.layers)
+    return shape.visual_flops(text, tokens_per_layer) / shape.visual_flops(text, [float(visual)] * shape.layers)
 
 
 def text_tokens(model: MLLM, questions: list[str]) -> float:

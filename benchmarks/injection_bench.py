@@ -29,6 +29,10 @@ class LLMShape:
         d = self.hidden
         return n * (8 * d * d + 6 * d * self.ffn) + 4 * n * n * d
 
+    def visual_flops(self, text: float, tokens_per_layer: list[float]) -> float:
+        """What visual tokens add to the blocks' FLOPs beside ``text`` tokens: ``sum_l [F(text + n_l) - F(text)]``."""
+        return sum(self.block_flops(text + n) - self.block_flops(text) for n in tokens_per_layer)
+
 
 def bench_args(description: str, extra: Callable[[argparse.ArgumentParser], object] | None = None) -> argparse.Namespace:
     """The benchmarks' shared flags (--repeats, --batch, --threads; ``extra`` adds more), threads applied."""
