@@ -202,7 +202,7 @@ def train_figure(recipe: RunConfig, sizes: Sizes, tokenizer: Any, device: torch.
         losses.append(train_step(optimizer, forward))
         times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
-    flops_per_s = model.flops_counter()(batch) / step_s
+    flops_per_s = model.flops_counter()(batch, batch["input_ids"].numel()) / step_s  # every token attended
     peak = peak_flops(device)
     n_llm, n_vision = model.param_counts()
     return {

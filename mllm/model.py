@@ -217,18 +217,16 @@ class MLLM(AnswersText, nn.Module):
         vision = sum(p.numel() for part in (self.encoder, self.projector, self.aux_heads) for p in part.parameters())
         return sum(p.numel() for p in self.parameters()) - vision, vision
 
-    def flops_counter(self) -> Callable[[Mapping[str, Any]], float]:
-        """Model FLOPs of one training step on a batch: ``6 (N_text T + N_vision I P)`` for ``T`` attended LLM
-        tokens and ``I`` images of ``P`` patches -- 2N forward and 4N backward per token (Kaplan et al., 2020,
+    def flops_counter(self) -> Callable[[Mapping[str, Any], int], float]:
+        """Model FLOPs of one training step on ``(batch, T)``: ``6 (N_text T + N_vision I P)`` for ``T`` attended
+        LLM tokens (the caller's count) and the batch's ``I`` images of ``P`` patches -- 2N forward and 4N backward per token (Kaplan et al., 2020,
         arXiv 2001.08361, Sec. 2.1; PaLM's MFU, Chowdhery et al., 2022, arXiv 2204.02311, App. B), attention's
         sequence-length term left out. The encoder runs per image patch, not per LLM token, so it is counted
         against patches. Parameters are counted now, before any sharding."""
         n_text, n_vision = self.param_counts()
         patches = self.encoder.num_patches
 
-        def count(batch: Mapping[str, Any]) -> float:
-            mask = batch.get("attention_mask")
-            tokens = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        def count(batch: Mapping[str, Any], tokens: int) -> float:
             pixels = batch.get("pixel_values")
             return 6.0 * (n_text * tokens + n_vision * (0 if pixels is None else pixels.shape[0]) * patches)
 

@@ -271,7 +271,8 @@ class Trainer:
         self.dataset, self.collate_fn, self.lengths = dataset, collate_fn, lengths
         self.num_params = sum(p.numel() for p in model.parameters())  # before any sharding
         # a model that runs parts of itself per image patch counts its own FLOPs (MLLM.flops_counter)
-        self._flops = model.flops_counter() if hasattr(model, "flops_counter") else self._token_flops
+        self._flops = (model.flops_counter() if hasattr(model, "flops_counter")
+                       else lambda _batch, n: token_flops(self.num_params, n))
         self.peak = peak_flops(self.accelerator.device, cfg.peak_tflops)
         optimizer, scheduler = build_optimizer(model, cfg)
         ds_plugin = self.accelerator.state.deepspeed_plugin
@@ -355,8 +356,9 @@ class Trainer:
                             )
                         acc.backward(loss)  # scaled by 1 / accumulation
                     loss_sum += loss.item() / self.accum
-                    tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
-                    flops += self._flops(batch)
+                    attended = int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+                    tokens += attended
+                    flops += self._flops(batch, attended)
                     samples += len(next(iter(batch.values())))
                 if cfg.grad_clip > 0:
                     acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -389,9 +391,6 @@ class Trainer:
             self._evaluate()
         acc.end_training()
         return self.history
-
-    def _token_flops(self, batch: dict[str, Any]) -> float:
-        return token_flops(self.num_params, int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0)
 
     def _row(self, loss: float, tokens_per_s: float, samples_per_s: float, s_per_step: float,
              flops_per_s: float) -> dict[str, float]:

@@ -330,7 +330,7 @@ def test_flops_count_the_encoder_per_patch_and_the_llm_per_token(model: MLLM) ->
     llm = sum(p.numel() for p in model.llm.parameters())  # tied embeddings once, no injector in this model
     assert model.param_counts() == (llm, vision)
     tokens = int(batch["attention_mask"].sum())
-    assert tokens < batch["input_ids"].numel()  # padding present: only attended tokens count
-    assert model.flops_counter()(batch) == 6.0 * (llm * tokens + vision * 2 * 4)  # 2 images of (32/16)^2 patches
+    assert tokens < batch["input_ids"].numel()  # padding present: the caller counts attended tokens only
+    assert model.flops_counter()(batch, tokens) == 6.0 * (llm * tokens + vision * 2 * 4)  # 2 images of (32/16)^2 patches
     text_only = {"input_ids": batch["input_ids"][:1], "attention_mask": batch["attention_mask"][:1]}
-    assert model.flops_counter()(text_only) == 6.0 * llm * int(batch["attention_mask"][0].sum())
+    assert model.flops_counter()(text_only, 7) == 6.0 * llm * 7

@@ -83,17 +83,17 @@ def test_mfu_is_logged_with_a_known_peak(tmp_path: Path) -> None:
 
 
 class Counted(Toy):
-    """A model that counts its own FLOPs (as MLLM.flops_counter): 1e4 per row, whatever its tokens."""
+    """A model that counts its own FLOPs (as MLLM.flops_counter): 1e4 per row plus the attended tokens it is given."""
 
     def flops_counter(self):  # noqa: ANN201
-        return lambda batch: 1e4 * len(batch["x"])
+        return lambda batch, tokens: 1e4 * len(batch["x"]) + tokens
 
 
 def test_mfu_uses_the_models_own_flop_count(tmp_path: Path) -> None:
     cfg = TrainConfig(steps=2, batch_size=8, micro_batch_size=4, log_every=1, warmup_steps=1, peak_tflops=1e-6)
     for row in (h for h in Trainer(Counted(), _data(), _collate, cfg, tmp_path).fit() if "loss" in h):
-        # one step = 8 rows of 5 attended tokens: 8e4 FLOPs over the step's time, 40 tokens over the same time
-        assert row["mfu"] == pytest.approx(8e4 * row["tokens_per_s"] / 40 / 1e6)
+        # one step = 8 rows of 5 attended tokens: 8e4 + 40 FLOPs over the step's time, 40 tokens over the same time
+        assert row["mfu"] == pytest.approx((8e4 + 40) * row["tokens_per_s"] / 40 / 1e6)
 
 
 def _fit(out: Path, steps: int, **kw: object) -> Trainer:
