@@ -10,7 +10,8 @@ every seed into ``OUT/seed_S/RECIPE``, skipping the runs that finished (``train_
 started one from its newest checkpoint (``all`` checkpoints every :data:`SAVE_EVERY` steps unless ``--set
 train.save_every=...`` says otherwise), so a killed command picks up where it stopped; a run folder trained with
 another config than the one asked for (another ``--steps``, a recipe changed since) is refused before anything
-trains -- keys that only say how a run logs and checkpoints (:data:`BOOKKEEPING`) are not compared. It then writes both tables below, the command line that made them and the date to ``--results`` (default
+trains -- keys that only say how a run logs and checkpoints (:data:`BOOKKEEPING`) are not compared. It then
+writes both tables below, the command line that made them and the date to ``--results`` (default
 ``benchmarks/results/ablation.md``; a temp file renamed into place, so a failure leaves the old file as it was)
 and prints them. Recipes go before ``--seeds``, which takes every number after it.
 
@@ -152,7 +153,10 @@ class AblationError(UserError):
 
 
 def _differences(old: Any, new: Any, key: str = "") -> list[str]:
-    """``key: OLD there, NEW now`` for every dotted key whose value differs between two config mappings."""
+    """``key: OLD there, NEW now`` for every dotted key whose value differs between two config mappings, the
+    :data:`BOOKKEEPING` keys left out."""
+    if key.lstrip(".") in BOOKKEEPING:
+        return []
     if isinstance(old, dict) and isinstance(new, dict):
         return [d for k in sorted(old.keys() | new.keys()) for d in _differences(old.get(k), new.get(k), f"{key}.{k}")]
     return [] if old == new else [f"{key.lstrip('.')}: {old!r} there, {new!r} now"]
@@ -168,9 +172,7 @@ def train_missing(out: Path, seeds: Sequence[int], recipes: Sequence[str], overr
     for run_dir, recipe, wanted in plan:
         if (run_dir / "config.yaml").is_file():
             saved = to_dict(load_config(str(run_dir / "config.yaml")))
-            diff = [d for d in _differences(saved, to_dict(load_config(recipe, wanted)))
-                    if not d.startswith(tuple(f"{key}:" for key in BOOKKEEPING))]
-            if diff:
+            if diff := _differences(saved, to_dict(load_config(recipe, wanted))):
                 raise AblationError(f"{run_dir}: trained with another config ({'; '.join(diff[:3])}); "
                                     "remove the folder or choose another --out")
         else:
