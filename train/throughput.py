@@ -3,8 +3,9 @@
 Training costs about ``6 N`` FLOPs per token for ``N`` parameters (2N forward, 4N backward;
 Kaplan et al. 2020, Sec. 2.1; PaLM, Chowdhery et al. 2022, App. B), attention's sequence-length
 term left out, so ``MFU = 6 N tokens_per_s / peak_flops``; a model that runs parts of itself per
-image patch rather than per token counts its own (``flops_counter()``, the MLLM's). Peaks are dense BF16/FP16 tensor-core
-figures per device from the vendors' data sheets; an fp32 run is measured against the same peak.
+image patch rather than per token counts its own (``flops_counter()``, the MLLM's). Peaks are dense
+BF16/FP16 tensor-core figures per device from the vendors' data sheets; an fp32 run is measured
+against the same peak.
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ present in the scene) is followed by one arithmetic operation written as in the 
 (a subtraction never goes below 0); with ``image_first: false`` in the ShapesWorld config the image
 marker follows the question, the layout a model trained on that config expects. The expected answer
 is a chain, ``"2 + 3 = 5 → 5"``; the score is exact match of the stated result
-(:func:`train.data.arithmetic.final_answer`). ``aggregate`` also reports ``count_accuracy``: how often the chain's first number is the true count, which separates
-the visual half of a miss from the arithmetic half. Questions use only words of the two parents'
+(:func:`train.data.arithmetic.final_answer`). ``aggregate`` also reports ``count_accuracy``: how often
+the chain's first number is the true count, which separates the visual half of a miss from the
+arithmetic half. Questions use only words of the two parents'
 vocabularies. Operation and operand of scene ``i`` come from ``default_rng([seed, 300, i])``.
 """
 
