@@ -79,9 +79,11 @@ def point(model: MLLM, dpn: PyramidInjector, task: ShapesWorldTask, cfg: EvalCon
           pinned: list[int] | None) -> dict[str, Any]:
     dpn.pin(pinned)
     dpn.reset_stats()
-    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):  # the runner's own table
-        metrics = run_task(model, task, cfg, tmp, dist=Dist(), progress=False)
-    dpn.pin(None)
+    try:
+        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):  # the runner's table
+            metrics = run_task(model, task, cfg, tmp, dist=Dist(), progress=False)
+    finally:
+        dpn.pin(None)  # the routers choose again, whatever happened
     return {"pinned": pinned, "tokens_per_layer": dpn.tokens_per_layer(), "vqa": metrics["vqa_accuracy"],
             "grounding": metrics["grounding_accuracy"], "per_type": {t: metrics["per_type"].get(t) for t in TYPES}}
 
