@@ -56,6 +56,10 @@ class FrankToyConfig:
     mllm_lr: float = 5e-4
     mllm_batch_size: int = 64
     mllm_llm_lr: float | None = 5e-4  # the LLM's learning rate in the tune phase (None: mllm_lr)
+    # LoRA on the LLM in the tune phase, merged back when theta_V is saved (train.lora: r, alpha, dropout,
+    # target_modules): tau_V = (alpha / r) B A per weight is then of rank <= r (Hu et al., 2021, arXiv 2106.09685,
+    # Eq. 3), a move bounded by construction, however high the rate; None: the decoder blocks train in full
+    mllm_lora: dict[str, Any] | None = None
     train_images: int = 500000  # generated on demand: every theta_V training sample is a fresh scene
     batch_size: int = 32
     max_length: int = 192
@@ -109,12 +113,15 @@ def mllm_run_configs(cfg: FrankToyConfig, base: Path) -> list[RunConfig]:
              "llm": {"path": str(base), "attn_implementation": "sdpa"}, "template": "plain",
              "max_length": cfg.max_length, **cfg.mllm_model}
     data = {**dataclasses.asdict(data_config(cfg)), **cfg.mllm_data}
-    phases = [("align", cfg.mllm_align_steps, ["encoder", "projector"], {}),
-              ("tune", cfg.mllm_steps, ["encoder", "projector", "llm"],
-               {} if cfg.mllm_llm_lr is None else {"llm": cfg.mllm_llm_lr})]
+    tune = {"trainable": ["encoder", "projector", "llm"],
+            "lr_groups": {} if cfg.mllm_llm_lr is None else {"llm": cfg.mllm_llm_lr}}
+    if cfg.mllm_lora is not None:
+        tune["lora"] = cfg.mllm_lora
+    phases = [("align", cfg.mllm_align_steps, {"trainable": ["encoder", "projector"]}),
+              ("tune", cfg.mllm_steps, tune)]
     return [from_dict(RunConfig, {"model": model, "data": data, "train": {
-        **train_config(cfg, steps, cfg.mllm_lr, cfg.mllm_batch_size), "trainable": groups, "lr_groups": lr_groups}},
-        where=f"frank_toy.mllm.{name}") for name, steps, groups, lr_groups in phases if steps > 0]
+        **train_config(cfg, steps, cfg.mllm_lr, cfg.mllm_batch_size), **plan}},
+        where=f"frank_toy.mllm.{name}") for name, steps, plan in phases if steps > 0]
 
 
 def base_corpus(cfg: FrankToyConfig) -> list[str]:

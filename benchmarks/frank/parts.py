@@ -5,7 +5,8 @@
   arithmetic facts, arithmetic questions with direct answers).
 * :func:`finetune_reasoner` -- theta_R: theta_0 fine-tuned on arithmetic chains (answer tokens only).
 * :func:`train_mllm` -- theta_V: vision encoder + projector + a copy of theta_0, trained on ShapesWorld
-  in phases (LLaVA-style: the vision side alone, then with the LLM's decoder blocks at a low rate).
+  in phases (LLaVA-style: the vision side alone, then with the LLM's decoder blocks at a low rate, or
+  LoRA adapters on them merged back when it is saved).
   Both fine-tunes keep theta_0's (tied) embeddings and final norm frozen, so every task vector lives
   in the decoder blocks, the only tensors FRANK (arXiv 2505.16151) defines a rule for; the merges then
   differ only where the methods differ.
@@ -129,7 +130,8 @@ def train_mllm(phases: Sequence[RunConfig], out: Path) -> None:
     model = run.build_model(phases[0], run.build_tokenizer_for(phases[0]))
     for i, cfg in enumerate(phases):
         run.freeze(model, cfg)
-        freeze_shared(model.llm)
+        if not model.has_lora:  # with LoRA only the adapters train: the shared tensors stay theta_0's anyway
+            freeze_shared(model.llm)
         model = _fit(model, ShapesWorld(cfg.data).split("train"), run.make_collator(model, cfg), cfg.train,
                      out.parent / f"{out.name}-{i}")
     model.save_pretrained(out)

@@ -169,11 +169,12 @@ def run(cfg: FrankToyConfig, out: Path, results: Path | None = None) -> dict[str
     reasoner, hr = stages.run("reasoner", {"base": hb, "steps": cfg.reasoner_steps, "lr": cfg.reasoner_lr},
                               lambda f: build_reasoner(cfg, base, f))
     reasoner = reasoner / "model"
-    mllm, hv = stages.run("mllm", {"base": hb, "encoder": cfg.encoder, "steps": cfg.mllm_steps, "lr": cfg.mllm_lr,
-                                   "align_steps": cfg.mllm_align_steps,
-                                   "llm_lr": cfg.mllm_llm_lr, "images": cfg.train_images, "model": cfg.mllm_model,
-                                   "data": cfg.mllm_data, "batch": cfg.mllm_batch_size},
-                          lambda f: train_mllm_stage(cfg, base, f))
+    mllm_key = {"base": hb, "encoder": cfg.encoder, "steps": cfg.mllm_steps, "lr": cfg.mllm_lr,
+                "align_steps": cfg.mllm_align_steps, "llm_lr": cfg.mllm_llm_lr, "images": cfg.train_images,
+                "model": cfg.mllm_model, "data": cfg.mllm_data, "batch": cfg.mllm_batch_size}
+    if cfg.mllm_lora is not None:  # only when set: the full-tune theta_V cached before the option stays valid
+        mllm_key["lora"] = cfg.mllm_lora
+    mllm, hv = stages.run("mllm", mllm_key, lambda f: train_mllm_stage(cfg, base, f))
     mllm = mllm / "model"
     probe, hp = stages.run("probe", {"mllm": hv, "images": cfg.probe_images, "q": PROBE_QUESTION},
                            lambda f: build_probe(cfg, mllm, f))

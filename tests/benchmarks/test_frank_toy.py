@@ -176,3 +176,33 @@ def test_rerun_reuses_every_stage(toy: tuple[Path, dict]) -> None:
     assert all(s["cached"] for s in again["stage_seconds"].values())
     assert again["models"] == doc["models"]
     assert not math.isnan(again["wall_seconds"])
+
+
+def test_lora_theta_v_is_a_rank_bounded_move_merged_back(toy: tuple[Path, dict], tmp_path: Path) -> None:
+    from frank.config import mllm_run_configs
+    from frank.parts import train_mllm
+
+    out, _ = toy
+    r = 2
+    cfg = dataclasses.replace(fast_config(), mllm_lora={"r": r, "alpha": 4, "dropout": 0.0})
+    phases = mllm_run_configs(cfg, out / "base" / "model")
+    assert [p.train.lora for p in phases][0] is None and phases[1].train.lora.r == r  # the tune phase only
+    train_mllm(phases, tmp_path / "model")
+    from mllm.model import MLLM
+
+    stored = load_file(str(tmp_path / "model" / "model.safetensors"))
+    assert not [n for n in stored if "lora_" in n or "base_layer" in n]  # merged back: theta_0's tensor names
+    llm = MLLM.from_pretrained(tmp_path / "model").llm.state_dict()
+    base = load_file(str(out / "base" / "model" / "model.safetensors"))
+    moved = 0
+    for name, t in base.items():
+        delta = llm[name].double() - t.double()
+        if name.startswith("model.layers.") and name.endswith("proj.weight"):
+            moved += int(delta.abs().max() > 0)
+            sv = torch.linalg.svdvals(delta)  # beyond rank r: only the float32 rounding of W + (alpha / r) B A
+            assert float(sv[r]) < 1e-3 * float(sv[0]), (name, sv[: r + 2].tolist())
+        elif not name.startswith("model.layers."):  # embeddings (tied lm_head) and the final norm: theta_0's
+            assert torch.equal(delta, torch.zeros_like(delta)), name
+        else:  # the blocks' norms carry no adapter
+            assert torch.equal(delta, torch.zeros_like(delta)), name
+    assert moved == 7 * cfg.num_layers  # every q/k/v/o/gate/up/down projection of every block moved
