@@ -14,7 +14,8 @@ from typing import Any
 
 from mllm.config import RunConfig, from_dict
 from train.data.arithmetic import Arithmetic, ArithmeticConfig
-from train.data.shapesworld import ShapesWorld, ShapesWorldConfig
+from train.data.shapesworld import ShapesWorld, ShapesWorldConfig, first_turn, scene_text
+from train.templates import IMAGE_MARKER
 
 TASKS = ("shapesworld", "arithmetic", "compositional")
 METRICS = ("shapesworld_vqa", "grounding", "arithmetic", "compositional")
@@ -41,6 +42,11 @@ class FrankToyConfig:
     base_steps: int = 4000
     base_lr: float = 1e-3
     base_scenes: int = 2000  # ShapesWorld scenes whose Q/A become pre-training text
+    # each Q/A with its scene in words where theta_V's image goes (shapesworld.scene_text): the answer follows from
+    # the text, so theta_0 learns to tell the answer words apart. Without it every colour (shape, yes/no, direction)
+    # word sits in the same contexts with the same odds, theta_0 learns near-identical (tied) embeddings for them
+    # (cos 0.88 among colours, 0.99 shapes, 0.999 yes/no), and theta_V, which keeps them frozen, answers one word
+    base_scene_text: bool = True
     base_arithmetic: int = 6000  # one-step facts (and as many direct-answer problems with base_direct_answers)
     # off: theta_0 sees single operations only, so a multi-step problem needs the chain that theta_R learns
     # (with them, a 128 x 8 theta_0 answered the test problems directly, 0.96, and theta_R had nothing to add)
@@ -125,10 +131,16 @@ def mllm_run_configs(cfg: FrankToyConfig, base: Path) -> list[RunConfig]:
 
 
 def base_corpus(cfg: FrankToyConfig) -> list[str]:
-    """ShapesWorld Q/A as text, one-step arithmetic facts, and (``base_direct_answers``) direct-answer arithmetic
-    questions."""
-    scenes = ShapesWorld(dataclasses.replace(data_config(cfg), seed=cfg.seed + 1, train_images=cfg.base_scenes))
-    texts = [f"USER: {it['question']} ASSISTANT: {it['answer']}" for s in scenes.split("train") for it in s["items"]]
+    """ShapesWorld Q/A as text (``base_scene_text``: with the scene in words, laid out as theta_V's image will be),
+    one-step arithmetic facts, and (``base_direct_answers``) direct-answer arithmetic questions."""
+    data = dataclasses.replace(data_config(cfg), seed=cfg.seed + 1, train_images=cfg.base_scenes)
+    texts = []
+    for s in ShapesWorld(data).split("train"):
+        for it in s["items"]:
+            question = it["question"]
+            if cfg.base_scene_text:
+                question = first_turn(question, data.image_first).replace(IMAGE_MARKER, scene_text(s["objects"]))
+            texts.append(f"USER: {question} ASSISTANT: {it['answer']}")
     arith = Arithmetic(ArithmeticConfig(seed=cfg.seed + 1, train_size=cfg.base_arithmetic))
     texts += arith.statements(cfg.base_arithmetic)
     if cfg.base_direct_answers:

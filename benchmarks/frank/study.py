@@ -163,7 +163,8 @@ def run(cfg: FrankToyConfig, out: Path, results: Path | None = None) -> dict[str
     model_keys = {k: conf[k] for k in ("seed", "llm", "max_length", "batch_size")}
     base, hb = stages.run("base", {**model_keys, "steps": cfg.base_steps, "lr": cfg.base_lr,
                                    "scenes": cfg.base_scenes, "arith": cfg.base_arithmetic,
-                                   "direct": cfg.base_direct_answers, "image": cfg.encoder["image_size"]},
+                                   "direct": cfg.base_direct_answers, "image": cfg.encoder["image_size"],
+                                   **({"scene_text": True} if cfg.base_scene_text else {})},
                           lambda f: build_base(cfg, f))
     base = base / "model"
     reasoner, hr = stages.run("reasoner", {"base": hb, "steps": cfg.reasoner_steps, "lr": cfg.reasoner_lr},

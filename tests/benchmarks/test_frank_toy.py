@@ -18,7 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from frank.config import METRICS, base_corpus, fast_config  # benchmarks/frank/ (tests/benchmarks/conftest.py)
+from frank.config import (  # benchmarks/frank/ (tests/benchmarks/conftest.py)
+    METRICS,
+    base_corpus,
+    data_config,
+    fast_config,
+)
 from frank.study import merge_specs, run
 from safetensors.torch import load_file
 
@@ -46,6 +51,20 @@ def test_direct_answers_enter_the_base_corpus_only_when_asked() -> None:
     direct = [t for t in base_corpus(dataclasses.replace(cfg, base_direct_answers=True)) if t.startswith("USER: Compute")]
     assert len(direct) == cfg.base_arithmetic and all(" ASSISTANT: " in t for t in direct)
     assert not [t for t in base_corpus(cfg) if t.startswith("USER: Compute")]  # the default: one-step facts only
+
+
+def test_scene_text_sits_where_theta_v_reads_the_image() -> None:
+    from train.data.shapesworld import ShapesWorld, scene_text
+
+    cfg = fast_config()
+    texts = base_corpus(cfg)
+    scene = ShapesWorld(dataclasses.replace(data_config(cfg), seed=cfg.seed + 1, train_images=1)).split("train")[0]
+    item = scene["items"][0]  # question first (mllm_data.image_first: false): the scene where the image goes
+    assert texts[0] == f"USER: {item['question']}\n{scene_text(scene['objects'])} ASSISTANT: {item['answer']}"
+    flipped = dataclasses.replace(cfg, mllm_data={**cfg.mllm_data, "image_first": True})
+    assert base_corpus(flipped)[0] == f"USER: {scene_text(scene['objects'])}\n{item['question']} ASSISTANT: {item['answer']}"
+    plain = base_corpus(dataclasses.replace(cfg, base_scene_text=False))[0]
+    assert plain == f"USER: {item['question']} ASSISTANT: {item['answer']}"
 
 
 @pytest.fixture(scope="module")

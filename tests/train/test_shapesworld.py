@@ -22,6 +22,7 @@ from train.data.shapesworld import (
     ShapesWorld,
     ShapesWorldConfig,
     majority_baseline,
+    scene_text,
     split_items,
 )
 
@@ -270,3 +271,17 @@ def test_image_position_follows_config_in_training_and_eval() -> None:
         task = ShapesWorldTask(cfg, split="test")
         item = next(iter(task.samples()))
         assert task.build_prompt(item) == expected.format(q=item.question)
+
+
+def test_scene_text_names_each_object_and_its_cell() -> None:
+    objects = [{"shape": "square", "colour": "red", "size": "large", "cell": [0, 2], "box": [500, 0, 750, 250]},
+               {"shape": "circle", "colour": "blue", "size": "small", "cell": [3, 1], "box": [266, 766, 484, 984]}]
+    assert scene_text(objects) == "large red square 0 2, small blue circle 3 1"
+    s = samples("train")[0]  # a generated scene: one phrase per object, its cell from the object's box
+    phrases = scene_text(s["objects"]).split(", ")
+    assert len(phrases) == len(s["objects"])
+    for phrase, o in zip(phrases, s["objects"], strict=True):
+        size, colour, shape, row, col = phrase.split()
+        cell = 1000 // CFG.grid
+        assert (size, colour, shape) == (o["size"], o["colour"], o["shape"])
+        assert (int(row), int(col)) == (o["box"][1] // cell, o["box"][0] // cell)

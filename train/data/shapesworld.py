@@ -17,7 +17,7 @@ import io
 import json
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -271,6 +271,13 @@ _ASK: dict[str, Callable[[list[_Object], np.random.Generator], dict[str, Any] | 
     "colour": _ask_colour, "shape": _ask_shape, "count": _ask_count, "exists": _ask_exists,
     "relpos": _ask_relpos, GROUNDING_TYPE: _ask_grounding,
 }
+
+
+def scene_text(objects: Iterable[Mapping[str, Any]]) -> str:
+    """A scene in words of the closed vocabulary: ``size colour shape row column`` per object (a sample's
+    ``objects``, cells counted from the top left), comma-separated -- what a text-only model reads instead
+    of the image, e.g. ``"large red square 0 2, small blue circle 3 1"``."""
+    return ", ".join(f"{o['size']} {o['colour']} {o['shape']} {o['cell'][0]} {o['cell'][1]}" for o in objects)
 
 
 def box_text(box: Iterable[int]) -> str:
