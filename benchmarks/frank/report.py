@@ -23,6 +23,8 @@ import torch
 from common.atomic import atomic_write
 from mllm.config import to_dict
 
+from train.data.shapesworld import COLOUR_NAMES, SHAPES
+
 from .config import data_config
 from .parts import HISTORY, TextGenerator
 
@@ -122,6 +124,27 @@ def task_vector_layers(base: Path, mllm: Path, reasoner: Path, num_layers: int) 
     return rows
 
 
+ANSWER_WORDS = {"colour": COLOUR_NAMES, "shape": SHAPES, "exists": ("yes", "no"), "relpos-x": ("left", "right"),
+                "relpos-y": ("above", "below")}
+
+
+def answer_word_cosines(base: Path) -> dict[str, float]:
+    """Per ShapesWorld answer type, the mean pairwise cosine of theta_0's (tied) embeddings of its answer words
+    as they follow ``ASSISTANT:``. Near 1: theta_0 cannot tell them apart, so a theta_V that keeps the embeddings
+    frozen cannot name one over another, however well it sees the image."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
+    table = AutoModelForCausalLM.from_pretrained(str(base), local_files_only=True).get_input_embeddings().weight
+    out = {}
+    for kind, words in ANSWER_WORDS.items():
+        ids = [tokenizer(" " + w, add_special_tokens=False)["input_ids"][-1] for w in words]
+        unit = torch.nn.functional.normalize(table[ids].detach().double(), dim=-1)
+        n = len(ids)
+        out[kind] = float(((unit @ unit.T).sum() - n) / (n * (n - 1)))
+    return out
+
+
 def loss_curve(run_dir: Path) -> dict[str, Any]:
     """The trainer's logged loss of a run: first, at 50% / 80% of the steps, last, and the relative drop
     over the last 20% of the steps (near 0: the loss has flattened)."""
@@ -137,7 +160,8 @@ def loss_curve(run_dir: Path) -> dict[str, Any]:
 
 def properties(cfg: Any, out: Path, models: dict[str, tuple[Path, str]], scores: dict[str, dict[str, Any]]
                ) -> dict[str, Any]:
-    """What FRANK assumes, measured on the parents before any merge: theta_0 trained until its loss flattens,
+    """What FRANK assumes, measured on the parents before any merge: theta_0 trained until its loss flattens and
+    telling the answer words of each type apart (:func:`answer_word_cosines`),
     tau_V and tau_R small (||tau||^2 / ||theta_0||^2 per block) and near-orthogonal, theta_V's visual
     attention share decaying with depth (image-only probe: every image with one prompt), and theta_V /
     theta_R good at their tasks. Written to ``properties.json`` in ``out``."""
@@ -146,7 +170,9 @@ def properties(cfg: Any, out: Path, models: dict[str, tuple[Path, str]], scores:
     for row, share in zip(layers, probe["visual_share"], strict=True):
         row["visual_share"] = share
     v, r, b = scores["mllm"], scores["reasoner"], scores["base"]
+    words = answer_word_cosines(out / "base" / "model")
     doc = {"base_loss": loss_curve(out / "base" / "model-run"), "layers": layers, "probe_fit": probe.get("fit"),
+           "answer_word_cosine": words,
            "parents": {"base": b, "mllm": v, "reasoner": r},
            "checks": {"mllm_vqa_at_least_0.85": (v["shapesworld_vqa"] or 0.0) >= 0.85,
                       "mllm_grounding_at_least_0.5": (v["grounding"] or 0.0) >= 0.5,
@@ -154,6 +180,7 @@ def properties(cfg: Any, out: Path, models: dict[str, tuple[Path, str]], scores:
                       "max_rel_sq_V": max(row["rel_sq_V"] for row in layers),
                       "max_rel_sq_R": max(row["rel_sq_R"] for row in layers),
                       "max_abs_cosine": max(abs(row["cosine"]) for row in layers),
+                      "max_answer_word_cosine": max(words.values()),
                       "share_first_over_last": layers[0]["visual_share"] / max(layers[-1]["visual_share"], 1e-12)}}
     atomic_write(out / PROPERTIES, json.dumps(doc, indent=2))
     return doc

@@ -169,6 +169,14 @@ def test_the_properties_are_measured_from_the_checkpoints(toy: tuple[Path, dict]
         norm_0 = sum(float(t.square().sum()) for t in block)
         assert row["rel_sq_V"] == pytest.approx(row["norm_sq_V"] / norm_0, rel=1e-9)
         assert row["rel_sq_R"] == pytest.approx(row["norm_sq_R"] / norm_0, rel=1e-9)
+    # theta_0's yes / no: the cosine of the two embedding rows the tokenizer gives " yes" and " no"
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out / "base" / "model"))
+    table = base["model.embed_tokens.weight"].double()
+    yes, no = (table[tok(" " + w, add_special_tokens=False)["input_ids"][-1]] for w in ("yes", "no"))
+    assert props["answer_word_cosine"]["exists"] == pytest.approx(float(yes @ no / (yes.norm() * no.norm())), rel=1e-9)
+    assert props["checks"]["max_answer_word_cosine"] == max(props["answer_word_cosine"].values())
     # theta_0's loss curve is the trainer's log: its last point is the last step
     history = json.loads((out / "base" / "model-run" / "history.json").read_text())
     losses = [r["loss"] for r in history if "loss" in r]
