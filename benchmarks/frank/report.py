@@ -22,7 +22,6 @@ import torch
 
 from common.atomic import atomic_write
 from mllm.config import to_dict
-
 from train.data.shapesworld import COLOUR_NAMES, SHAPES
 
 from .config import data_config
