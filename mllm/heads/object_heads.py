@@ -11,7 +11,10 @@ linear classifier per attribute ``a`` (class 0 = empty cell) and one linear box 
                      + w_box * mean_{c occupied} SmoothL1_beta(W_box h_c, b_c) )
 
 with ``b_c`` the object's box as fractions of the image side and the smooth-L1 of Fast R-CNN
-(Girshick, ICCV 2015, arXiv:1504.08083, Eq. 3; ``beta`` the switch from quadratic to linear).
+(Girshick, ICCV 2015, arXiv:1504.08083, Eq. 3; ``beta`` the switch from quadratic to linear). A finer
+patch grid, ``k`` patches per cell side (``patch_size: 8`` on a 4x4 scene: 8x8 patches), is read per
+cell: ``h_c`` is the mean of the cell's ``k x k`` patch tokens (an object fills part of its cell, so a
+single patch's label would often be "empty" where the object is).
 
 A fused encoder's towers stand in for several pretrained encoders. With ``towers: true`` each tower
 ``t`` gets its own classifiers and regressor on its last tapped layer ``h^t_c`` (on the fusion's
@@ -22,6 +25,7 @@ through the fusion is 0 there.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -106,12 +110,12 @@ class ObjectHeads(AuxHead):
             self.towers.extend(PatchHeads(dim, classes, cfg) for dim in spec.tower_dims)
 
     def sample_targets(self, data: Any) -> SampleTargets:
-        """ShapesWorld's per-cell targets (:func:`train.data.cell_targets.cell_targets`); the encoder needs
-        one patch per cell of the scene grid (``data.grid``)."""
+        """ShapesWorld's per-cell targets (:func:`train.data.cell_targets.cell_targets`); the encoder's patch
+        grid must be the scene grid (``data.grid``) or a multiple of it."""
         grid = getattr(data, "grid", None)
-        if self.grid != (grid, grid):
-            raise HeadError(f"model.aux_heads (object_heads): need one encoder patch per ShapesWorld cell, but "
-                                 f"the encoder's patch grid is {self.grid} and data.grid is {grid}")
+        if not isinstance(grid, int) or self.grid[0] != self.grid[1] or self.grid[0] % grid:
+            raise HeadError(f"model.aux_heads (object_heads): need k x k encoder patches per ShapesWorld cell, but "
+                            f"the encoder's patch grid is {self.grid} and data.grid is {grid}")
 
         def targets(sample: Mapping[str, Any]) -> dict[str, torch.Tensor]:
             classes, boxes = cell_targets(sample, grid)
@@ -121,7 +125,18 @@ class ObjectHeads(AuxHead):
 
     def loss(self, inputs: HeadInputs, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         classes, boxes = batch["cell_classes"], batch["cell_boxes"]
-        total = self.patches.loss(inputs.tokens, classes, boxes)
+        cells = math.isqrt(classes.shape[1])
+        total = self.patches.loss(cell_means(inputs.tokens, self.grid, cells), classes, boxes)
         for heads, tokens in zip(self.towers, inputs.towers, strict=True):
-            total = total + heads.loss(tokens, classes, boxes)
+            total = total + heads.loss(cell_means(tokens, self.grid, cells), classes, boxes)
         return total
+
+
+def cell_means(tokens: torch.Tensor, grid: tuple[int, int], cells: int) -> torch.Tensor:
+    """Row-major patch tokens ``[B, gh * gw, D]`` on a ``grid`` that is ``k`` times ``cells`` per side ->
+    ``[B, cells**2, D]``, each cell the mean of its ``k x k`` patches (unchanged when ``k`` is 1)."""
+    if grid == (cells, cells):
+        return tokens
+    b, _, d = tokens.shape
+    maps = tokens.transpose(1, 2).reshape(b, d, *grid)
+    return F.avg_pool2d(maps, grid[0] // cells).flatten(2).transpose(1, 2)

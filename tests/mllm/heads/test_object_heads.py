@@ -11,7 +11,7 @@ import torch
 from mllm import run
 from mllm.config import ConfigError, load_config
 from mllm.heads.base import HeadError, HeadInputs, HeadSpec
-from mllm.heads.object_heads import ObjectHeads, ObjectHeadsConfig, PatchHeads
+from mllm.heads.object_heads import ObjectHeads, ObjectHeadsConfig, PatchHeads, cell_means
 from train.data.cell_targets import CellTargetError, cell_targets
 from train.data.shapesworld import ShapesWorld, ShapesWorldConfig
 
@@ -73,6 +73,25 @@ def test_loss_refuses_targets_of_another_grid() -> None:
         heads.loss(torch.randn(1, 2, 4), torch.zeros(1, 3, 2, dtype=torch.long), torch.zeros(1, 3, 4))
 
 
+def test_cell_means_by_hand() -> None:
+    tokens = torch.arange(16.0).reshape(1, 16, 1)  # a 4x4 patch grid, row-major, value = index
+    # cells of 2x2 patches: (0, 1, 4, 5) -> 2.5, (2, 3, 6, 7) -> 4.5, (8, 9, 12, 13) -> 10.5, (10, 11, 14, 15) -> 12.5
+    assert cell_means(tokens, (4, 4), 2).flatten().tolist() == [2.5, 4.5, 10.5, 12.5]
+    assert cell_means(tokens, (4, 4), 4) is tokens  # one patch per cell: the tokens themselves
+
+
+def test_a_finer_patch_grid_is_read_per_cell() -> None:
+    spec = HeadSpec(dim=4, grid=(8, 8), num_tokens=64)
+    heads = ObjectHeads(ObjectHeadsConfig(), spec)
+    tokens, classes = torch.randn(2, 64, 4), torch.randint(0, 2, (2, 16, 3))
+    boxes = torch.rand(2, 16, 4)
+    by_hand = tokens.reshape(2, 4, 2, 4, 2, 4).mean(dim=(2, 4)).reshape(2, 16, 4)  # each cell's 2x2 patches
+    expected = heads.patches.loss(by_hand, classes, boxes)
+    torch.testing.assert_close(heads.loss(HeadInputs(tokens), {"cell_classes": classes, "cell_boxes": boxes}), expected)
+    targets = heads.sample_targets(ShapesWorldConfig(grid=4))(SAMPLE)  # 8x8 patches on a 4x4 scene: accepted
+    assert targets["cell_classes"].shape == (16, 3)
+
+
 @pytest.mark.parametrize("field,value", [("weight", 0.0), ("box_weight", -1.0), ("box_beta", 0.0)])
 def test_config_checks(field: str, value: float) -> None:
     with pytest.raises(ValueError, match="object_heads: expected weight > 0"):
@@ -125,9 +144,10 @@ def test_heads_teach_the_encoder_and_follow_its_freezing(tiny) -> None:  # noqa:
 
 
 def test_run_refuses_a_grid_mismatch_and_llava_data(tmp_path) -> None:  # noqa: ANN001
-    cfg = load_config("tiny", [*TINY, "data.grid=2", "data.max_objects=4"])
+    cfg = load_config("tiny", [*TINY, "data.grid=8"])  # fewer patches than cells
     model = run.build_model(cfg, run.build_tokenizer_for(cfg))
-    with pytest.raises(HeadError, match=r"patch grid is \(4, 4\) and data.grid is 2"):
+    with pytest.raises(HeadError, match=r"k x k encoder patches per ShapesWorld cell, but the encoder's patch grid is "
+                                        r"\(4, 4\) and data.grid is 8"):
         run.make_collator(model, cfg)
     recipe = tmp_path / "r.yaml"
     recipe.write_text("base: tiny\ntrain_data:\n  path: x.json\n")
