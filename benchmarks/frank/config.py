@@ -42,10 +42,9 @@ class FrankToyConfig:
     base_steps: int = 4000
     base_lr: float = 1e-3
     base_scenes: int = 2000  # ShapesWorld scenes whose Q/A become pre-training text
-    # each Q/A with its scene in words where theta_V's image goes (shapesworld.scene_text): the answer follows from
-    # the text, so theta_0 learns to tell the answer words apart. Without it every colour (shape, yes/no, direction)
-    # word sits in the same contexts with the same odds, theta_0 learns near-identical (tied) embeddings for them
-    # (cos 0.88 among colours, 0.99 shapes, 0.999 yes/no), and theta_V, which keeps them frozen, answers one word
+    # each Q/A with its scene in words where theta_V's image goes (shapesworld.scene_text), so the answer follows
+    # from the text, as a pre-trained LLM's answers follow from what it reads; without it every colour (shape,
+    # yes/no, direction) word sits in the same contexts with the same odds (benchmarks/results/frank_toy_notes.md)
     base_scene_text: bool = True
     base_arithmetic: int = 6000  # one-step facts (and as many direct-answer problems with base_direct_answers)
     # off: theta_0 sees single operations only, so a multi-step problem needs the chain that theta_R learns

@@ -129,8 +129,9 @@ ANSWER_WORDS = {"colour": COLOUR_NAMES, "shape": SHAPES, "exists": ("yes", "no")
 
 def answer_word_cosines(base: Path) -> dict[str, float]:
     """Per ShapesWorld answer type, the mean pairwise cosine of theta_0's (tied) embeddings of its answer words
-    as they follow ``ASSISTANT:``. Near 1: theta_0 cannot tell them apart, so a theta_V that keeps the embeddings
-    frozen cannot name one over another, however well it sees the image."""
+    as they follow ``ASSISTANT:``: how far apart theta_0 has set the words theta_V must choose among (near 1:
+    almost one vector, which theta_V, keeping the embeddings frozen, can only separate along their small
+    differences)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
