@@ -133,3 +133,42 @@ def test_injection_report_rows_follow_the_first_turns_layout_and_group_the_route
     assert colour["type"] == "colour" and colour["mean_p"] == pytest.approx([0.35, 0.4, 0.25])
     assert colour["chosen"] == [0.5, 0.5, 0.0] and colour["tokens_out"] == 12 and colour["scale"] == pytest.approx(0.55)
     assert count["chosen"] == [0.0, 0.0, 1.0] and count["tokens_out"] == 3 and count["scale"] == pytest.approx(0.8)
+
+
+def test_linear_probe_reads_a_label_only_where_the_features_hold_it() -> None:
+    from mllm.injection.diagnose import linear_probe
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(400) % 4
+    noise = torch.randn(400, 8, generator=g)
+    held = torch.cat([noise, 3.0 * torch.nn.functional.one_hot(labels).float()], dim=1)  # the label, one-hot
+    assert linear_probe(held, labels, split=300) == 1.0
+    assert linear_probe(noise, labels, split=300) < 0.45  # nothing to read: near the 0.25 of four classes
+    with pytest.raises(ValueError, match="split 400 leaves no fit/score rows among 400"):
+        linear_probe(noise, labels, split=400)
+
+
+def test_answer_probe_keeps_each_questions_last_prompt_token() -> None:
+    from mllm import run
+    from mllm.config import load_config
+    from train.data.shapesworld import ShapesWorld
+
+    probe = _script("answer_probe")
+    cfg = load_config("tiny", ["model.encoder.depth=1", "model.llm.arch.num_hidden_layers=2"])
+    torch.manual_seed(0)
+    model = run.build_model(cfg, run.build_tokenizer_for(cfg)).eval()
+    data = ShapesWorld(cfg.data).split("test")
+    items = [(data[i]["image"], it["question"], it["answer"]) for i in range(2) for it in data[i]["items"][:3]]
+    assert len({len(q) for _, q, _ in items}) > 1  # prompts of several lengths: batched apart, order kept
+    states = probe.last_token_states(model, items, batch_size=2)
+    assert states.shape == (len(items), 3, model.llm.config.hidden_size)
+    from train.templates import encode_prompt
+
+    for k in (0, len(items) - 1):  # one item alone, as generate would prefill it
+        image, question, _ = items[k]
+        ids = torch.tensor([encode_prompt(model.tokenizer, question, model.template, model.cfg.image_token,
+                                          model.num_image_tokens, model.cfg.image_first)])
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                        pixel_values=model.preprocess(image)[None], output_hidden_states=True)
+        torch.testing.assert_close(states[k], torch.stack([h[0, -1] for h in out.hidden_states]))

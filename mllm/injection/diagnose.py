@@ -11,8 +11,8 @@ on one batch (Flamingo's block, Alayrac et al., 2022, arXiv 2204.14198, §2.2):
 Norms are L2 over the width, averaged over the real tokens (``attention_mask``). A read far below the
 residual means the LLM barely sees the image at that layer, whatever the gate says.
 
-:func:`position_probe`: whether the cross-attended tokens carry their place in the image (a linear
-probe of the token index), which keys without a position embedding need for grounding.
+:func:`position_probe`: whether the cross-attended tokens carry their place in the image (a
+:func:`linear_probe` of the token index), which keys without a position embedding need for grounding.
 
 :func:`ffn_report`: per DEHVF / MemVP FFN memory (``ffn_embed``), the encoder-layer selection, the memory
 read against the FFN's own output, and how much the read changes with another image.
@@ -86,34 +86,47 @@ def xattn_report(model: nn.Module, batch: Mapping[str, Any]) -> list[XAttnLayerR
     return reports
 
 
+def linear_probe(features: torch.Tensor, labels: torch.Tensor, split: int, steps: int = 300, seed: int = 0) -> float:
+    """Held-out accuracy of a linear classifier ``[d] -> classes`` read from ``features`` ``[N, d]``.
+
+    Fitted with Adam on rows ``[:split]`` (features standardised per dimension on them, so one learning rate
+    fits every scale), scored on rows ``[split:]``: near the majority-class rate, the labels are not linearly
+    readable from the features; near 1, they are.
+    """
+    if not 0 < split < len(features):
+        raise ValueError(f"linear_probe: split {split} leaves no fit/score rows among {len(features)}")
+    x = features.detach().float()
+    mean, std = x[:split].mean(0), x[:split].std(0).clamp_min(1e-6)
+    x = (x - mean) / std
+    classes, dim = int(labels.max()) + 1, x.shape[1]
+    generator = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(dim, classes, generator=generator) * dim ** -0.5).requires_grad_()
+    bias = torch.zeros(classes, requires_grad=True)
+    optimizer = torch.optim.Adam([weight, bias], lr=1e-2)
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(x[:split] @ weight + bias, labels[:split]).backward()
+            optimizer.step()
+    with torch.no_grad():
+        guess = (x[split:] @ weight + bias).argmax(-1)
+    return float((guess == labels[split:]).float().mean())
+
+
 def position_probe(tokens: torch.Tensor, train_fraction: float = 0.75, steps: int = 300, seed: int = 0) -> float:
     """How well a linear map reads each visual token's index from its features, ``tokens`` ``[B, M, d]``.
 
     Softmax cross-attention ignores the order of its keys, so a block can tell where an object is only
-    if the token's features say so. A linear classifier ``[d] -> M`` (the token index, i.e. its cell
-    in a raster grid) is fitted with Adam on the first ``train_fraction`` of the images and scored on
-    the rest: accuracy near ``1 / M`` means the positions are gone, near 1 that they are all there.
+    if the token's features say so. A :func:`linear_probe` ``[d] -> M`` (the token index, i.e. its cell
+    in a raster grid) is fitted on the first ``train_fraction`` of the images and scored on the rest:
+    accuracy near ``1 / M`` means the positions are gone, near 1 that they are all there.
     """
     batch, count, dim = tokens.shape
     split = int(batch * train_fraction)
     if not 0 < split < batch:
         raise ValueError(f"position_probe: {batch} images leave no train/test split at {train_fraction}")
-    x = tokens.detach().float()
-    x = (x - x.mean((0, 1))) / x.std((0, 1)).clamp_min(1e-6)  # per-feature standardising: one lr fits all scales
-    labels = torch.arange(count).expand(batch, count)
-    generator = torch.Generator().manual_seed(seed)
-    weight = (torch.randn(dim, count, generator=generator) * dim ** -0.5).requires_grad_()
-    bias = torch.zeros(count, requires_grad=True)
-    optimizer = torch.optim.Adam([weight, bias], lr=1e-2)
-    with torch.enable_grad():
-        for _ in range(steps):
-            optimizer.zero_grad()
-            logits = x[:split].reshape(-1, dim) @ weight + bias
-            nn.functional.cross_entropy(logits, labels[:split].reshape(-1)).backward()
-            optimizer.step()
-    with torch.no_grad():
-        guess = (x[split:].reshape(-1, dim) @ weight + bias).argmax(-1)
-    return float((guess == labels[split:].reshape(-1)).float().mean())
+    labels = torch.arange(count).repeat(batch)
+    return linear_probe(tokens.reshape(-1, dim), labels, split * count, steps, seed)
 
 
 @dataclass(frozen=True)
