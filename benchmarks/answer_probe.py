@@ -10,7 +10,10 @@ give the first answer token -- is kept after the embeddings and after every deco
 answer and scored on the rest. A model that answers from the image reads the answer there by its last
 layers (``tiny``: colour 1.00 from layer 3 of 4); a model whose probe stays at the majority rate in every
 layer never moves the asked object's attribute to where it answers, whatever its visual attention share.
-Prints one Markdown row per model: the majority rate of the scored questions, then the accuracy per layer.
+Prints one Markdown row per model: the majority rate of the scored questions, then the accuracy per entry of
+transformers' ``hidden_states`` (the first decoder layer's input, then each layer's output). An injector that
+rewrites a layer's input (``gated_xattn``) is inside the first entry already: there it is the embeddings plus the
+first cross-attention block's read.
 """
 
 from __future__ import annotations
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {str(folder): answer_probe(folder, args.type, args.scenes) for folder in args.models}
     width = max(len(r["layers"]) for r in results.values())
     print(f"| model ({args.type}) | questions | majority | " + " | ".join(
-        ["embeddings", *(f"layer {i}" for i in range(width - 1))]) + " |")
+        ["input", *(f"layer {i}" for i in range(width - 1))]) + " |")
     print("|---" * (width + 3) + "|")
     for name, r in results.items():
         print(f"| {name} | {r['questions']} | {r['majority']:.2f} | " + " | ".join(f"{a:.2f}" for a in r["layers"]) + " |")
